@@ -1,0 +1,186 @@
+"""The command line: ``build RECIPE`` and its subcommands. This is the only place that turns
+errors into messages and exit codes: 0 ok, 1 build failed, 2 bad input, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.errors import AmiforgeError, InputError, Interrupted, RecipeError
+from builder.plan import make_plan
+from builder.recipe.load import LoadOptions, load_recipe
+from builder.recipe.model import json_schema
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every bad input
+        self.print_usage(sys.stderr)
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _common_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a recipe variable (wins over vars: and --var-file)")
+    parser.add_argument("--var-file", action="append", default=[], type=Path, metavar="FILE",
+                        help="YAML file of variables")
+    parser.add_argument("--allow-host-paths", action="store_true",
+                        help="let files and includes point outside the recipe's folder")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="build", description="Build machine images from YAML recipes.")
+    parser.add_argument("recipe", type=Path, help="the recipe to build")
+    parser.add_argument("-o", "--output-dir", type=Path,
+                        help="where the images go (default: out/<recipe name>/)")
+    parser.add_argument("--format", help="comma-separated: raw,qcow2,vmdk,vhd "
+                        "(default: the recipe's outputs.formats)")
+    parser.add_argument("--cache-dir", type=Path, help="default: $XDG_CACHE_HOME/amiforge")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the download cache")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the tools' output")
+    parser.add_argument("--version", action="version", version=f"amiforge {__version__}")
+    _common_recipe_args(parser)
+    return parser
+
+
+def _variables(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError(f"--var {pair!r}: expected KEY=VALUE with KEY a plain name")
+        out[key] = value
+    return out
+
+
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(variables=_variables(args.var), var_files=tuple(args.var_file),
+                       allow_host_paths=args.allow_host_paths)
+
+
+def _formats(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    from builder.stages.convert import EXTENSIONS
+
+    formats = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = [f for f in formats if f not in EXTENSIONS]
+    if unknown or not formats:
+        raise InputError(f"--format: unknown format {', '.join(unknown) or value!r} "
+                         f"(choose from {', '.join(EXTENSIONS)})")
+    return formats
+
+
+def cmd_build(argv: Sequence[str]) -> int:
+    from builder.build import BuildOptions, build_image, default_cache_dir
+    from builder.progress import Progress
+
+    args = _build_parser().parse_args(argv)
+    _logging(args.verbose)
+    formats = _formats(args.format)
+    loaded = load_recipe(args.recipe, _load_options(args))
+    plan = make_plan(loaded)
+    output_dir = args.output_dir or Path("out") / args.recipe.stem
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    progress = Progress()
+    progress.say(f"==> building {plan.name} from {args.recipe} into {output_dir}/")
+    result = build_image(loaded, plan, BuildOptions(output_dir, cache_dir, formats), progress)
+    total = sum(result.timings.values())
+    progress.say(f"==> done in {total:.1f}s: " + ", ".join(
+        f"{output_dir}/{a['path']}" for a in result.manifest["artifacts"]))
+    if args.json:
+        summary = {"status": "ok", "output_dir": str(output_dir),
+                   "artifacts": result.manifest["artifacts"], "timings": result.timings}
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_validate(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="build validate", description="Check recipes; list every error.")
+    parser.add_argument("recipes", type=Path, nargs="+")
+    _common_recipe_args(parser)
+    args = parser.parse_args(argv)
+    failed = False
+    for recipe in args.recipes:
+        try:
+            make_plan(load_recipe(recipe, _load_options(args)))
+        except InputError as exc:
+            failed = True
+            for line in exc.lines():
+                print(f"error: {line}", file=sys.stderr)
+        else:
+            print(f"{recipe}: ok")
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="build plan", description="Print the fully resolved plan.")
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    _common_recipe_args(parser)
+    args = parser.parse_args(argv)
+    plan = make_plan(load_recipe(args.recipe, _load_options(args)))
+    data = plan.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=True, default_flow_style=False), end="")
+    return EXIT_OK
+
+
+def cmd_schema(argv: Sequence[str]) -> int:
+    _Parser(prog="build schema", description="Print the recipe JSON Schema.").parse_args(argv)
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "validate": cmd_validate,
+    "plan": cmd_plan,
+    "schema": cmd_schema,
+}
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="    %(message)s", stream=sys.stderr)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    command = SUBCOMMANDS.get(argv[0]) if argv else None
+    try:
+        if command is not None:
+            return command(argv[1:])
+        return cmd_build(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted; temporary files were removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    except RecipeError as exc:
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except AmiforgeError as exc:
+        lines = exc.lines()
+        print(f"error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,80 @@
+"""File helpers: atomic writes, sparse-aware copies, allocated sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each data region of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        offset = end
+
+
+def copy_sparse(src: Path, dst: Path, dst_offset: int = 0) -> None:
+    """Copy the data regions of ``src`` into ``dst`` at ``dst_offset``, leaving holes."""
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        for start, length in data_extents(fin.fileno(), size):
+            copied = 0
+            while copied < length:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), length - copied,
+                                       start + copied, dst_offset + start + copied)
+                if n == 0:
+                    raise OSError(f"short copy from {src}")
+                copied += n
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def create_sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+def allocated_bytes(path: Path) -> int:
+    return os.stat(path).st_blocks * 512

@@ -1,0 +1,204 @@
+"""The Plan: a recipe with every default resolved. Sizes are bytes, UUIDs are fixed (derived
+from the recipe, so a plan and the images it makes are reproducible), the partition layout
+and the package set are final. Every later stage reads the plan and nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from builder import distros
+from builder.recipe.load import LoadedRecipe
+from builder.recipe.model import FileSpec, Recipe, Script, User
+
+MiB = 1 << 20
+GiB = 1 << 30
+ALIGN = MiB
+BIOS_BOOT_SIZE = MiB
+ESP_SIZE = 64 * MiB
+
+TYPE_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+TYPE_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+TYPE_ROOT = {"x86_64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+             "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"}
+NAMESPACE = uuid.UUID("6f0b7c1e-9a51-4c8e-9a7c-2d5f3b1a9e10")
+
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+)
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    name: str
+    type_guid: str
+    start: int
+    size: int
+    uuid: str
+    filesystem: str | None
+    fs_uuid: str | None
+
+
+@dataclass(frozen=True)
+class OSPlan:
+    distribution: str
+    release: str
+    mirror: str
+    components: tuple[str, ...]
+    architecture: str
+    packages: tuple[str, ...]
+    dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    description: str
+    arch: str
+    recipe_path: str
+    source_date_epoch: int
+    hostname: str
+    os: OSPlan
+    boot: str
+    kernel_cmdline: tuple[str, ...]
+    disk_size: int
+    partitions: tuple[Partition, ...]
+    root_filesystem: str
+    root_label: str
+    files: tuple[FileSpec, ...]
+    users: tuple[User, ...]
+    services_enable: tuple[str, ...]
+    services_disable: tuple[str, ...]
+    scripts: tuple[Script, ...]
+    formats: tuple[str, ...]
+    qcow2_compress: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Partition:
+        return self.partitions[-1]
+
+    def partition(self, name: str) -> Partition | None:
+        return next((p for p in self.partitions if p.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["files"] = [f.model_dump(exclude_none=True) for f in self.files]
+        data["users"] = [u.model_dump() for u in self.users]
+        data["scripts"] = [s.model_dump(exclude_none=True) for s in self.scripts]
+        extra = data.pop("extra")
+        data.update(extra)
+        return _sorted(data)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def fixed_uuid(seed: str, purpose: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, f"{seed}\0{purpose}"))
+
+
+def align_up(value: int, alignment: int = ALIGN) -> int:
+    return -(-value // alignment) * alignment
+
+
+def _fs_uuid(seed: str, name: str, filesystem: str | None) -> str | None:
+    if filesystem is None:
+        return None
+    value = fixed_uuid(seed, f"filesystem:{name}")
+    if filesystem == "vfat":  # a FAT volume id: 8 hex digits, written XXXX-XXXX
+        return f"{value[:4]}-{value[4:8]}".upper()
+    return value
+
+
+def layout(seed: str, arch: str, boot: str, disk_size: int, filesystem: str) -> list[Partition]:
+    """GPT layout: BIOS boot (bios, hybrid), ESP (uefi, hybrid), root last so it can grow."""
+    parts: list[Partition] = []
+    offset = ALIGN
+
+    def add(name: str, type_guid: str, size: int, fs: str | None) -> None:
+        nonlocal offset
+        parts.append(Partition(
+            number=len(parts) + 1, name=name, type_guid=type_guid, start=offset, size=size,
+            uuid=fixed_uuid(seed, f"partition:{name}"), filesystem=fs,
+            fs_uuid=_fs_uuid(seed, name, fs)))
+        offset += size
+
+    if boot in ("bios", "hybrid"):
+        add("bios-boot", TYPE_BIOS_BOOT, BIOS_BOOT_SIZE, None)
+    if boot in ("uefi", "hybrid"):
+        add("esp", TYPE_ESP, ESP_SIZE, "vfat")
+    add("root", TYPE_ROOT[arch], disk_size - offset - ALIGN, filesystem)
+    return parts
+
+
+def packages_for(recipe: Recipe, distribution: type[distros.Distribution]) -> tuple[str, ...]:
+    volume = recipe.root_volume
+    wanted = [*distribution.base_packages,
+              recipe.os.kernel or distribution.kernel_for(recipe.arch)]
+    if any(user.sudo for user in volume.users):
+        wanted.append("sudo")
+    wanted += volume.packages
+    return tuple(dict.fromkeys(wanted))
+
+
+def make_plan(loaded: LoadedRecipe) -> Plan:
+    recipe = loaded.recipe
+    distribution = distros.get(recipe.os.distribution)
+    volume = recipe.root_volume
+    disk_size = align_up(volume.size)
+    seed = f"{recipe.name}\0{loaded.path.stem}"
+    partitions = layout(seed, recipe.arch, volume.boot, disk_size, volume.filesystem)
+    os_plan = OSPlan(
+        distribution=distribution.name,
+        release=recipe.os.release,
+        mirror=recipe.os.mirror or distribution.default_mirror,
+        components=tuple(recipe.os.components or distribution.default_components),
+        architecture=distribution.debian_arch(recipe.arch),
+        packages=packages_for(recipe, distribution),
+    )
+    cmdline = ("ro", "console=tty0", "console=ttyS0,115200n8", *volume.kernel_cmdline)
+    return Plan(
+        name=recipe.name,
+        description=recipe.description,
+        arch=recipe.arch,
+        recipe_path=loaded.path.name,
+        source_date_epoch=loaded.build_time,
+        hostname=volume.hostname,
+        os=os_plan,
+        boot=volume.boot,
+        kernel_cmdline=cmdline,
+        disk_size=disk_size,
+        partitions=tuple(partitions),
+        root_filesystem=volume.filesystem,
+        root_label="root",
+        files=tuple(volume.files),
+        users=tuple(volume.users),
+        services_enable=tuple(dict.fromkeys(volume.services.enable)),
+        services_disable=tuple(dict.fromkeys(volume.services.disable)),
+        scripts=tuple(volume.scripts),
+        formats=tuple(dict.fromkeys(recipe.outputs.formats)),
+        qcow2_compress=recipe.outputs.qcow2.compress,
+    )
+
+
+def sha256_file(path: Any, chunk: int = 4 * MiB) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,322 @@
+"""From a recipe file to a validated :class:`Recipe`: extends, variables, templating,
+apps, path safety, schema validation, and the cross-field rules. Every problem found is
+reported at once, each with file, line, column and key path."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from builder.errors import InputError, Location, Problem, RecipeError
+from builder.recipe.errors_map import dotted, problems_from
+from builder.recipe.model import App, Recipe
+from builder.recipe.templating import TemplateError, render
+from builder.recipe.yamlsource import LocDict, LocList, display_path, load_yaml, mark_of
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    variables: dict[str, str] = field(default_factory=dict)
+    var_files: tuple[Path, ...] = ()
+    allow_host_paths: bool = False
+    source_date_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    base_dir: Path
+    variables: dict[str, Any]
+    sources: tuple[Path, ...]
+    data: Any
+    build_time: int
+
+
+def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
+    options = options or LoadOptions()
+    path = Path(path)
+    base_dir = path.resolve().parent
+    sources: list[Path] = []
+    data = _load_with_extends(path, sources, chain=())
+    build_time = build_epoch(options)
+    variables = _variables(data, options, build_time)
+    problems = _render_tree(data, variables, skip=("vars",))
+    _check_paths(data, base_dir, options.allow_host_paths, problems)
+    if problems:
+        raise RecipeError(problems)
+    recipe = _validate(Recipe, data)
+    recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
+    return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
+                        sources=tuple(sources), data=data, build_time=build_time)
+
+
+def build_epoch(options: LoadOptions) -> int:
+    if options.source_date_epoch is not None:
+        return options.source_date_epoch
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env and env.isdigit():
+        return int(env)
+    return int(datetime.datetime.now(datetime.UTC).timestamp())
+
+
+# --- extends ---------------------------------------------------------------------------
+
+def _load_mapping(path: Path, what: str) -> LocDict:
+    data = load_yaml(path, what=what)
+    if data is None:
+        data = LocDict(mark=Location(display_path(path), 1, 1))
+    if not isinstance(data, LocDict):
+        where = getattr(data, "mark", Location(display_path(path), 1, 1))
+        raise RecipeError([Problem(where, "", f"a {what} must be a YAML mapping of keys")])
+    return data
+
+
+def _load_with_extends(path: Path, sources: list[Path], chain: tuple[Path, ...]) -> LocDict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
+        raise RecipeError([Problem(Location(display_path(path)), "extends",
+                                   f"extends cycle: {cycle}")])
+    data = _load_mapping(path, "recipe" if not chain else "base recipe")
+    sources.append(resolved)
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise RecipeError([Problem(data.value_marks["extends"], "extends",
+                                   "must be a path to a recipe file")])
+    base_path = resolved.parent / base_ref
+    if not base_path.exists():
+        raise RecipeError([Problem(data.value_marks["extends"], "extends",
+                                   f"base recipe {base_ref!r} not found")])
+    base = _load_with_extends(base_path, sources, (*chain, resolved))
+    return merge(base, data)
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Maps merge, lists append, a key set to null removes it."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = LocDict(mark=getattr(override, "mark", None))
+        for source in (base, override):
+            out.key_marks.update(getattr(source, "key_marks", {}))
+            out.value_marks.update(getattr(source, "value_marks", {}))
+        for key, value in base.items():
+            out[key] = value
+        for key, value in override.items():
+            if value is None:
+                out.pop(key, None)
+            elif key in out:
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+        return out
+    if isinstance(base, list) and isinstance(override, list):
+        out_list = LocList([*base, *override], mark=getattr(override, "mark", None))
+        out_list.item_marks = [*getattr(base, "item_marks", []),
+                               *getattr(override, "item_marks", [])]
+        return out_list
+    return override
+
+
+# --- variables and templating ------------------------------------------------------------
+
+def _variables(data: LocDict, options: LoadOptions, build_time: int) -> dict[str, Any]:
+    recipe_vars = data.get("vars") or {}
+    if not isinstance(recipe_vars, dict):
+        raise RecipeError([Problem(mark_of(data, ("vars",)) or data.mark, "vars",
+                                   "must be a mapping of names to values")])
+    variables: dict[str, Any] = {}
+    variables.update(_facts(data, build_time))
+    variables.update(recipe_vars)
+    for var_file in options.var_files:
+        loaded = load_yaml(var_file, what="variables")
+        if not isinstance(loaded, dict):
+            raise InputError(f"{display_path(var_file)}: a --var-file must hold a mapping")
+        variables.update(loaded)
+    variables.update(options.variables)
+    return variables
+
+
+def _facts(data: LocDict, build_time: int) -> dict[str, Any]:
+    when = datetime.datetime.fromtimestamp(build_time, datetime.UTC)
+    os_data = data.get("os") if isinstance(data.get("os"), dict) else {}
+    arch = data.get("arch", "x86_64")
+    return {
+        "build_date": when.strftime("%Y-%m-%d"),
+        "build_id": when.strftime("%Y%m%d%H%M%S"),
+        "arch": arch if isinstance(arch, str) else "x86_64",
+        "os": {"distribution": os_data.get("distribution", "debian"),
+               "release": os_data.get("release", "bookworm")},
+    }
+
+
+def _render_tree(node: Any, variables: dict[str, Any], skip: tuple[str, ...] = (),
+                 path: tuple[Any, ...] = (), root: Any = None) -> list[Problem]:
+    """Render every string in place; return the problems, each located."""
+    root = node if root is None else root
+    problems: list[Problem] = []
+    items: list[tuple[Any, Any]]
+    if isinstance(node, dict):
+        items = [(k, v) for k, v in node.items() if not (path == () and k in skip)]
+    elif isinstance(node, list):
+        items = list(enumerate(node))
+    else:
+        return problems
+    for key, value in items:
+        here = (*path, key)
+        if isinstance(value, str):
+            try:
+                node[key] = render(value, variables)
+            except TemplateError as exc:
+                where = mark_of(root, here) or Location("<recipe>")
+                problems.append(Problem(where, dotted(here), str(exc)))
+        else:
+            problems.extend(_render_tree(value, variables, (), here, root))
+    return problems
+
+
+# --- paths -------------------------------------------------------------------------------
+
+def _file_entries(data: Any, prefix: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return []
+    return [((*prefix, "files", i), entry) for i, entry in enumerate(files)
+            if isinstance(entry, dict)]
+
+
+def _path_fields(data: Any) -> list[tuple[tuple[Any, ...], Any, str]]:
+    """(path to the mapping, the mapping, key) for every recipe value that names a file."""
+    out = []
+    root_volume = data.get("root_volume") if isinstance(data, dict) else None
+    entries = _file_entries(root_volume, ("root_volume",)) + _file_entries(data, ())
+    mappings = data.get("block_device_mappings") if isinstance(data, dict) else None
+    for i, bdm in enumerate(mappings if isinstance(mappings, list) else []):
+        ebs = bdm.get("ebs") if isinstance(bdm, dict) else None
+        content = ebs.get("content") if isinstance(ebs, dict) else None
+        entries += _file_entries(content, ("block_device_mappings", i, "ebs", "content"))
+    for where, entry in entries:
+        out += [(where, entry, key) for key in ("src", "template")]
+    apps = data.get("apps") if isinstance(data, dict) else None
+    for i, app in enumerate(apps if isinstance(apps, list) else []):
+        if isinstance(app, dict):
+            out.append((("apps", i), app, "include"))
+    bundle = (data.get("ami") or {}).get("bundle") if isinstance(data.get("ami"), dict) else None
+    if isinstance(bundle, dict):
+        out += [(("ami", "bundle"), bundle, key) for key in ("user_cert", "user_key", "ec2_cert")]
+    return out
+
+
+def _check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Problem]) -> None:
+    """Rewrite file references relative to ``base_dir`` and refuse escapes from it.
+
+    A reference is relative to the file that declares it (known from its location), so a
+    base recipe or an app in another folder works; the result is relative to the top
+    recipe's folder, which keeps plans free of machine-specific absolute paths.
+    """
+    for where, mapping, key in _path_fields(data):
+        value = mapping.get(key)
+        if not isinstance(value, str):
+            continue
+        mark = mapping.value_marks.get(key) if isinstance(mapping, LocDict) else None
+        declared_in = Path(mark.file).resolve().parent if mark else base_dir
+        target = (declared_in / value).resolve()
+        inside = target == base_dir or base_dir in target.parents
+        if (Path(value).is_absolute() or not inside) and not allow_host:
+            kind = "an absolute host path" if Path(value).is_absolute() else \
+                "a path outside the recipe's folder"
+            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
+                                    f"{value!r} is {kind} (pass --allow-host-paths to allow)"))
+            continue
+        if not target.exists():
+            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
+                                    f"{value!r} not found (looked for {display_path(target)})"))
+            continue
+        mapping[key] = str(target) if not inside else os.path.relpath(target, base_dir)
+
+
+# --- validation and apps -----------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any, prefix: tuple[Any, ...] = ()) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(problems_from(exc, model, data, prefix)) from None
+
+
+def _apply_apps(recipe: Recipe, data: LocDict, base_dir: Path, variables: dict[str, Any],
+                options: LoadOptions, sources: list[Path]) -> Recipe:
+    apps = _load_apps(recipe.apps, data, ("apps",), base_dir, variables, options, sources, ())
+    if not apps:
+        return recipe
+    volume = recipe.root_volume
+    update: dict[str, Any] = {k: list(getattr(volume, k)) for k in
+                              ("packages", "files", "users", "scripts")}
+    enable, disable = list(volume.services.enable), list(volume.services.disable)
+    for app in apps:
+        for key in ("packages", "files", "users", "scripts"):
+            update[key] += getattr(app, key)
+        enable += app.services.enable
+        disable += app.services.disable
+    update["services"] = volume.services.model_copy(update={"enable": enable,
+                                                            "disable": disable})
+    return recipe.model_copy(update={"root_volume": volume.model_copy(update=update)})
+
+
+def _load_apps(refs: list[Any], data: Any, at: tuple[Any, ...], base_dir: Path,
+               variables: dict[str, Any], options: LoadOptions, sources: list[Path],
+               chain: tuple[Path, ...]) -> list[App]:
+    out: list[App] = []
+    for index, ref in enumerate(refs):
+        path = (base_dir / ref.include)
+        where = mark_of(data, (*at, index, "include")) or Location("<recipe>")
+        resolved = path.resolve()
+        if resolved in chain:
+            cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
+            raise RecipeError([Problem(where, dotted((*at, index, "include")),
+                                       f"include cycle: {cycle}")])
+        if not path.is_file():
+            raise RecipeError([Problem(where, dotted((*at, index, "include")),
+                                       f"app file {ref.include!r} not found")])
+        out += _load_app(path, ref.vars, base_dir, variables, options, sources,
+                         (*chain, resolved))
+    return out
+
+
+def _load_app(path: Path, include_vars: dict[str, Any], base_dir: Path,
+              variables: dict[str, Any], options: LoadOptions, sources: list[Path],
+              chain: tuple[Path, ...]) -> list[App]:
+    data = _load_mapping(path, "app")
+    sources.append(path.resolve())
+    defaults = data.get("vars") if isinstance(data.get("vars"), dict) else {}
+    app_vars = {**defaults, **variables, **include_vars}
+    problems = _render_tree(data, app_vars, skip=("vars",))
+    _check_paths(data, base_dir, options.allow_host_paths, problems)
+    if problems:
+        raise RecipeError(problems)
+    nested = data.pop("apps", None) or []
+    app = _validate(App, data)
+    refs = _validate_refs(nested, data)
+    return [*_load_apps(refs, data, ("apps",), base_dir, variables, options, sources, chain),
+            app]
+
+
+def _validate_refs(nested: Any, data: Any) -> list[Any]:
+    from builder.recipe.model import AppRef
+
+    class _Refs(BaseModel):
+        apps: list[AppRef]
+
+    holder = LocDict({"apps": nested}, mark=getattr(data, "mark", None))
+    holder.value_marks["apps"] = getattr(nested, "mark", holder.mark)
+    return _validate(_Refs, holder).apps
+

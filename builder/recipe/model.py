@@ -1,0 +1,254 @@
+"""The recipe's schema: typed, with defaults. pydantic validates it and reports the
+location (key path) of every error; :mod:`builder.recipe.load` maps paths to lines."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from builder.recipe.sizes import SizeError, parse_size
+
+SCHEMA_URL = "https://amiforge.dev/schema/recipe.json"
+
+
+def _size(value: object) -> int:
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        raise PydanticCustomError("size", str(exc)) from None
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "string", "pattern": r"^\d+([KMGT](iB)?|B)?$"}],
+                    "description": "bytes, or a number with a binary unit: 512MiB, 2GiB, 8G"}),
+]
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/") or "\x00" in value:
+        raise PydanticCustomError("path", f"{value!r} must be an absolute path in the image")
+    parts = value.split("/")
+    if ".." in parts:
+        raise PydanticCustomError("path", f"{value!r} may not contain '..'")
+    return value
+
+
+ImagePath = Annotated[str, AfterValidator(_absolute_path)]
+
+
+def _file_mode(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise PydanticCustomError(
+            "mode", "write file modes as quoted octal strings, e.g. \"0644\"")
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}|[0-7]{4}", value):
+        raise PydanticCustomError("mode", f"{value!r} is not an octal file mode (try \"0644\")")
+    return value
+
+
+FileMode = Annotated[str, BeforeValidator(_file_mode),
+                     WithJsonSchema({"type": "string", "pattern": "^[0-7]{3,4}$"})]
+Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+UnitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9@._:-]+$")]
+PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.:=~-]*$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OS(Strict):
+    distribution: Literal["debian", "ubuntu"] = "debian"
+    release: str = "bookworm"
+    mirror: str | None = None
+    components: list[str] | None = None
+    kernel: PackageName | None = Field(
+        None, description="kernel package; default: the distribution's cloud kernel")
+
+
+class FileSpec(Strict):
+    dest: ImagePath
+    src: str | None = Field(None, description="file relative to the recipe's folder")
+    content: str | None = None
+    template: str | None = Field(None, description="Jinja2 template relative to the recipe")
+    mode: FileMode = "0644"
+    owner: str = Field("root:root", pattern=r"^[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileSpec:
+        given = [k for k in ("src", "content", "template") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "file_source", "give exactly one of src, content or template (got {got})",
+                {"got": ", ".join(given) or "none"})
+        return self
+
+
+class User(Strict):
+    name: Name
+    groups: list[Name] = []
+    shell: ImagePath = "/bin/bash"
+    ssh_authorized_keys: list[Annotated[str, Field(pattern=r"^(ssh-|ecdsa-|sk-)\S+ \S+")]] = []
+    sudo: bool = False
+
+
+class Services(Strict):
+    enable: list[UnitName] = []
+    disable: list[UnitName] = []
+
+
+class Script(Strict):
+    run: str
+    name: str | None = None
+
+
+class AppRef(Strict):
+    include: str
+    vars: dict[str, Any] = {}
+
+
+class RootVolume(Strict):
+    size: Size = 2 << 30
+    filesystem: Literal["ext4", "xfs"] = "ext4"
+    boot: Literal["bios", "uefi", "hybrid"] = "hybrid"
+    hostname: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "debian"
+    kernel_cmdline: list[str] = []
+    packages: list[PackageName] = []
+    files: list[FileSpec] = []
+    users: list[User] = []
+    services: Services = Services()
+    scripts: list[Script] = []
+
+
+class App(Strict):
+    """A reusable unit in its own file: what it adds to the root volume."""
+
+    description: str = ""
+    vars: dict[str, Any] = {}
+    packages: list[PackageName] = []
+    files: list[FileSpec] = []
+    users: list[User] = []
+    services: Services = Services()
+    scripts: list[Script] = []
+
+
+class VolumeContent(Strict):
+    filesystem: Literal["ext4", "xfs"] = "ext4"
+    label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,12}$")]
+    mount_point: ImagePath | None = None
+    files: list[FileSpec] = []
+
+
+VolumeType = Literal["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"]
+
+
+class Ebs(Strict):
+    volume_size: int | None = Field(None, ge=1, description="GiB, as in AWS")
+    volume_type: VolumeType = "gp3"
+    iops: int | None = Field(None, ge=1)
+    throughput: int | None = Field(None, ge=1, description="MiB/s (gp3 only)")
+    delete_on_termination: bool = True
+    encrypted: bool | None = None
+    kms_key_id: str | None = None
+    content: VolumeContent | None = None
+
+
+class BlockDeviceMapping(Strict):
+    device: Annotated[str, Field(pattern=r"^/dev/[a-z0-9]+$")]
+    root: bool = False
+    ebs: Ebs | None = None
+    virtual_name: Annotated[str, Field(pattern=r"^ephemeral\d+$")] | None = None
+    no_device: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BlockDeviceMapping:
+        kinds = [k for k, v in (("ebs", self.ebs), ("virtual_name", self.virtual_name),
+                                ("no_device", self.no_device or None)) if v is not None]
+        if len(kinds) != 1:
+            raise PydanticCustomError(
+                "bdm_kind", "give exactly one of ebs, virtual_name or no_device (got {got})",
+                {"got": ", ".join(kinds) or "none"})
+        return self
+
+
+AccountId = Annotated[str, Field(pattern=r"^\d{12}$")]
+
+
+class LaunchPermissions(Strict):
+    public: bool = False
+    accounts: list[AccountId] = []
+    organization_arns: list[Annotated[str, Field(pattern=r"^arn:aws:organizations::")]] = []
+    organizational_unit_arns: list[Annotated[str, Field(pattern=r"^arn:aws:organizations::")]] = []
+
+
+class Bundle(Strict):
+    user_cert: str | None = None
+    user_key: str | None = None
+    ec2_cert: str | None = None
+    account_id: AccountId | None = None
+
+
+class Ami(Strict):
+    name: str | None = Field(None, description="AMI name; default: the recipe's name")
+    description: str | None = None
+    backing: Literal["ebs", "instance-store"] = "ebs"
+    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
+    ena_support: bool = True
+    sriov_net_support: Literal["simple"] | None = None
+    tpm_support: Literal["v2.0"] | None = None
+    imds_support: Literal["v2.0"] | None = "v2.0"
+    uefi_data: str | None = None
+    tags: dict[str, str] = {}
+    launch_permissions: LaunchPermissions = LaunchPermissions()
+    bundle: Bundle = Bundle()
+
+
+Format = Literal["raw", "qcow2", "vmdk", "vhd"]
+
+
+class Qcow2Options(Strict):
+    compress: bool = False
+
+
+class Outputs(Strict):
+    formats: list[Format] = ["raw", "qcow2"]
+    qcow2: Qcow2Options = Qcow2Options()
+
+
+class Recipe(Strict):
+    """A whole recipe as written (``extends`` already merged, templates rendered)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"$id": SCHEMA_URL,
+                                                 "title": "amiforge recipe"})
+
+    name: str = Field(description="image name (Jinja2); also the AMI name by default")
+    description: str = ""
+    arch: Literal["x86_64", "arm64"] = "x86_64"
+    vars: dict[str, Any] = {}
+    extends: str | None = Field(None, description="a recipe this one inherits from")
+    os: OS = OS()
+    root_volume: RootVolume = RootVolume()
+    apps: list[AppRef] = []
+    block_device_mappings: list[BlockDeviceMapping] = []
+    ami: Ami = Ami()
+    outputs: Outputs = Outputs()
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

@@ -1,0 +1,131 @@
+"""The one place that starts external programs.
+
+Argument lists are built elsewhere by pure functions; this module runs them, hides their
+output unless asked (``-v``), and turns failures into :mod:`builder.errors` exceptions that
+carry the tail of the tool's output. qemu-img goes through the ``sh`` package.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+import sh
+
+from builder.errors import ToolFailed, ToolMissing
+
+log = logging.getLogger("amiforge.run")
+
+TAIL_LINES = 200
+
+
+def _describe(argv: Sequence[str]) -> str:
+    return shlex.join(str(a) for a in argv)
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    capture: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> str:
+    """Run ``argv``; return its stdout when ``capture`` is set, else "".
+
+    Without ``capture`` stdout and stderr are merged and kept (the last lines) for the
+    error message; with ``-v`` logging they are also echoed as they arrive.
+    """
+    args = [str(a) for a in argv]
+    log.debug("$ %s", _describe(args))
+    full_env = {**os.environ, "LC_ALL": "C.UTF-8", **(env or {})}
+    try:
+        if capture:
+            proc = subprocess.run(args, env=full_env, input=input, cwd=cwd,
+                                  capture_output=True, check=False)
+            if proc.returncode != 0:
+                raise ToolFailed(args, proc.returncode, proc.stderr.decode(errors="replace"))
+            return proc.stdout.decode(errors="replace")
+        return _run_streaming(args, full_env, input, cwd)
+    except FileNotFoundError as exc:
+        raise ToolMissing([(args[0], "this build step", package_for(args[0]))]) from exc
+
+
+def _run_streaming(args: list[str], env: Mapping[str, str], input: bytes | None,
+                   cwd: str | os.PathLike[str] | None) -> str:
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    echo = log.isEnabledFor(logging.DEBUG)
+    with subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.PIPE if input else
+                          subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        try:
+            if input is not None and proc.stdin:
+                proc.stdin.write(input)
+                proc.stdin.close()
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                tail.append(line)
+                if echo:
+                    print(f"    {line}", file=sys.stderr, flush=True)
+            returncode = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+    if returncode == 127:
+        raise ToolMissing([(args[0], "this build step", package_for(args[0]))])
+    if returncode != 0:
+        raise ToolFailed(args, returncode, "\n".join(tail))
+    return ""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child we are abandoning (interrupt or error) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def qemu_img(*args: str | os.PathLike[str]) -> str:
+    """Run ``qemu-img`` through the ``sh`` package and return its stdout."""
+    strs = [str(a) for a in args]
+    log.debug("$ %s", _describe(["qemu-img", *strs]))
+    try:
+        cmd = sh.Command("qemu-img")
+    except sh.CommandNotFound as exc:
+        raise ToolMissing([("qemu-img", "disk image conversion", "qemu-utils")]) from exc
+    try:
+        return str(cmd(*strs, _env={**os.environ, "LC_ALL": "C.UTF-8"}))
+    except sh.ErrorReturnCode as exc:
+        output = (exc.stderr or b"").decode(errors="replace")
+        raise ToolFailed(["qemu-img", *strs], exc.exit_code, output) from exc
+
+
+PACKAGES = {
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.xfs": "xfsprogs",
+    "mkfs.fat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "sfdisk": "fdisk",
+    "grub-mkimage": "grub-common grub-pc-bin grub-efi-amd64-bin",
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
+    "dpkg-query": "dpkg",
+}
+
+
+def package_for(program: str) -> str:
+    return PACKAGES.get(os.path.basename(program), os.path.basename(program))

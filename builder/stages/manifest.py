@@ -1,0 +1,51 @@
+"""Stage 6: build-manifest.json: what went in (recipe, packages), what came out (artifacts,
+partitions), how long each stage took, and which amiforge made it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.fsutil import allocated_bytes
+from builder.plan import Plan, sha256_file
+from builder.run import run
+from builder.stages.convert import image_info
+from builder.stages.disk import partitions_report
+
+
+def installed_packages(tree: Path) -> list[dict[str, str]]:
+    output = run(["dpkg-query", f"--admindir={tree / 'var/lib/dpkg'}", "-W", "-f",
+                  "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\n"],
+                 capture=True)
+    packages = []
+    for line in output.splitlines():
+        name, version, arch, status = line.split("\t")
+        if status.startswith("ii"):
+            packages.append({"name": name, "version": version, "architecture": arch})
+    return sorted(packages, key=lambda p: p["name"])
+
+
+def artifact_entry(path: Path, fmt: str, final_name: str) -> dict[str, Any]:
+    info = image_info(path)
+    return {"path": final_name, "format": fmt, "virtual_size": info["virtual-size"],
+            "file_size": path.stat().st_size, "allocated_size": allocated_bytes(path),
+            "sha256": sha256_file(path)}
+
+
+def build_manifest(plan: Plan, recipe_path: Path, artifacts: list[dict[str, Any]],
+                   packages: list[dict[str, str]], timings: dict[str, float],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "amiforge_version": __version__,
+        "name": plan.name,
+        "recipe": {"path": str(recipe_path), "sha256": sha256_file(recipe_path)},
+        "source_date_epoch": plan.source_date_epoch,
+        "boot": plan.boot,
+        "disk_size": plan.disk_size,
+        "artifacts": artifacts,
+        "partitions": partitions_report(plan),
+        "packages": packages,
+        "timings": timings,
+        **(extra or {}),
+    }

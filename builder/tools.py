@@ -1,0 +1,48 @@
+"""Programs a build needs, found up front and reported with their purpose and package."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from builder.errors import ToolMissing
+from builder.plan import Plan
+from builder.run import package_for
+
+BASE = {
+    "mmdebstrap": "bootstrapping the root tree",
+    "unshare": "running commands inside the new root",
+    "sfdisk": "writing the partition table",
+    "qemu-img": "converting disk images",
+    "dpkg-query": "listing installed packages",
+}
+BY_FILESYSTEM = {"ext4": {"mkfs.ext4": "making ext4 filesystems"},
+                 "xfs": {"mkfs.xfs": "making xfs filesystems"}}
+UEFI = {"mkfs.fat": "making the EFI system partition", "mmd": "filling the ESP",
+        "mcopy": "filling the ESP", "grub-mkimage": "making the UEFI bootloader"}
+BIOS = {"grub-mkimage": "making the BIOS bootloader"}
+GRUB_FILES = {"bios": ("i386-pc/boot.img", "grub-pc-bin"),
+              "uefi": ("x86_64-efi/linux.mod", "grub-efi-amd64-bin")}
+
+
+def required_programs(plan: Plan, filesystems: set[str]) -> dict[str, str]:
+    needed = dict(BASE)
+    for fs in filesystems | {plan.root_filesystem}:
+        needed.update(BY_FILESYSTEM[fs])
+    if plan.partition("esp"):
+        needed.update(UEFI)
+    if plan.partition("bios-boot"):
+        needed.update(BIOS)
+    return needed
+
+
+def check_tools(plan: Plan, filesystems: set[str] = frozenset()) -> None:
+    missing = [(name, purpose, package_for(name))
+               for name, purpose in required_programs(plan, set(filesystems)).items()
+               if shutil.which(name) is None]
+    for mode, (relative, package) in GRUB_FILES.items():
+        wanted = plan.partition("bios-boot" if mode == "bios" else "esp")
+        if wanted and not (Path("/usr/lib/grub") / relative).exists():
+            missing.append((f"/usr/lib/grub/{relative}", f"{mode} boot", package))
+    if missing:
+        raise ToolMissing(missing)

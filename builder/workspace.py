@@ -1,0 +1,68 @@
+"""The output directory and the temporary workspace beside it.
+
+Everything a build writes goes to a workspace inside the output directory (same filesystem,
+so results are renamed into place atomically) and is only moved over earlier outputs when
+the whole build succeeded. The workspace is removed on success, failure or interrupt. A
+lock on the output directory refuses a second build of the same directory."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from builder.errors import InputError
+
+WORKSPACE_PREFIX = ".amiforge-tmp-"
+
+
+@contextlib.contextmanager
+def output_directory(path: Path) -> Iterator[Path]:
+    """Create (if needed) and lock ``path``; remove it again if we created it and the
+    build left nothing in it."""
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise InputError(f"{path}: another amiforge build is using this output "
+                                 "directory; wait for it or pick another --output-dir") from None
+            raise
+        remove_stale_workspaces(path)
+        try:
+            yield path
+        finally:
+            if created and not any(path.iterdir()):
+                path.rmdir()
+    finally:
+        os.close(fd)
+
+
+def remove_stale_workspaces(output_dir: Path) -> None:
+    """Workspaces left by a build that was killed outright (SIGKILL, power loss); safe to
+    remove because we hold the directory's lock."""
+    for stale in output_dir.glob(WORKSPACE_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def workspace(output_dir: Path) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=output_dir))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(files: dict[Path, str], output_dir: Path) -> None:
+    """Move finished files (workspace path -> final name) into the output directory."""
+    for source, name in files.items():
+        os.replace(source, output_dir / name)
