@@ -54,7 +54,7 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
         with progress.stage("bootstrap", f"{len(plan.os.packages)} packages"):
             bootstrap(plan.os, tree, apt_cache)
         with progress.stage("configure"):
-            configure(plan, tree, loaded.base_dir, loaded.variables)
+            configure(plan, tree, loaded.base_dir)
             packages = installed_packages(tree)
         with progress.stage("filesystem"):
             make_filesystems(plan, tree, root_img, esp_img, ws)

@@ -140,8 +140,33 @@ def cmd_plan(argv: Sequence[str]) -> int:
 
 
 def cmd_schema(argv: Sequence[str]) -> int:
-    _Parser(prog="build schema", description="Print the recipe JSON Schema.").parse_args(argv)
-    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    parser = _Parser(prog="build schema", description="Print the recipe's JSON Schema.")
+    parser.add_argument("--app", action="store_true", help="the schema of an app file")
+    args = parser.parse_args(argv)
+    print(json.dumps(json_schema(app=args.app), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_boot(argv: Sequence[str]) -> int:
+    from builder.vm import LOGIN_PROMPT, VirtualMachine
+
+    parser = _Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
+                     "throw-away overlay and wait for a login prompt on the serial console.")
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--pattern", default=LOGIN_PROMPT)
+    parser.add_argument("--console", action="store_true", help="print the console log")
+    args = parser.parse_args(argv)
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: image not found")
+    with VirtualMachine(args.image, args.firmware) as vm:
+        try:
+            seconds = vm.wait_for(args.pattern, args.timeout)
+        finally:
+            if args.console:
+                print(vm.console())
+    print(f"BOOT OK {seconds:.1f}")
     return EXIT_OK
 
 
@@ -149,6 +174,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "schema": cmd_schema,
+    "boot": cmd_boot,
 }
 
 

@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import sh
 
@@ -129,3 +130,19 @@ PACKAGES = {
 
 def package_for(program: str) -> str:
     return PACKAGES.get(os.path.basename(program), os.path.basename(program))
+
+
+def spawn(argv: Sequence[str | os.PathLike[str]], *, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a long-running program (a VM) with stdout and stderr going to ``log_path``."""
+    args = [str(a) for a in argv]
+    log.debug("$ %s &", _describe(args))
+    with open(log_path, "wb") as handle:
+        try:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle,
+                                    stderr=subprocess.STDOUT)
+        except FileNotFoundError as exc:
+            raise ToolMissing([(args[0], "booting images", package_for(args[0]))]) from exc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    _stop(proc)

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from builder.errors import InputError, Location, Problem, RecipeError
+from builder.recipe import rules
 from builder.recipe.errors_map import dotted, problems_from
-from builder.recipe.model import App, Recipe
+from builder.recipe.model import App, AppRef, FileSpec, Recipe
 from builder.recipe.templating import TemplateError, render
 from builder.recipe.yamlsource import LocDict, LocList, display_path, load_yaml, mark_of
 
@@ -48,9 +49,9 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     variables = _variables(data, options, build_time)
     problems = _render_tree(data, variables, skip=("vars",))
     _check_paths(data, base_dir, options.allow_host_paths, problems)
-    if problems:
-        raise RecipeError(problems)
-    recipe = _validate(Recipe, data)
+    recipe = _validate(Recipe, data, reported=problems)
+    _check_rules(recipe, data)
+    recipe = _render_recipe_templates(recipe, data, base_dir, variables)
     recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
                         sources=tuple(sources), data=data, build_time=build_time)
@@ -241,16 +242,72 @@ def _check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Pro
         mapping[key] = str(target) if not inside else os.path.relpath(target, base_dir)
 
 
+def _check_rules(recipe: Recipe, data: Any) -> None:
+    problems = [Problem(mark_of(data, path) or Location("<recipe>"), dotted(path), message)
+                for path, message in rules.check(recipe)]
+    if problems:
+        raise RecipeError(problems)
+
+
+# --- file templates ----------------------------------------------------------------------
+
+def render_file_templates(files: list[FileSpec], data: Any, at: tuple[Any, ...],
+                          base_dir: Path, variables: dict[str, Any]) -> list[FileSpec]:
+    """Render ``template:`` sources with the variables in scope where they are declared
+    (an app sees its own vars); the plan then carries the rendered content."""
+    out, problems = [], []
+    for index, spec in enumerate(files):
+        if spec.template is None:
+            out.append(spec)
+            continue
+        where = (*at, index, "template")
+        try:
+            text = render((base_dir / spec.template).read_text(encoding="utf-8"), variables)
+        except (TemplateError, OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(mark_of(data, where) or Location("<recipe>"),
+                                    dotted(where), f"{spec.template}: {exc}"))
+            continue
+        out.append(spec.model_copy(update={"template": None, "content": text}))
+    if problems:
+        raise RecipeError(problems)
+    return out
+
+
+def _render_recipe_templates(recipe: Recipe, data: Any, base_dir: Path,
+                             variables: dict[str, Any]) -> Recipe:
+    volume = recipe.root_volume
+    files = render_file_templates(volume.files, data, ("root_volume", "files"), base_dir,
+                                  variables)
+    mappings = []
+    for index, mapping in enumerate(recipe.block_device_mappings):
+        content = mapping.ebs.content if mapping.ebs else None
+        if content is not None and mapping.ebs is not None:
+            at = ("block_device_mappings", index, "ebs", "content", "files")
+            rendered = render_file_templates(content.files, data, at, base_dir, variables)
+            mapping = mapping.model_copy(update={"ebs": mapping.ebs.model_copy(update={
+                "content": content.model_copy(update={"files": rendered})})})
+        mappings.append(mapping)
+    return recipe.model_copy(update={"root_volume": volume.model_copy(update={"files": files}),
+                                     "block_device_mappings": mappings})
+
+
 # --- validation and apps -----------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], data: Any, prefix: tuple[Any, ...] = ()) -> M:
+def _validate(model: type[M], data: Any, reported: list[Problem] | None = None) -> M:
+    """Validate against the schema; raise every problem at once, together with those
+    already ``reported`` (templating, paths), one per key path."""
+    reported = list(reported or [])
     try:
-        return model.model_validate(data)
+        result = model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(problems_from(exc, model, data, prefix)) from None
+        seen = {p.path for p in reported}
+        reported += [p for p in problems_from(exc, model, data) if p.path not in seen]
+    if reported:
+        raise RecipeError(reported)
+    return result
 
 
 def _apply_apps(recipe: Recipe, data: LocDict, base_dir: Path, variables: dict[str, Any],
@@ -301,22 +358,20 @@ def _load_app(path: Path, include_vars: dict[str, Any], base_dir: Path,
     app_vars = {**defaults, **variables, **include_vars}
     problems = _render_tree(data, app_vars, skip=("vars",))
     _check_paths(data, base_dir, options.allow_host_paths, problems)
-    if problems:
-        raise RecipeError(problems)
-    nested = data.pop("apps", None) or []
-    app = _validate(App, data)
-    refs = _validate_refs(nested, data)
-    return [*_load_apps(refs, data, ("apps",), base_dir, variables, options, sources, chain),
-            app]
+    nested = LocDict(mark=data.mark)
+    if "apps" in data:
+        nested.value_marks["apps"] = data.value_marks["apps"]
+        nested["apps"] = data.pop("apps")
+    app = _validate(App, data, reported=problems)
+    app = app.model_copy(update={"files": render_file_templates(
+        app.files, data, ("files",), base_dir, app_vars)})
+    refs = _validate(_NestedApps, nested).apps
+    return [*_load_apps(refs, nested, ("apps",), base_dir, variables, options, sources,
+                        chain), app]
 
 
-def _validate_refs(nested: Any, data: Any) -> list[Any]:
-    from builder.recipe.model import AppRef
+class _NestedApps(BaseModel):
+    """An app's own ``apps:`` (apps it builds on), applied before it."""
 
-    class _Refs(BaseModel):
-        apps: list[AppRef]
-
-    holder = LocDict({"apps": nested}, mark=getattr(data, "mark", None))
-    holder.value_marks["apps"] = getattr(nested, "mark", holder.mark)
-    return _validate(_Refs, holder).apps
+    apps: list[AppRef] = []
 

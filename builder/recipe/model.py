@@ -248,7 +248,13 @@ class Recipe(Strict):
     outputs: Outputs = Outputs()
 
 
-def json_schema() -> dict[str, Any]:
-    schema = Recipe.model_json_schema()
+def json_schema(app: bool = False) -> dict[str, Any]:
+    """The JSON Schema of a recipe (or of an app file), for editors and other tools."""
+    model: type[BaseModel] = App if app else Recipe
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    if app:
+        schema["properties"]["apps"] = {"type": "array",
+                                        "items": {"$ref": "#/$defs/AppRef"}}
+        schema.setdefault("$defs", {})["AppRef"] = AppRef.model_json_schema()
     return schema

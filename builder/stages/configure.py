@@ -12,20 +12,19 @@ from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
 from builder.plan import Plan
 from builder.recipe.model import FileSpec, User
-from builder.recipe.templating import TemplateError, render
 from builder.templates import render_template
 
 HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
 
 
-def configure(plan: Plan, tree: Path, recipe_dir: Path, variables: dict[str, Any],
+def configure(plan: Plan, tree: Path, recipe_dir: Path,
               volumes: list[dict[str, Any]] | None = None) -> None:
     write_system_files(plan, tree, volumes or [])
     with prepared_root(tree):
         for user in plan.users:
             add_user(tree, user)
         for spec in plan.files:
-            install_file(tree, spec, recipe_dir, variables)
+            install_file(tree, spec, recipe_dir)
         enable_services(plan, tree)
         for index, script in enumerate(plan.scripts):
             run_script(tree, index, script.run)
@@ -116,21 +115,14 @@ def add_user(tree: Path, user: User) -> None:
                render_template("sudoers.j2", user=user), mode=0o440)
 
 
-def install_file(tree: Path, spec: FileSpec, recipe_dir: Path,
-                 variables: dict[str, Any]) -> None:
+def install_file(tree: Path, spec: FileSpec, recipe_dir: Path) -> None:
     dest = tree / spec.dest.lstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.is_dir():
         raise BuildFailed(f"files: {spec.dest} is a symlink or directory in the image")
     if spec.content is not None:
         dest.write_text(spec.content)
-    elif spec.template is not None:
-        source = recipe_dir / spec.template
-        try:
-            dest.write_text(render(source.read_text(), variables))
-        except TemplateError as exc:
-            raise BuildFailed(f"{spec.template}: {exc}") from None
-    else:
+    else:  # templates were rendered into content when the recipe was loaded
         shutil.copyfile(recipe_dir / str(spec.src), dest)
     dest.chmod(int(spec.mode, 8))
     os.chown(dest, *_ids(tree, spec.owner))

@@ -1,0 +1,51 @@
+# amiforge: `make build` builds the default recipe, `make test` runs every test tier.
+# Both install what they need first (Debian 12, as root): apt packages and a virtualenv.
+
+SHELL := /bin/bash
+VENV := .venv
+RECIPE ?= recipes/debian-12-minimal.yaml
+PYTEST_ARGS ?=
+
+# Debian packages amiforge and its tests use (the python3 the venv is made from is Debian's,
+# so python3-guestfs is importable in it).
+APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-bin \
+	grub-efi-amd64-bin mtools dosfstools fdisk e2fsprogs xfsprogs util-linux \
+	python3 python3-venv python3-pip openssh-client ca-certificates
+
+.PHONY: build test unit lint deps venv bench clean
+
+build: deps venv
+	$(VENV)/bin/build $(RECIPE)
+
+test: deps venv lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check builder tests bench
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "==> installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+bench: deps venv
+	$(VENV)/bin/python bench/run.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,162 @@
+"""Rules that span several keys: boot modes, AWS's block device and AMI limits. Each rule
+yields (key path, message); the loader turns them into located problems."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from builder.recipe.model import Recipe
+
+GiB = 1 << 30
+AMI_NAME = re.compile(r"^[A-Za-z0-9 ()\[\]./\-'@_]{3,128}$")
+ROOT_DEVICES = ("/dev/xvda", "/dev/sda1")
+OTHER_DEVICE = re.compile(r"^/dev/(sd|xvd)[b-z]$")
+INSTANCE_STORE_MAX = 10 * GiB
+# volume type: (min GiB, max GiB)
+SIZE_LIMITS = {"gp2": (1, 16384), "gp3": (1, 16384), "io1": (4, 16384), "io2": (4, 65536),
+               "st1": (125, 16384), "sc1": (125, 16384), "standard": (1, 1024)}
+# volume type: (min iops, max iops, max iops per GiB)
+IOPS_LIMITS = {"gp3": (3000, 16000, 500), "io1": (100, 64000, 50), "io2": (100, 256000, 500)}
+THROUGHPUT = (125, 1000)
+
+Found = Iterator[tuple[tuple[Any, ...], str]]
+
+
+def image_gib(recipe: Recipe) -> int:
+    return -(-recipe.root_volume.size // GiB)
+
+
+def check(recipe: Recipe) -> Found:
+    yield from boot_rules(recipe)
+    yield from ami_rules(recipe)
+    yield from device_rules(recipe)
+
+
+def effective_boot_mode(recipe: Recipe) -> str:
+    if recipe.ami.boot_mode:
+        return recipe.ami.boot_mode
+    return {"bios": "legacy-bios", "uefi": "uefi", "hybrid": "uefi-preferred"}[
+        recipe.root_volume.boot]
+
+
+def boot_rules(recipe: Recipe) -> Found:
+    boot, mode = recipe.root_volume.boot, recipe.ami.boot_mode
+    if recipe.arch == "arm64" and boot != "uefi":
+        yield ("root_volume", "boot"), f"arm64 images boot with UEFI only (got {boot!r})"
+    allowed = {"legacy-bios": ("bios", "hybrid"), "uefi": ("uefi", "hybrid"),
+               "uefi-preferred": ("hybrid",)}
+    if mode and boot not in allowed[mode]:
+        yield (("ami", "boot_mode"), f"{mode!r} needs root_volume.boot "
+               f"{' or '.join(allowed[mode])} (got {boot!r})")
+    effective = effective_boot_mode(recipe)
+    if recipe.ami.tpm_support and effective != "uefi":
+        yield (("ami", "tpm_support"), "NitroTPM needs ami.boot_mode 'uefi' "
+               f"(boot mode is {effective!r}, root_volume.boot is {boot!r})")
+    if recipe.ami.uefi_data and boot == "bios":
+        yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
+
+
+def ami_rules(recipe: Recipe) -> Found:
+    name = recipe.ami.name or recipe.name
+    path = ("ami", "name") if recipe.ami.name else ("name",)
+    if not AMI_NAME.match(name):
+        yield path, (f"{name!r} is not a valid AMI name: 3-128 characters of letters, digits, "
+                     "spaces and ( ) [ ] . / - ' @ _")
+    if recipe.ami.backing == "instance-store":
+        if recipe.root_volume.size > INSTANCE_STORE_MAX:
+            yield (("root_volume", "size"),
+                   f"instance-store images may be at most 10 GiB (got {image_gib(recipe)} GiB)")
+        if recipe.ami.tpm_support or recipe.ami.uefi_data:
+            yield ("ami", "backing"), "instance-store AMIs support neither NitroTPM nor UEFI data"
+    if recipe.ami.description is not None and len(recipe.ami.description) > 255:
+        yield ("ami", "description"), "must be at most 255 characters"
+    for key in recipe.ami.tags:
+        if key.lower().startswith("aws:"):
+            yield ("ami", "tags", key), "tag keys starting with 'aws:' are reserved by AWS"
+
+
+def device_rules(recipe: Recipe) -> Found:
+    mappings = recipe.block_device_mappings
+    roots = [i for i, m in enumerate(mappings) if m.root]
+    seen: dict[str, int] = {}
+    instance_store = recipe.ami.backing == "instance-store"
+    if len(roots) > 1:
+        yield ("block_device_mappings", roots[1], "root"), "only one mapping can be the root"
+    if instance_store and roots:
+        yield (("block_device_mappings", roots[0], "root"),
+               "instance-store AMIs get their root (sda1) from the bundle; remove root: true")
+    ephemeral_names: dict[str, int] = {}
+    for i, mapping in enumerate(mappings):
+        at = ("block_device_mappings", i)
+        if mapping.device in seen:
+            yield (*at, "device"), (f"{mapping.device} is already mapped by entry "
+                                    f"{seen[mapping.device]}")
+        seen.setdefault(mapping.device, i)
+        if mapping.root and mapping.device not in ROOT_DEVICES:
+            yield (*at, "device"), ("the root device must be /dev/xvda or /dev/sda1 "
+                                    f"(got {mapping.device})")
+        if not mapping.root and not OTHER_DEVICE.match(mapping.device):
+            yield (*at, "device"), (f"{mapping.device} is not a device name EC2 accepts "
+                                    "(use /dev/sd[b-z] or /dev/xvd[b-z])")
+        if mapping.virtual_name is not None:
+            yield from _ephemeral(at, mapping.virtual_name, ephemeral_names, i, mapping.root)
+        if mapping.no_device and mapping.root:
+            yield (*at, "no_device"), "the root mapping cannot be no_device"
+        if mapping.ebs is not None:
+            yield from _ebs(recipe, at, mapping.ebs, mapping.root)
+
+
+def _ephemeral(at: tuple[Any, ...], name: str, seen: dict[str, int], index: int,
+               root: bool) -> Found:
+    number = int(name.removeprefix("ephemeral"))
+    if number > 23:
+        yield (*at, "virtual_name"), f"{name}: instance store volumes are ephemeral0 to ephemeral23"
+    if name in seen:
+        yield (*at, "virtual_name"), f"{name} is already mapped by entry {seen[name]}"
+    seen.setdefault(name, index)
+    if root:
+        yield (*at, "root"), "the root mapping must be an EBS volume"
+
+
+def _ebs(recipe: Recipe, at: tuple[Any, ...], ebs: Any, root: bool) -> Found:
+    at = (*at, "ebs")
+    low, high = SIZE_LIMITS[ebs.volume_type]
+    size = ebs.volume_size
+    if size is None and not root:
+        yield (*at, "volume_size"), "required for a volume that is not the root"
+    if size is not None and not low <= size <= high:
+        yield (*at, "volume_size"), f"{ebs.volume_type} volumes are {low}-{high} GiB (got {size})"
+    if root and size is not None and size < image_gib(recipe):
+        yield (*at, "volume_size"), (f"the root volume ({size} GiB) is smaller than the image "
+                                     f"(root_volume.size is {image_gib(recipe)} GiB)")
+    if root and ebs.content is not None:
+        yield (*at, "content"), ("the root volume's content is root_volume; "
+                                 "content is for data volumes")
+    yield from _iops(at, ebs, size)
+    if ebs.throughput is not None:
+        if ebs.volume_type != "gp3":
+            yield (*at, "throughput"), f"throughput applies to gp3 only (got {ebs.volume_type})"
+        elif not THROUGHPUT[0] <= ebs.throughput <= THROUGHPUT[1]:
+            yield (*at, "throughput"), f"gp3 throughput is 125-1000 MiB/s (got {ebs.throughput})"
+    if ebs.kms_key_id and not ebs.encrypted:
+        yield (*at, "kms_key_id"), "kms_key_id needs encrypted: true"
+
+
+def _iops(at: tuple[Any, ...], ebs: Any, size: int | None) -> Found:
+    limits = IOPS_LIMITS.get(ebs.volume_type)
+    if ebs.iops is None:
+        if ebs.volume_type in ("io1", "io2"):
+            yield (*at, "iops"), f"{ebs.volume_type} volumes need iops"
+        return
+    if limits is None:
+        yield (*at, "iops"), f"iops applies to gp3, io1 and io2 only (got {ebs.volume_type})"
+        return
+    low, high, per_gib = limits
+    if not low <= ebs.iops <= high:
+        yield (*at, "iops"), f"{ebs.volume_type} iops are {low}-{high} (got {ebs.iops})"
+    elif size is not None and ebs.iops > per_gib * size and ebs.volume_type != "gp3":
+        yield (*at, "iops"), (f"{ebs.volume_type} allows at most {per_gib} iops per GiB: "
+                              f"{ebs.iops} iops needs at least {-(-ebs.iops // per_gib)} GiB "
+                              f"(volume_size is {size})")

@@ -1,0 +1,133 @@
+"""Boot an image under QEMU and talk to it: the project's boot-test helper.
+
+QEMU runs with TCG (nested KVM is unreliable on CI hosts), on a copy-on-write overlay so the
+image is never modified, with the serial console in a log file. ``wait_for`` watches the
+console for a pattern (a login prompt by default); ``ssh`` runs a command in the guest over a
+forwarded port. Used by the test suite and by ``build boot``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from builder.errors import BuildFailed, ToolFailed
+from builder.run import qemu_img, run, spawn, stop
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+LOGIN_PROMPT = r"login:"
+SSH_CONNECT_FAILED = 255
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def image_format(image: Path) -> str:
+    return str(json.loads(qemu_img("info", "--output=json", str(image)))["format"])
+
+
+def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],
+              memory_mib: int = 1024) -> list[str]:
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(memory_mib),
+            "-smp", "2", "-nographic", "-no-reboot", "-serial", "mon:stdio"]
+    if firmware == "uefi":
+        argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                 "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
+    for disk in disks:
+        argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
+    hostfwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in
+                      sorted(forwards.items()))
+    return [*argv, "-nic", f"user,model=virtio-net-pci{hostfwd}"]
+
+
+@dataclass
+class VirtualMachine:
+    image: Path
+    firmware: str = "bios"
+    extra_disks: list[Path] = field(default_factory=list)
+    guest_ports: tuple[int, ...] = (22,)
+    forwards: dict[int, int] = field(default_factory=dict)
+    _work: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = None
+    _started: float = 0.0
+
+    def __enter__(self) -> VirtualMachine:
+        self._work = Path(tempfile.mkdtemp(prefix="amiforge-vm-"))
+        try:
+            disks = [self._overlay(disk, i) for i, disk in
+                     enumerate([self.image, *self.extra_disks])]
+            if self.firmware == "uefi":
+                shutil.copyfile(OVMF_VARS, self._work / "vars.fd")
+            self.forwards = {port: free_port() for port in self.guest_ports}
+            self._started = time.monotonic()
+            self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards),
+                               log_path=self.console_log)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._proc is not None:
+            stop(self._proc)
+            self._proc = None
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+
+    def _overlay(self, disk: Path, index: int) -> Path:
+        assert self._work is not None
+        overlay = self._work / f"disk{index}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-F", image_format(disk), "-b",
+                 str(disk.resolve()), str(overlay))
+        return overlay
+
+    @property
+    def console_log(self) -> Path:
+        assert self._work is not None
+        return self._work / "console.log"
+
+    def console(self) -> str:
+        return self.console_log.read_bytes().decode(errors="replace")
+
+    def wait_for(self, pattern: str = LOGIN_PROMPT, timeout: float = 300) -> float:
+        """Seconds from QEMU's start until ``pattern`` shows on the console."""
+        regex = re.compile(pattern)
+        deadline = self._started + timeout
+        while time.monotonic() < deadline:
+            if regex.search(self.console()):
+                return time.monotonic() - self._started
+            if self._proc is not None and self._proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise BuildFailed(f"no {pattern!r} on the console within {timeout:.0f}s; last lines:\n"
+                          + "\n".join(self.console().splitlines()[-15:]))
+
+    def ssh(self, user: str, key: Path, command: str, timeout: float = 120) -> str:
+        """Run ``command`` in the guest; retries while sshd is still coming up."""
+        argv = ["ssh", "-i", str(key), "-p", str(self.forwards[22]), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", command]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return run(argv, capture=True)
+            except ToolFailed as exc:
+                if exc.returncode != SSH_CONNECT_FAILED or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)

@@ -1,0 +1,71 @@
+"""Argument lists for external programs are pure functions; check them without running."""
+
+from pathlib import Path
+
+from builder.chroot import chroot_argv
+from builder.plan import OSPlan
+from builder.stages.bootstrap import mmdebstrap_argv
+from builder.stages.convert import convert_args
+from builder.stages.filesystem import fat_volume_id, mkfs_ext4_argv, mkfs_xfs_argv
+from builder.vm import qemu_argv
+
+OS = OSPlan(distribution="debian", release="bookworm", mirror="http://deb.debian.org/debian",
+            components=("main",), architecture="amd64", packages=("systemd-sysv", "vim"))
+
+
+def test_mmdebstrap_without_cache() -> None:
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), None)
+    assert argv[0] == "mmdebstrap"
+    assert "--mode=unshare" in argv and "--variant=minbase" in argv
+    assert "--include=systemd-sysv,vim" in argv
+    assert "--architectures=amd64" in argv
+    assert argv[-3:] == ["bookworm", "/w/tree", "http://deb.debian.org/debian"]
+    assert not any(a.startswith("--setup-hook") for a in argv)
+    assert "--dpkgopt=path-exclude=/usr/share/man/*" in argv
+
+
+def test_mmdebstrap_cache_hooks_quote_the_path() -> None:
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), Path("/cache dir/apt"))
+    assert "--skip=essential/unlink" in argv
+    assert "--setup-hook=sync-in '/cache dir/apt' /var/cache/apt/archives/" in argv
+    assert "--customize-hook=sync-out /var/cache/apt/archives '/cache dir/apt'" in argv
+
+
+def test_mkfs_ext4_is_deterministic_and_grub_compatible() -> None:
+    argv = mkfs_ext4_argv(Path("root.img"), Path("tree"), "1234", "root")
+    assert argv[:2] == ["mkfs.ext4", "-q"]
+    assert argv[argv.index("-U"):argv.index("-U") + 2] == ["-U", "1234"]
+    assert "hash_seed=1234" in argv[argv.index("-E") + 1]
+    assert "^orphan_file" in argv[argv.index("-O") + 1]  # GRUB 2.06 cannot read it
+    assert argv[-3:] == ["-d", "tree", "root.img"]
+
+
+def test_mkfs_xfs() -> None:
+    assert mkfs_xfs_argv(Path("d.img"), "u", "data", None) == [
+        "mkfs.xfs", "-q", "-f", "-L", "data", "-m", "uuid=u", "d.img"]
+
+
+def test_fat_volume_id() -> None:
+    assert fat_volume_id("766D-BCF5") == "766DBCF5"
+
+
+def test_convert_args() -> None:
+    assert convert_args(Path("d.raw"), Path("d.qcow2"), "qcow2") == [
+        "convert", "-q", "-f", "raw", "-O", "qcow2", "d.raw", "d.qcow2"]
+    assert "-c" in convert_args(Path("a"), Path("b"), "qcow2", compress=True)
+    assert "subformat=streamOptimized" in convert_args(Path("a"), Path("b"), "vmdk")
+    vhd = convert_args(Path("a"), Path("b"), "vhd")
+    assert vhd[vhd.index("-O") + 1] == "vpc" and "subformat=fixed,force_size=on" in vhd
+
+
+def test_chroot_argv_passes_values_as_arguments() -> None:
+    argv = chroot_argv(Path("/t"), ["useradd", "x; rm -rf /"])
+    assert argv[:5] == ["unshare", "--mount", "--pid", "--fork", "--kill-child"]
+    assert argv[-3:] == ["/t", "useradd", "x; rm -rf /"]  # never spliced into the script
+
+
+def test_qemu_uses_tcg_and_forwards_to_loopback(tmp_path: Path) -> None:
+    argv = qemu_argv("uefi", [tmp_path / "d.qcow2"], tmp_path, {22: 2222})
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert any("OVMF_CODE" in a for a in argv)
+    assert argv[-1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"

@@ -1,0 +1,232 @@
+"""Table of bad recipes, each with the exact error it must produce: exit 2, file:line:col,
+the key path, a message that says what is wrong, no traceback, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+
+# id -> (files, expected error lines). "recipe.yaml" is the recipe validated.
+CASES: dict[str, tuple[dict[str, str], list[str]]] = {
+    "yaml-syntax-unclosed-bracket": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  packages: [a, b\n"},
+        ["recipe.yaml:4:1: YAML syntax error: while parsing a flow sequence expected ',' or ']', but got '<stream end>'"]),
+    "yaml-syntax-bad-indent": (
+        {"recipe.yaml": "name: xyz\n root_volume: {}\n"},
+        ["recipe.yaml:2:13: YAML syntax error: mapping values are not allowed here"]),
+    "yaml-tab": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n\tsize: 1\n"},
+        ["recipe.yaml:3:1: YAML syntax error: while scanning for the next token found character '\\t' that cannot start any token"]),
+    "duplicate-key": (
+        {"recipe.yaml": "name: xyz\nname: y\n"},
+        ["recipe.yaml:2:1: name: duplicate key (the mapping already has 'name' at line 1)"]),
+    "not-a-mapping": (
+        {"recipe.yaml": "- name: xyz\n"},
+        ["recipe.yaml:1:1: a recipe must be a YAML mapping of keys"]),
+    "missing-name": (
+        {"recipe.yaml": "description: x\n"},
+        ["recipe.yaml:1:1: name: required key is missing"]),
+    "unknown-top-key": (
+        {"recipe.yaml": "name: xyz\nrot_volume: {}\n"},
+        ["recipe.yaml:2:1: rot_volume: unknown key 'rot_volume' (did you mean 'root_volume'?)"]),
+    "unknown-nested-key": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  pacakges: [vim]\n"},
+        ["recipe.yaml:3:3: root_volume.pacakges: unknown key 'pacakges' (did you mean 'packages'?)"]),
+    "unknown-key-no-suggestion": (
+        {"recipe.yaml": "name: xyz\nos:\n  zzz: 1\n"},
+        ["recipe.yaml:3:3: os.zzz: unknown key 'zzz' (known keys: distribution, release, mirror, components, kernel)"]),
+    "size-with-space": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: 2 GB\n"},
+        ["recipe.yaml:3:9: root_volume.size: '2 GB' is not a size (try 2GiB)"]),
+    "size-decimal-unit": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: 4GB\n"},
+        ["recipe.yaml:3:9: root_volume.size: '4GB' is not a size (try 4GiB)"]),
+    "size-fraction": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: 1.5G\n"},
+        ["recipe.yaml:3:9: root_volume.size: '1.5G' is not a size (try 2GiB)"]),
+    "size-negative": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: -5\n"},
+        ["recipe.yaml:3:9: root_volume.size: -5 is not a positive size"]),
+    "size-bool": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: true\n"},
+        ["recipe.yaml:3:9: root_volume.size: True is not a size (try 2GiB)"]),
+    "bad-boot": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  boot: efi\n"},
+        ["recipe.yaml:3:9: root_volume.boot: must be 'bios', 'uefi' or 'hybrid' (got 'efi')"]),
+    "bad-arch": (
+        {"recipe.yaml": "name: xyz\narch: amd64\n"},
+        ["recipe.yaml:2:7: arch: must be 'x86_64' or 'arm64' (got 'amd64')"]),
+    "packages-not-list": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  packages: vim\n"},
+        ["recipe.yaml:3:13: root_volume.packages: must be a list (got a string)"]),
+    "package-bad-name": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  packages: [Vim]\n"},
+        ["recipe.yaml:3:14: root_volume.packages[0]: 'Vim' does not match the pattern ^[a-z0-9][a-z0-9+.:=~-]*$"]),
+    "name-not-string": (
+        {"recipe.yaml": "name: [a]\n"},
+        ["recipe.yaml:1:7: name: must be a string (got a list)"]),
+    "root-volume-not-mapping": (
+        {"recipe.yaml": "name: xyz\nroot_volume: big\n"},
+        ["recipe.yaml:2:14: root_volume: must be a mapping (got a string)"]),
+    "file-relative-dest": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: etc/motd, content: hi}\n"},
+        ["recipe.yaml:4:14: root_volume.files[0].dest: 'etc/motd' must be an absolute path in the image"]),
+    "file-two-sources": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, content: hi, src: f}\n",
+         "f": "x"},
+        ["recipe.yaml:4:7: root_volume.files[0]: give exactly one of src, content or template (got src, content)"]),
+    "file-no-source": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a}\n"},
+        ["recipe.yaml:4:7: root_volume.files[0]: give exactly one of src, content or template (got none)"]),
+    "file-mode-unquoted": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, content: x, mode: 644}\n"},
+        ["recipe.yaml:4:36: root_volume.files[0].mode: write file modes as quoted octal strings, e.g. \"0644\""]),
+    "file-mode-bad": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, content: x, mode: \"0999\"}\n"},
+        ["recipe.yaml:4:36: root_volume.files[0].mode: '0999' is not an octal file mode (try \"0644\")"]),
+    "file-src-missing": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, src: files/nope}\n"},
+        ["recipe.yaml:4:23: root_volume.files[0].src: 'files/nope' not found (looked for files/nope)"]),
+    "file-src-escape": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, src: ../outside}\n",
+         "../outside": "x"},
+        ["recipe.yaml:4:23: root_volume.files[0].src: '../outside' is a path outside the recipe's folder (pass --allow-host-paths to allow)"]),
+    "file-src-absolute": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files:\n    - {dest: /a, src: /etc/passwd}\n"},
+        ["recipe.yaml:4:23: root_volume.files[0].src: '/etc/passwd' is an absolute host path (pass --allow-host-paths to allow)"]),
+    "undefined-variable": (
+        {"recipe.yaml": "name: \"img-{{ version }}\"\n"},
+        ["recipe.yaml:1:7: name: undefined variable: 'version' is undefined"]),
+    "undefined-variable-nested": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  hostname: \"{{ host }}\"\n"},
+        ["recipe.yaml:3:13: root_volume.hostname: undefined variable: 'host' is undefined"]),
+    "template-syntax": (
+        {"recipe.yaml": "name: \"img-{{ version \"\n"},
+        ["recipe.yaml:1:7: name: template syntax error: unexpected end of template, expected 'end of print statement'."]),
+    "template-sandbox": (
+        {"recipe.yaml": "name: \"{{ ''.__class__.__mro__ }}\"\n"},
+        ["recipe.yaml:1:7: name: not allowed in a template: access to attribute '__class__' of 'str' object is unsafe."]),
+    "env-unset": (
+        {"recipe.yaml": "name: \"img-{{ env('AMIFORGE_TEST_UNSET_VAR') }}\"\n"},
+        ["recipe.yaml:1:7: name: environment variable AMIFORGE_TEST_UNSET_VAR is not set (use env(\"AMIFORGE_TEST_UNSET_VAR\", \"default\") for a default)"]),
+    "vars-not-mapping": (
+        {"recipe.yaml": "name: xyz\nvars: [a]\n"},
+        ["recipe.yaml:2:7: vars: must be a mapping of names to values"]),
+    "extends-missing": (
+        {"recipe.yaml": "extends: base.yaml\nname: xyz\n"},
+        ["recipe.yaml:1:10: extends: base recipe 'base.yaml' not found"]),
+    "extends-cycle": (
+        {"recipe.yaml": "extends: a.yaml\nname: xyz\n", "a.yaml": "extends: b.yaml\n",
+         "b.yaml": "extends: a.yaml\n"},
+        ["a.yaml: extends: extends cycle: recipe.yaml -> a.yaml -> b.yaml -> a.yaml"]),
+    "extends-self": (
+        {"recipe.yaml": "extends: recipe.yaml\nname: xyz\n"},
+        ["recipe.yaml: extends: extends cycle: recipe.yaml -> recipe.yaml"]),
+    "app-missing": (
+        {"recipe.yaml": "name: xyz\napps:\n  - include: apps/web.yaml\n", "apps/other": ""},
+        ["recipe.yaml:3:14: apps[0].include: 'apps/web.yaml' not found (looked for apps/web.yaml)"]),
+    "app-unknown-key": (
+        {"recipe.yaml": "name: xyz\napps:\n  - include: app.yaml\n",
+         "app.yaml": "packages: [nginx]\nservice: {enable: [nginx]}\n"},
+        ["app.yaml:2:1: service: unknown key 'service' (did you mean 'services'?)"]),
+    "app-cycle": (
+        {"recipe.yaml": "name: xyz\napps:\n  - include: a.yaml\n",
+         "a.yaml": "apps:\n  - include: b.yaml\n", "b.yaml": "apps:\n  - include: a.yaml\n"},
+        ["b.yaml:2:14: apps[0].include: include cycle: a.yaml -> b.yaml -> a.yaml"]),
+    "app-escape": (
+        {"recipe.yaml": "name: xyz\napps:\n  - include: ../../etc/app.yaml\n"},
+        ["recipe.yaml:3:14: apps[0].include: '../../etc/app.yaml' is a path outside the recipe's folder (pass --allow-host-paths to allow)"]),
+    "bios-with-tpm": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  boot: bios\nami:\n  tpm_support: v2.0\n"},
+        ["recipe.yaml:5:16: ami.tpm_support: NitroTPM needs ami.boot_mode 'uefi' (boot mode is 'legacy-bios', root_volume.boot is 'bios')"]),
+    "bios-with-uefi-boot-mode": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  boot: bios\nami:\n  boot_mode: uefi\n"},
+        ["recipe.yaml:5:14: ami.boot_mode: 'uefi' needs root_volume.boot uefi or hybrid (got 'bios')"]),
+    "arm64-bios": (
+        {"recipe.yaml": "name: xyz\narch: arm64\nroot_volume:\n  boot: bios\n"},
+        ["recipe.yaml:4:9: root_volume.boot: arm64 images boot with UEFI only (got 'bios')"]),
+    "ami-name-too-short": (
+        {"recipe.yaml": "name: ab\n"},
+        ["recipe.yaml:1:7: name: 'ab' is not a valid AMI name: 3-128 characters of letters, digits, spaces and ( ) [ ] . / - ' @ _"]),
+    "ami-name-bad-chars": (
+        {"recipe.yaml": "name: xyz\nami:\n  name: \"web:{{ arch }}\"\n"},
+        ["recipe.yaml:3:9: ami.name: 'web:x86_64' is not a valid AMI name: 3-128 characters of letters, digits, spaces and ( ) [ ] . / - ' @ _"]),
+    "account-id-short": (
+        {"recipe.yaml": "name: xyz\nami:\n  launch_permissions:\n    accounts: ['12345']\n"},
+        ["recipe.yaml:4:16: ami.launch_permissions.accounts[0]: '12345' does not match the pattern ^\\d{12}$"]),
+    "bdm-two-kinds": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - {device: /dev/sdb, virtual_name: ephemeral0, no_device: true}\n"},
+        ["recipe.yaml:3:5: block_device_mappings[0]: give exactly one of ebs, virtual_name or no_device (got virtual_name, no_device)"]),
+    "bdm-bad-device": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - {device: /dev/hda, virtual_name: ephemeral0}\n"},
+        ["recipe.yaml:3:14: block_device_mappings[0].device: /dev/hda is not a device name EC2 accepts (use /dev/sd[b-z] or /dev/xvd[b-z])"]),
+    "bdm-duplicate-device": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - {device: /dev/sdb, virtual_name: ephemeral0}\n  - {device: /dev/sdb, virtual_name: ephemeral1}\n"},
+        ["recipe.yaml:4:14: block_device_mappings[1].device: /dev/sdb is already mapped by entry 0"]),
+    "bdm-ephemeral-24": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - {device: /dev/sdb, virtual_name: ephemeral24}\n"},
+        ["recipe.yaml:3:38: block_device_mappings[0].virtual_name: ephemeral24: instance store volumes are ephemeral0 to ephemeral23"]),
+    "bdm-root-device-name": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - {device: /dev/sdb, root: true, ebs: {volume_size: 8}}\n"},
+        ["recipe.yaml:3:14: block_device_mappings[0].device: the root device must be /dev/xvda or /dev/sda1 (got /dev/sdb)"]),
+    "bdm-root-too-small": (
+        {"recipe.yaml": "name: xyz\nroot_volume: {size: 4GiB}\nblock_device_mappings:\n  - device: /dev/xvda\n    root: true\n    ebs: {volume_size: 2}\n"},
+        ["recipe.yaml:6:24: block_device_mappings[0].ebs.volume_size: the root volume (2 GiB) is smaller than the image (root_volume.size is 4 GiB)"]),
+    "bdm-io1-too-small": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 2, volume_type: io1, iops: 100}\n"},
+        ["recipe.yaml:4:24: block_device_mappings[0].ebs.volume_size: io1 volumes are 4-16384 GiB (got 2)"]),
+    "bdm-io1-iops-ratio": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, volume_type: io1, iops: 1000}\n"},
+        ["recipe.yaml:4:52: block_device_mappings[0].ebs.iops: io1 allows at most 50 iops per GiB: 1000 iops needs at least 20 GiB (volume_size is 10)"]),
+    "bdm-gp3-iops-range": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, iops: 20000}\n"},
+        ["recipe.yaml:4:34: block_device_mappings[0].ebs.iops: gp3 iops are 3000-16000 (got 20000)"]),
+    "bdm-throughput-gp2": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, volume_type: gp2, throughput: 200}\n"},
+        ["recipe.yaml:4:58: block_device_mappings[0].ebs.throughput: throughput applies to gp3 only (got gp2)"]),
+    "bdm-volume-type": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, volume_type: gp4}\n"},
+        ["recipe.yaml:4:41: block_device_mappings[0].ebs.volume_type: must be 'gp2', 'gp3', 'io1', 'io2', 'st1', 'sc1' or 'standard' (got 'gp4')"]),
+    "bdm-kms-unencrypted": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, kms_key_id: alias/k}\n"},
+        ["recipe.yaml:4:40: block_device_mappings[0].ebs.kms_key_id: kms_key_id needs encrypted: true"]),
+    "instance-store-too-big": (
+        {"recipe.yaml": "name: xyz\nroot_volume: {size: 12GiB}\nami: {backing: instance-store}\n"},
+        ["recipe.yaml:2:21: root_volume.size: instance-store images may be at most 10 GiB (got 12 GiB)"]),
+    "aws-tag": (
+        {"recipe.yaml": "name: xyz\nami:\n  tags: {'aws:owner': me}\n"},
+        ["recipe.yaml:3:23: ami.tags.aws:owner: tag keys starting with 'aws:' are reserved by AWS"]),
+    "several-errors-at-once": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  size: big\n  boot: efi\n  pacakges: []\n"},
+        ["recipe.yaml:3:9: root_volume.size: 'big' is not a size (try 2GiB)",
+         "recipe.yaml:4:9: root_volume.boot: must be 'bios', 'uefi' or 'hybrid' (got 'efi')",
+         "recipe.yaml:5:3: root_volume.pacakges: unknown key 'pacakges' (did you mean 'packages'?)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES), ids=sorted(CASES))
+def test_bad_recipe(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    files, expected = CASES[case]
+    work = tmp_path / "r"
+    work.mkdir()
+    for name, text in files.items():
+        path = work / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("AMIFORGE_TEST_UNSET_VAR", raising=False)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    assert main(["validate", "recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {line}" for line in expected]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 40

@@ -1,0 +1,77 @@
+"""The command line as users meet it: exit codes, one-line errors, no tracebacks, nothing
+written on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def build(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/bin"})
+
+
+def test_missing_recipe(tmp_path: Path) -> None:
+    result = build("nope.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: nope.yaml: recipe file not found"
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("name: x\nroot_volume:\n  packages: [a\n")
+    result = build("r.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: r.yaml:4:1: YAML syntax error")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("name: xyz\nroot_volum: {}\n")
+    result = build("r.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: r.yaml:2:1: root_volum: unknown key 'root_volum' (did you mean 'root_volume'?)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_src_file(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "name: xyz\nroot_volume:\n  files:\n    - {src: motd, dest: /etc/motd}\n")
+    result = build("r.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: r.yaml:4:13: root_volume.files[0].src: 'motd' not found (looked for motd)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["r.yaml", "--format", "iso"], ["r.yaml", "--var", "no-equals"], ["r.yaml", "--bogus"],
+    [],
+])
+def test_bad_arguments_exit_2(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "r.yaml").write_text("name: xyz\n")
+    result = build(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_json_and_validate(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("name: xyz\n")
+    assert build("validate", "r.yaml", cwd=tmp_path).returncode == 0
+    result = build("plan", "r.yaml", "--json", cwd=tmp_path)
+    assert result.returncode == 0 and '"disk_size": 2147483648' in result.stdout
+
+
+def test_version() -> None:
+    result = build("--version", cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.startswith("amiforge ")
