@@ -25,3 +25,55 @@ def needs_root_tools() -> pytest.MarkDecorator:
                if shutil.which(t) is None]
     return pytest.mark.skipif(bool(missing) or os.geteuid() != 0,
                               reason=f"needs root and {', '.join(missing) or 'tools'}")
+
+
+# --- real builds, shared by the integration and boot tiers ------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Built:
+    recipe: str
+    output_dir: Path
+    manifest: dict
+    stderr: str
+
+    def artifact(self, name: str) -> Path:
+        return self.output_dir / name
+
+
+def run_build(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "amiforge-tests",
+                    "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture(scope="session")
+def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path):
+    """Build a shipped recipe once per test session (with the tests' SSH key)."""
+    cache: dict[str, Built] = {}
+
+    def build(recipe: str, *extra: str) -> Built:
+        key = " ".join((recipe, *extra))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(Path(recipe).stem) / "out"
+            public = ssh_key.with_suffix(".pub").read_text().strip()
+            result = run_build(f"recipes/{recipe}", "--output-dir", str(out),
+                               "--var", f"admin_key={public}", *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+            manifest = json.loads((out / "build-manifest.json").read_text())
+            cache[key] = Built(recipe, out, manifest, result.stderr)
+        return cache[key]
+
+    return build

@@ -1,0 +1,44 @@
+"""Boot the default recipe's images under QEMU (TCG): disk.raw with SeaBIOS, disk.qcow2 with
+OVMF, and check over SSH that the recipe's user, key, file, script and service are there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.vm import VirtualMachine
+from tests.conftest import needs_root_tools
+
+pytestmark = [pytest.mark.boot, needs_root_tools()]
+RECIPE = "debian-12-minimal.yaml"
+
+
+def check_configured(vm: VirtualMachine, key: Path) -> None:
+    assert vm.ssh("admin", key, "id -un").strip() == "admin"
+    groups = vm.ssh("admin", key, "id -Gn").split()
+    assert "sudo" in groups
+    assert vm.ssh("admin", key, "sudo -n id -u").strip() == "0"
+    assert "built by amiforge" in vm.ssh("admin", key, "cat /etc/motd")
+    assert vm.ssh("admin", key, "cat /etc/amiforge-configured").startswith("configured by amiforge")
+    assert vm.ssh("admin", key, "systemctl is-enabled ssh.service").strip() == "enabled"
+    assert vm.ssh("admin", key, "systemctl is-active ssh.service").strip() == "active"
+    status = vm.ssh("admin", key, "sudo -n passwd -S admin").split()
+    assert status[1] == "L", f"admin's password must be locked: {status}"
+    root_fs = vm.ssh("admin", key, "findmnt -no FSTYPE,OPTIONS /").split()
+    assert root_fs[0] == "ext4" and "rw" in root_fs[1].split(",")
+
+
+@pytest.mark.parametrize(("artifact", "firmware"), [("disk.raw", "bios"),
+                                                     ("disk.qcow2", "uefi")])
+def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str,
+                                 firmware: str) -> None:
+    built = build_recipe(RECIPE)
+    with VirtualMachine(built.artifact(artifact), firmware) as vm:
+        seconds = vm.wait_for(timeout=300)
+        print(f"{artifact} ({firmware}): login prompt after {seconds:.1f}s")
+        check_configured(vm, ssh_key)
+        efi = vm.ssh("admin", ssh_key, "test -d /sys/firmware/efi && echo uefi || echo bios")
+        assert efi.strip() == firmware
+        cmdline = vm.ssh("admin", ssh_key, "cat /proc/cmdline")
+        assert "console=ttyS0" in cmdline and "console=tty0" in cmdline
