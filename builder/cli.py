@@ -48,8 +48,38 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the tools' output")
     parser.add_argument("--version", action="version", version=f"amiforge {__version__}")
+    bundle = parser.add_argument_group("instance-store bundles (or ami.bundle in the recipe)")
+    bundle.add_argument("--user-cert", type=Path, help="your X.509 certificate (PEM)")
+    bundle.add_argument("--user-key", type=Path, help="your RSA private key (PEM)")
+    bundle.add_argument("--ec2-cert", type=Path, help="the EC2 certificate (PEM)")
+    bundle.add_argument("--account-id", help="your 12-digit AWS account id")
     _common_recipe_args(parser)
     return parser
+
+
+def _bundle_keys(args: argparse.Namespace, loaded: Any) -> Any:
+    """Bundle keys from the command line, else from ami.bundle (relative to the recipe)."""
+    from builder.bundle import BundleKeys
+
+    recipe_bundle = loaded.recipe.ami.bundle
+    if loaded.recipe.ami.backing != "instance-store":
+        return None
+
+    def pick(option: Path | str | None, from_recipe: str | None, name: str) -> Any:
+        if option is not None:
+            return option
+        if from_recipe is None:
+            raise InputError(f"instance-store backing needs --{name.replace('_', '-')} "
+                             f"(or ami.bundle.{name} in {loaded.path})")
+        return from_recipe if name == "account_id" else loaded.base_dir / from_recipe
+
+    keys = BundleKeys(
+        user_cert=pick(args.user_cert, recipe_bundle.user_cert, "user_cert"),
+        user_key=pick(args.user_key, recipe_bundle.user_key, "user_key"),
+        ec2_cert=pick(args.ec2_cert, recipe_bundle.ec2_cert, "ec2_cert"),
+        account_id=pick(args.account_id, recipe_bundle.account_id, "account_id"))
+    keys.check()
+    return keys
 
 
 def _variables(pairs: Sequence[str]) -> dict[str, str]:
@@ -91,9 +121,11 @@ def cmd_build(argv: Sequence[str]) -> int:
     plan = make_plan(loaded)
     output_dir = args.output_dir or Path("out") / args.recipe.stem
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    keys = _bundle_keys(args, loaded)
     progress = Progress()
     progress.say(f"==> building {plan.name} from {args.recipe} into {output_dir}/")
-    result = build_image(loaded, plan, BuildOptions(output_dir, cache_dir, formats), progress)
+    options = BuildOptions(output_dir, cache_dir, formats, keys)
+    result = build_image(loaded, plan, options, progress)
     total = sum(result.timings.values())
     progress.say(f"==> done in {total:.1f}s: " + ", ".join(
         f"{output_dir}/{a['path']}" for a in result.manifest["artifacts"]))
@@ -170,11 +202,26 @@ def cmd_boot(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_unbundle(argv: Sequence[str]) -> int:
+    from builder.unbundle import unbundle
+
+    parser = _Parser(prog="build unbundle", description="Verify an instance-store bundle "
+                     "and restore its image byte for byte.")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--user-key", type=Path, required=True)
+    parser.add_argument("-o", "--output", type=Path, help="default: the image's own name")
+    args = parser.parse_args(argv)
+    target = unbundle(args.manifest, args.user_key, args.output)
+    print(f"{target}: restored, signature and digests verified")
+    return EXIT_OK
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "schema": cmd_schema,
     "boot": cmd_boot,
+    "unbundle": cmd_unbundle,
 }
 
 

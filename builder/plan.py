@@ -9,7 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from builder import distros
+from builder import ami, distros
 from builder.recipe.load import LoadedRecipe
 from builder.recipe.model import FileSpec, Recipe, Script, User
 
@@ -60,6 +60,20 @@ class OSPlan:
 
 
 @dataclass(frozen=True)
+class DataVolume:
+    """An extra EBS volume with content: a whole-disk filesystem image of its own."""
+
+    device: str
+    image: str
+    size: int
+    filesystem: str
+    label: str
+    mount_point: str
+    fs_uuid: str
+    files: tuple[FileSpec, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     description: str
@@ -81,7 +95,11 @@ class Plan:
     scripts: tuple[Script, ...]
     formats: tuple[str, ...]
     qcow2_compress: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    data_volumes: tuple[DataVolume, ...] = ()
+    backing: str = "ebs"
+    ami: dict[str, Any] = field(default_factory=dict)
+    register_image: dict[str, Any] = field(default_factory=dict)
+    launch_permission: dict[str, Any] | None = None
 
     @property
     def root(self) -> Partition:
@@ -95,8 +113,9 @@ class Plan:
         data["files"] = [f.model_dump(exclude_none=True) for f in self.files]
         data["users"] = [u.model_dump() for u in self.users]
         data["scripts"] = [s.model_dump(exclude_none=True) for s in self.scripts]
-        extra = data.pop("extra")
-        data.update(extra)
+        data["data_volumes"] = [
+            {**asdict(v), "files": [f.model_dump(exclude_none=True) for f in v.files]}
+            for v in self.data_volumes]
         return _sorted(data)
 
 
@@ -193,7 +212,26 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         scripts=tuple(volume.scripts),
         formats=tuple(dict.fromkeys(recipe.outputs.formats)),
         qcow2_compress=recipe.outputs.qcow2.compress,
+        data_volumes=tuple(data_volumes(recipe, seed)),
+        backing=recipe.ami.backing,
+        ami=recipe.ami.model_dump(exclude={"bundle"}),
+        register_image=ami.register_image_input(recipe),
+        launch_permission=ami.launch_permission_input(recipe),
     )
+
+
+def data_volumes(recipe: Recipe, seed: str) -> list[DataVolume]:
+    out = []
+    for mapping in recipe.block_device_mappings:
+        content = mapping.ebs.content if mapping.ebs else None
+        if mapping.root or content is None or mapping.ebs is None:
+            continue
+        out.append(DataVolume(
+            device=mapping.device, image=ami.volume_image_name(mapping.device),
+            size=int(mapping.ebs.volume_size or 1) * GiB, filesystem=content.filesystem,
+            label=content.label, mount_point=content.mount_point or f"/mnt/{content.label}",
+            fs_uuid=fixed_uuid(seed, f"volume:{mapping.device}"), files=tuple(content.files)))
+    return out
 
 
 def sha256_file(path: Any, chunk: int = 4 * MiB) -> str:

@@ -63,6 +63,11 @@ def workspace(output_dir: Path) -> Iterator[Path]:
 
 
 def publish(files: dict[Path, str], output_dir: Path) -> None:
-    """Move finished files (workspace path -> final name) into the output directory."""
+    """Move finished files and folders (workspace path -> final name) into the output
+    directory. Each rename is atomic; a folder that is replaced is first moved aside into
+    the workspace, which is removed afterwards."""
     for source, name in files.items():
-        os.replace(source, output_dir / name)
+        target = output_dir / name
+        if source.is_dir() and target.is_dir():
+            os.replace(target, source.parent / f".replaced-{name}")
+        os.replace(source, target)

@@ -77,3 +77,20 @@ def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def bundle_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A user key pair and a stand-in EC2 key pair (self-signed), as PEM files."""
+    directory = tmp_path_factory.mktemp("bundle-keys")
+    for name in ("user", "ec2"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                        "-keyout", str(directory / f"{name}-key.pem"), "-out",
+                        str(directory / f"{name}-cert.pem"), "-days", "3650", "-subj",
+                        f"/CN=amiforge-test-{name}"], check=True, capture_output=True)
+    return {name: directory / name for name in ("user", "ec2")}
+
+
+def bundle_args(keys: dict[str, Path]) -> list[str]:
+    return ["--user-cert", f"{keys['user']}-cert.pem", "--user-key", f"{keys['user']}-key.pem",
+            "--ec2-cert", f"{keys['ec2']}-cert.pem", "--account-id", "123456789012"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
@@ -17,9 +16,8 @@ from builder.templates import render_template
 HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
 
 
-def configure(plan: Plan, tree: Path, recipe_dir: Path,
-              volumes: list[dict[str, Any]] | None = None) -> None:
-    write_system_files(plan, tree, volumes or [])
+def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
+    write_system_files(plan, tree)
     with prepared_root(tree):
         for user in plan.users:
             add_user(tree, user)
@@ -40,8 +38,8 @@ def _write(tree: Path, dest: str, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def write_system_files(plan: Plan, tree: Path, volumes: list[dict[str, Any]]) -> None:
-    esp = plan.partition("esp")
+def write_system_files(plan: Plan, tree: Path) -> None:
+    esp, volumes = plan.partition("esp"), plan.data_volumes
     _write(tree, "/etc/hostname", plan.hostname + "\n")
     _write(tree, "/etc/hosts", render_template("hosts.j2", plan=plan))
     _write(tree, "/etc/fstab", render_template("fstab.j2", plan=plan, esp=esp, volumes=volumes))
@@ -52,7 +50,7 @@ def write_system_files(plan: Plan, tree: Path, volumes: list[dict[str, Any]]) ->
     _write(tree, "/etc/systemd/network/50-dhcp.network",
            render_template("network-dhcp.network.j2", plan=plan))
     for volume in volumes:
-        (tree / volume["mount_point"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (tree / volume.mount_point.lstrip("/")).mkdir(parents=True, exist_ok=True)
     if esp:
         (tree / "boot/efi").mkdir(parents=True, exist_ok=True)
     if (tree / "usr/sbin/sshd").exists():
@@ -115,7 +113,10 @@ def add_user(tree: Path, user: User) -> None:
                render_template("sudoers.j2", user=user), mode=0o440)
 
 
-def install_file(tree: Path, spec: FileSpec, recipe_dir: Path) -> None:
+def install_file(tree: Path, spec: FileSpec, recipe_dir: Path,
+                 accounts: Path | None = None) -> None:
+    """Write one recipe file into ``tree``; owners are looked up in the ``accounts`` tree's
+    /etc/passwd and /etc/group (default: ``tree`` itself)."""
     dest = tree / spec.dest.lstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink() or dest.is_dir():
@@ -125,7 +126,7 @@ def install_file(tree: Path, spec: FileSpec, recipe_dir: Path) -> None:
     else:  # templates were rendered into content when the recipe was loaded
         shutil.copyfile(recipe_dir / str(spec.src), dest)
     dest.chmod(int(spec.mode, 8))
-    os.chown(dest, *_ids(tree, spec.owner))
+    os.chown(dest, *_ids(accounts or tree, spec.owner))
 
 
 def enable_services(plan: Plan, tree: Path) -> None:

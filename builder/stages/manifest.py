@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
-from builder.fsutil import allocated_bytes
+from builder.fsutil import allocated_bytes, atomic_write_json
 from builder.plan import Plan, sha256_file
 from builder.run import run
 from builder.stages.convert import image_info
@@ -49,3 +49,26 @@ def build_manifest(plan: Plan, recipe_path: Path, artifacts: list[dict[str, Any]
         "timings": timings,
         **(extra or {}),
     }
+
+
+def ami_manifests(plan: Plan, ws: Path, artifacts: list[dict[str, Any]]) -> list[Path]:
+    """register-image.json, snapshots.json (EBS) and launch-permission.json, in ``ws``."""
+    written = [ws / "register-image.json"]
+    atomic_write_json(written[0], plan.register_image)
+    if plan.backing == "ebs":
+        raw = {a["path"]: a for a in artifacts if a["format"] == "raw"}
+        snapshots = []
+        for mapping in plan.register_image.get("BlockDeviceMappings", []):
+            snapshot = mapping.get("Ebs", {}).get("SnapshotId", "")
+            image = snapshot.removeprefix("REPLACE_WITH_SNAPSHOT_ID_OF_")
+            if snapshot and image in raw:
+                snapshots.append({"device": mapping["DeviceName"], "placeholder": snapshot,
+                                  "image": image, "size": raw[image]["virtual_size"],
+                                  "sha256": raw[image]["sha256"],
+                                  "volume_size_gib": mapping["Ebs"]["VolumeSize"]})
+        written.append(ws / "snapshots.json")
+        atomic_write_json(written[-1], {"snapshots": snapshots})
+    if plan.launch_permission is not None:
+        written.append(ws / "launch-permission.json")
+        atomic_write_json(written[-1], plan.launch_permission)
+    return written

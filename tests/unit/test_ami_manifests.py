@@ -1,0 +1,106 @@
+"""RegisterImage and ModifyImageAttribute inputs: pinned by golden files and checked against
+botocore's own model of the EC2 API (offline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import botocore.session
+import pytest
+from botocore.validate import ParamValidator
+
+from builder.ami import is_placeholder
+from builder.plan import make_plan
+from builder.recipe.load import LoadOptions, load_recipe
+from tests.conftest import FIXED_EPOCH, RECIPES
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "register-image"
+SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
+EC2 = botocore.session.get_session().get_service_model("ec2")
+
+
+def plan_of(recipe: str):
+    return make_plan(load_recipe(RECIPES / recipe, LoadOptions(source_date_epoch=FIXED_EPOCH)))
+
+
+def with_snapshot_ids(request: dict) -> dict:
+    filled = copy.deepcopy(request)
+    for i, mapping in enumerate(filled.get("BlockDeviceMappings", [])):
+        ebs = mapping.get("Ebs", {})
+        if is_placeholder(ebs.get("SnapshotId", "x")):
+            ebs["SnapshotId"] = f"snap-0123456789abcdef{i}"
+    if is_placeholder(filled.get("ImageLocation", "x")):
+        filled["ImageLocation"] = "my-bucket/image.manifest.xml"
+    return filled
+
+
+def validate(operation: str, params: dict) -> str:
+    report = ParamValidator().validate(params, EC2.operation_model(operation).input_shape)
+    return report.generate_report() if report.has_errors() else ""
+
+
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_register_image_passes_botocore_validation(recipe: str) -> None:
+    plan = plan_of(recipe)
+    assert validate("RegisterImage", with_snapshot_ids(plan.register_image)) == ""
+    if plan.launch_permission is not None:
+        assert validate("ModifyImageAttribute", plan.launch_permission) == ""
+
+
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_register_image_matches_golden(recipe: str) -> None:
+    plan = plan_of(recipe)
+    data = {"register_image": plan.register_image, "launch_permission": plan.launch_permission}
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    golden = GOLDEN / (Path(recipe).stem + ".json")
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_ebs_recipe_shape() -> None:
+    request = plan_of("debian-12-ebs.yaml").register_image
+    assert request["Architecture"] == "x86_64"
+    assert request["VirtualizationType"] == "hvm"
+    assert request["RootDeviceName"] == "/dev/xvda"
+    assert request["BootMode"] == "uefi-preferred"
+    devices = {m["DeviceName"]: m for m in request["BlockDeviceMappings"]}
+    assert devices["/dev/xvda"]["Ebs"]["SnapshotId"] == "REPLACE_WITH_SNAPSHOT_ID_OF_disk.raw"
+    assert devices["/dev/sdf"]["Ebs"]["SnapshotId"] == \
+        "REPLACE_WITH_SNAPSHOT_ID_OF_volume-sdf.raw"
+    assert devices["/dev/sdf"]["Ebs"]["Encrypted"] is True
+    assert devices["/dev/sdb"] == {"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"}
+    assert request["TagSpecifications"] == [{"ResourceType": "image", "Tags": [
+        {"Key": "os", "Value": "debian-12"}, {"Key": "team", "Value": "platform"}]}]
+
+
+def test_instance_store_shape() -> None:
+    request = plan_of("debian-12-instance-store.yaml").register_image
+    assert request["RootDeviceName"] == "/dev/sda1"
+    assert request["BootMode"] == "legacy-bios"
+    assert request["ImageLocation"].endswith("image.manifest.xml")
+    assert all("Ebs" not in m for m in request["BlockDeviceMappings"])
+
+
+def test_default_root_mapping_is_as_large_as_the_image(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("name: xyz\nroot_volume: {size: 3GiB}\n")
+    plan = make_plan(load_recipe(tmp_path / "r.yaml"))
+    [root] = plan.register_image["BlockDeviceMappings"]
+    assert root["DeviceName"] == "/dev/xvda"
+    assert root["Ebs"]["VolumeSize"] == 3 and root["Ebs"]["VolumeType"] == "gp3"
+    assert plan.launch_permission is None
+
+
+def test_public_and_organizations(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "name: xyz\nami:\n  launch_permissions:\n    public: true\n"
+        "    organization_arns: ['arn:aws:organizations::123456789012:organization/o-abc']\n")
+    permission = make_plan(load_recipe(tmp_path / "r.yaml")).launch_permission
+    assert permission["LaunchPermission"]["Add"] == [
+        {"Group": "all"},
+        {"OrganizationArn": "arn:aws:organizations::123456789012:organization/o-abc"}]
+    assert validate("ModifyImageAttribute", permission) == ""
