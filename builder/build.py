@@ -4,18 +4,30 @@ previous step's output; this module only puts them in order."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builder.bundle import BundleKeys, bundle_image
-from builder.fsutil import atomic_write_json
+from builder.cache import Entry, StageCache, copy_tree, link_tree
+from builder.errors import InputError
+from builder.fsutil import atomic_write_json, copy_sparse, create_sparse
 from builder.plan import Plan
 from builder.progress import Progress
 from builder.recipe.load import LoadedRecipe
 from builder.stages import bootloader, filesystem
 from builder.stages.bootstrap import bootstrap
+from builder.stages.cached import (
+    StageInputs,
+    explain_miss,
+    read_packages,
+    reuse_bootstrap,
+    stage_inputs,
+    write_packages,
+)
 from builder.stages.configure import configure
 from builder.stages.convert import EXTENSIONS, convert
 from builder.stages.disk import assemble_disk
@@ -53,39 +65,119 @@ def default_cache_dir() -> Path:
 
 def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 progress: Progress) -> BuildResult:
+    """Reuse the newest cached stage whose inputs are unchanged, make the rest in order."""
     check_tools(plan, {v.filesystem for v in plan.data_volumes})
     formats = options.formats or plan.formats
     if "raw" not in formats:  # the raw image is what becomes a snapshot or a bundle
         formats = ("raw", *formats)
-    apt_cache = options.cache_dir / "apt-archives" if options.cache_dir else None
-    with output_directory(options.output_dir) as out, workspace(out) as ws:
+    cache = StageCache(options.cache_dir) if options.cache_dir else None
+    inputs = stage_inputs(plan, loaded.base_dir)
+    with output_directory(options.output_dir) as out, workspace(out) as ws, \
+            contextlib.ExitStack() as in_use:
         tree, disk = ws / "tree", ws / "disk.raw"
-        with progress.stage("bootstrap", f"{len(plan.os.packages)} packages"):
-            bootstrap(plan.os, tree, apt_cache)
-        with progress.stage("configure"):
-            configure(plan, tree, loaded.base_dir)
-            packages = installed_packages(tree)
-        with progress.stage("filesystem"):
-            root_img, esp_img = make_filesystems(plan, tree, ws)
-            volumes = make_volumes(plan, ws, loaded.base_dir, tree)
+        filesystems = use_cached(cache, "filesystem", inputs, in_use)
+        configured = filesystems or use_cached(cache, "configure", inputs, in_use)
+        with progress.stage("bootstrap", f"{len(plan.os.packages)} packages") as stage:
+            stage.source = "not needed" if configured else bootstrap_stage(
+                plan, tree, cache, inputs, options.cache_dir)
+        with progress.stage("configure") as stage:
+            if configured:
+                stage.source, tree = "cache", configured.path / "tree"
+                packages = read_packages(configured.path)
+            else:
+                configure(plan, tree, loaded.base_dir)
+                packages = installed_packages(tree)
+                store(cache, "configure", inputs, {"tree": tree}, packages)
+        with progress.stage("filesystem") as stage:
+            if filesystems:
+                stage.source, fs_dir = "cache", filesystems.path
+            else:
+                fs_dir = ws / "filesystems"
+                make_filesystems(plan, tree, fs_dir, loaded.base_dir)
+                store(cache, "filesystem", inputs, {"": fs_dir}, packages)
         with progress.stage("disk"):
-            assemble_disk(plan, disk, {"root": root_img, "esp": esp_img}, make_bios_core(plan, ws))
+            assemble_disk(plan, disk, {"root": fs_dir / "root.img", "esp": fs_dir / "esp.img"},
+                          make_bios_core(plan, ws))
+        volumes = [fs_dir / v.image for v in plan.data_volumes]
         with progress.stage("convert", ", ".join(f for f in formats if f != "raw") or "none"):
             outputs = convert_all(plan, [disk, *volumes], ws, formats)
+        bundle_files = {}
         if plan.backing == "instance-store":
             with progress.stage("bundle"):
                 bundle_files = make_bundle(plan, disk, ws, options.bundle_keys)
-        else:
-            bundle_files = {}
-        artifacts = [artifact_entry(path, fmt, name) for path, (fmt, name) in outputs.items()]
+        artifacts = artifact_entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
-        manifest = build_manifest(plan, loaded.path, artifacts, packages, progress.timings)
+        manifest = build_manifest(plan, loaded.path, artifacts, packages, progress.timings,
+                                  {"stages": progress.report()})
         atomic_write_json(ws / "build-manifest.json", manifest)
         publish({**{path: name for path, (_, name) in outputs.items()}, **bundle_files,
                  **{path: path.name for path in written},
                  ws / "build-manifest.json": "build-manifest.json"}, out)
     return BuildResult(output_dir=options.output_dir, manifest=manifest,
                        timings=progress.timings)
+
+
+def use_cached(cache: StageCache | None, stage: str, inputs: StageInputs,
+               in_use: contextlib.ExitStack) -> Entry | None:
+    """The cached entry for this stage's inputs, held (shared lock) until the build ends
+    so that pruning cannot remove it while it is read."""
+    if cache is None:
+        return None
+    in_use_here = contextlib.ExitStack()
+    in_use_here.enter_context(cache.lock(stage, inputs.key(stage), shared=True))
+    entry = cache.lookup(stage, inputs.key(stage))
+    if entry is None:
+        in_use_here.close()
+        explain_miss(cache, stage, inputs)
+        return None
+    in_use.push(in_use_here)
+    return entry
+
+
+def bootstrap_stage(plan: Plan, tree: Path, cache: StageCache | None, inputs: StageInputs,
+                    cache_dir: Path | None) -> str:
+    """Bootstrap into ``tree``; with a cache, under the key's lock, so that builds needing
+    the same bootstrap at once make it once. Returns where the tree came from."""
+    if cache is None:
+        bootstrap(plan.os, tree, None)
+        return "built"
+    with cache.lock("bootstrap", inputs.key("bootstrap")):
+        source = reuse_bootstrap(cache, inputs, tree)
+        if source is None:
+            bootstrap(plan.os, tree, cache_dir / "apt-archives" if cache_dir else None)
+            source = "built"
+        if source != "cache":
+            store(cache, "bootstrap", inputs, {"tree": tree}, copy=True, locked=True)
+    return source
+
+
+def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict[str, Path],
+          packages: list[dict[str, str]] | None = None, copy: bool = False,
+          locked: bool = False) -> None:
+    """Keep a stage's output: trees that the build changes later are copied, the rest
+    hardlinked (the workspace never changes them again)."""
+    if cache is None:
+        return
+    key = inputs.key(stage)
+    with contextlib.ExitStack() as stack:
+        if not locked:
+            stack.enter_context(cache.lock(stage, key))
+        entry = stack.enter_context(cache.new_entry(stage, key, getattr(inputs, stage)))
+        for name, path in items.items():
+            if name:
+                (copy_tree if copy else link_tree)(path, entry / name)
+            else:
+                for child in path.iterdir():
+                    os.link(child, entry / child.name)
+        if packages is not None:
+            write_packages(entry, packages)
+
+
+def artifact_entries(outputs: dict[Path, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Manifest entries for every output, hashed in parallel (sha256 of multi-GiB sparse
+    images is a large part of a warm rebuild)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda item: artifact_entry(item[0], *item[1]), outputs.items()))
 
 
 def early_config(plan: Plan, ws: Path) -> Path:
@@ -95,26 +187,22 @@ def early_config(plan: Plan, ws: Path) -> Path:
     return path
 
 
-def make_filesystems(plan: Plan, tree: Path, ws: Path) -> tuple[Path, Path]:
-    root, root_img, esp_img = plan.root, ws / "root.img", ws / "esp.img"
-    filesystem.make_ext4(root_img, root.size, tree, str(root.fs_uuid), plan.root_label,
-                         plan.source_date_epoch)
+def make_filesystems(plan: Plan, tree: Path, folder: Path, recipe_dir: Path) -> None:
+    """root.img, esp.img (if the plan has an ESP) and each data volume's image."""
+    folder.mkdir()
+    root, work = plan.root, folder.parent
+    filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
+                         plan.root_label, plan.source_date_epoch)
     esp = plan.partition("esp")
     if esp is not None:
-        efi = ws / "grub.efi"
-        bootloader.build_efi_image(plan.arch, efi, early_config(plan, ws))
+        efi = work / "grub.efi"
+        bootloader.build_efi_image(plan.arch, efi, early_config(plan, work))
         _, removable = bootloader.EFI_REMOVABLE[plan.arch]
-        filesystem.make_esp(esp_img, esp.size, str(esp.fs_uuid), {f"/{removable}": efi})
-    return root_img, esp_img
-
-
-def make_volumes(plan: Plan, ws: Path, recipe_dir: Path, tree: Path) -> list[Path]:
-    images = []
+        filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
+                            {f"/{removable}": efi})
     for volume in plan.data_volumes:
-        image = ws / volume.image
-        make_volume(volume, image, ws, recipe_dir, tree, plan.source_date_epoch)
-        images.append(image)
-    return images
+        make_volume(volume, folder / volume.image, work, recipe_dir, tree,
+                    plan.source_date_epoch)
 
 
 def make_bios_core(plan: Plan, ws: Path) -> Path | None:
@@ -126,8 +214,6 @@ def make_bios_core(plan: Plan, ws: Path) -> Path | None:
 
 
 def make_bundle(plan: Plan, disk: Path, ws: Path, keys: BundleKeys | None) -> dict[Path, str]:
-    from builder.errors import InputError
-
     if keys is None:
         raise InputError("instance-store backing needs --user-cert, --user-key, --ec2-cert and "
                          "--account-id (or ami.bundle in the recipe)")
@@ -141,10 +227,17 @@ def convert_all(plan: Plan, images: list[Path], ws: Path,
     """Workspace path -> (format, final file name) for every image and requested format."""
     outputs: dict[Path, tuple[str, str]] = {}
     for image in images:
+        stem = image.name.removesuffix(".raw")
         for fmt in formats:
-            name = f"{image.stem}.{EXTENSIONS[fmt]}"
-            if fmt == "raw":
+            name = f"{stem}.{EXTENSIONS[fmt]}"
+            if fmt == "raw" and image.parent == ws:
                 outputs[image] = (fmt, name)
+                continue
+            if fmt == "raw":  # a cached image: give the output its own copy
+                target = ws / name
+                create_sparse(target, image.stat().st_size)
+                copy_sparse(image, target)
+                outputs[target] = (fmt, name)
                 continue
             target = ws / name
             convert(image, target, fmt, compress=plan.qcow2_compress)

@@ -5,6 +5,7 @@ and the package set are final. Every later stage reads the plan and nothing else
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class Plan:
     scripts: tuple[Script, ...]
     formats: tuple[str, ...]
     qcow2_compress: bool
+    reproducible: bool = False
     data_volumes: tuple[DataVolume, ...] = ()
     backing: str = "ebs"
     ami: dict[str, Any] = field(default_factory=dict)
@@ -197,6 +199,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         arch=recipe.arch,
         recipe_path=loaded.path.name,
         source_date_epoch=loaded.build_time,
+        reproducible=loaded.reproducible,
         hostname=volume.hostname,
         os=os_plan,
         boot=volume.boot,
@@ -235,8 +238,21 @@ def data_volumes(recipe: Recipe, seed: str) -> list[DataVolume]:
 
 
 def sha256_file(path: Any, chunk: int = 4 * MiB) -> str:
+    """sha256 of a file; holes of sparse files are hashed from memory, not read."""
+    from builder.fsutil import data_extents
+
     digest = hashlib.sha256()
+    zeros = memoryview(bytes(chunk))
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+        fd, position = handle.fileno(), 0
+        size = os.fstat(fd).st_size
+        for start, length in [*data_extents(fd, size), (size, 0)]:
+            while position < start:  # a hole
+                step = min(chunk, start - position)
+                digest.update(zeros[:step])
+                position += step
+            while position < start + length:
+                block = os.pread(fd, min(chunk, start + length - position), position)
+                digest.update(block)
+                position += len(block)
     return digest.hexdigest()

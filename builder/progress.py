@@ -14,6 +14,7 @@ from typing import TextIO
 class Progress:
     stream: TextIO = sys.stderr
     quiet: bool = False
+    prefix: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -22,18 +23,32 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     @contextlib.contextmanager
-    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+    def stage(self, name: str, detail: str = "") -> Iterator[Stage]:
+        """Time a stage; the block may set ``.source`` ("cache", "not needed", ...)."""
         started = time.monotonic()
-        suffix = f" ({detail})" if detail else ""
+        handle = Stage(name)
         if self.stream.isatty() and not self.quiet:
-            print(f"==> {name}{suffix} ...", file=self.stream, flush=True)
+            print(f"==> {name} ...", file=self.stream, flush=True)
         try:
-            yield
+            yield handle
         except BaseException:
             elapsed = time.monotonic() - started
             self.timings[name] = round(elapsed, 3)
-            self.say(f"==> {name:<11} FAILED after {elapsed:.1f}s")
+            self.say(f"==> {self.prefix}{name:<11} FAILED after {elapsed:.1f}s")
             raise
         elapsed = time.monotonic() - started
         self.timings[name] = round(elapsed, 3)
-        self.say(f"==> {name:<11} {elapsed:6.1f}s{suffix}")
+        self.sources[name] = handle.source
+        notes = ", ".join(n for n in (detail, "" if handle.source == "built" else handle.source)
+                          if n)
+        self.say(f"==> {self.prefix}{name:<11} {elapsed:6.1f}s" + (f" ({notes})" if notes else ""))
+
+    def report(self) -> dict[str, dict[str, object]]:
+        return {name: {"seconds": seconds, "source": self.sources.get(name, "built")}
+                for name, seconds in self.timings.items()}
+
+
+@dataclass
+class Stage:
+    name: str
+    source: str = "built"

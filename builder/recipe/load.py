@@ -37,6 +37,7 @@ class LoadedRecipe:
     sources: tuple[Path, ...]
     data: Any
     build_time: int
+    reproducible: bool = False
 
 
 def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
@@ -54,7 +55,14 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     recipe = _render_recipe_templates(recipe, data, base_dir, variables)
     recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
-                        sources=tuple(sources), data=data, build_time=build_time)
+                        sources=tuple(sources), data=data, build_time=build_time,
+                        reproducible=epoch_is_fixed(options))
+
+
+def epoch_is_fixed(options: LoadOptions) -> bool:
+    """SOURCE_DATE_EPOCH given: the build must be reproducible from it."""
+    env = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return options.source_date_epoch is not None or env.isdigit()
 
 
 def build_epoch(options: LoadOptions) -> int:

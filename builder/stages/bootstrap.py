@@ -21,6 +21,9 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> li
         "--aptopt=APT::Install-Recommends \"false\"",
         "--aptopt=Acquire::Languages \"none\"",
         *(f"--dpkgopt={option}" for option in os_plan.dpkg_options),
+        # Keep the package lists: a cached bootstrap can then take more packages without
+        # downloading them again. The configure stage removes them from the image.
+        "--skip=cleanup/apt/lists",
     ]
     if apt_cache is not None:
         # Keep downloaded .debs in a cache shared by builds (mmdebstrap's documented idiom).

@@ -1,0 +1,185 @@
+"""The stage cache: stage outputs kept under a hash of their inputs (osbuild's idea), so a
+rebuild starts from the newest stage whose inputs did not change.
+
+Layout under the cache root (``$XDG_CACHE_HOME/amiforge`` or ``--cache-dir``)::
+
+    stages/<stage>/<key>/        the output (a tree or image files) and meta.json
+    stages/<stage>/.tmp-*        entries being written (renamed into place when complete)
+    locks/<stage>-<key>.lock     held while an entry is made or used
+
+Entries are immutable once renamed into place: consumers copy trees they modify and only
+read the rest. A lock per key makes two builds that need the same entry make it once; an
+interrupted build leaves at most a ``.tmp-*`` folder, which pruning removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.run import run
+
+META = "meta.json"
+KEY_LENGTH = 24
+
+
+def digest(inputs: Any) -> str:
+    """The key of a stage: sha256 of its inputs as canonical JSON."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    stage: str
+    key: str
+    path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / META).read_text())
+
+
+class StageCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _stage_dir(self, stage: str) -> Path:
+        return self.root / "stages" / stage
+
+    def lookup(self, stage: str, key: str) -> Entry | None:
+        path = self._stage_dir(stage) / key
+        if (path / META).is_file():
+            os.utime(path)  # recently used: pruned last
+            return Entry(stage, key, path)
+        return None
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, shared: bool = False) -> Iterator[None]:
+        """Exclusive while an entry is made; shared while one is read (pruning waits)."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{stage}-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def new_entry(self, stage: str, key: str, inputs: Any) -> Iterator[Path]:
+        """A folder to fill; renamed into place as the entry when the block succeeds."""
+        stage_dir = self._stage_dir(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=stage_dir))
+        try:
+            yield tmp
+            (tmp / META).write_text(json.dumps(
+                {"stage": stage, "key": key, "created": time.time(), "inputs": inputs},
+                indent=2, sort_keys=True, default=str))
+            try:
+                os.rename(tmp, stage_dir / key)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def why_missed(self, stage: str, inputs: dict[str, Any]) -> str:
+        """Which inputs differ from the newest entry of this stage (for ``-v``)."""
+        entries = [p for p in self._stage_dir(stage).glob("*") if (p / META).is_file()]
+        if not entries:
+            return "no cached entry for this stage yet"
+        newest = max(entries, key=lambda p: p.stat().st_mtime)
+        previous = json.loads((newest / META).read_text()).get("inputs", {})
+        changed = sorted(k for k in set(previous) | set(inputs)
+                         if digest(previous.get(k)) != digest(inputs.get(k)))
+        return "changed: " + (", ".join(changed) or "nothing (entry was removed)")
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for stage_dir in sorted((self.root / "stages").glob("*")):
+            for path in stage_dir.glob("*"):
+                if (path / META).is_file():
+                    out.append(Entry(stage_dir.name, path.name, path))
+        return out
+
+    def size(self) -> int:
+        return sum(_disk_usage(e.path) for e in self.entries())
+
+    def prune(self, max_size: int = 0) -> list[Entry]:
+        """Remove least recently used entries until the cache is at most ``max_size``
+        bytes; entries in use by a running build are skipped. Stale ``.tmp-*`` folders of
+        interrupted builds go too."""
+        removed = []
+        for stale in (self.root / "stages").glob("*/.tmp-*"):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        entries = sorted(self.entries(), key=lambda e: e.path.stat().st_mtime)
+        sizes = {e.path: _disk_usage(e.path) for e in entries}
+        total = sum(sizes.values())
+        for entry in entries:
+            if total <= max_size:
+                break
+            if self._remove_unless_locked(entry):
+                total -= sizes[entry.path]
+                removed.append(entry)
+        return removed
+
+    def _remove_unless_locked(self, entry: Entry) -> bool:
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{entry.stage}-{entry.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            trash = entry.path.with_name(f".tmp-prune-{entry.key}")
+            os.rename(entry.path, trash)  # atomic: readers never see half an entry
+            shutil.rmtree(trash, ignore_errors=True)
+            return True
+        finally:
+            os.close(fd)
+
+
+def _disk_usage(path: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            info = os.lstat(os.path.join(root, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    """A full copy (ownership, modes, links, xattrs) that the caller may modify."""
+    run(["cp", "-a", "--reflink=auto", str(source), str(target)])
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """A hardlinked copy for the cache, of a tree nobody modifies afterwards."""
+    run(["cp", "-al", str(source), str(target)])

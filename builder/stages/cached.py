@@ -1,0 +1,132 @@
+"""The keys of the cacheable stages (bootstrap, configure, filesystem) and the ways a
+stage's output is reused: a bootstrapped tree is copied (configure changes it), a
+configured tree and filesystem images are read in place (nothing changes them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.cache import Entry, StageCache, copy_tree, digest, file_digest
+from builder.chroot import prepared_root, run_in_root
+from builder.errors import ToolFailed
+from builder.plan import Plan
+from builder.run import run
+from builder.templates import templates_dir
+
+log = logging.getLogger("amiforge.cache")
+STAGE_FORMAT = 1  # bump when a stage's output changes for the same inputs
+PACKAGES = "packages.json"
+
+
+@functools.cache
+def tool_version(*argv: str) -> str:
+    try:
+        return (run(list(argv), capture=True).strip().splitlines() or ["unknown"])[0]
+    except (ToolFailed, OSError):
+        return "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+    bootstrap: dict[str, Any]
+    configure: dict[str, Any]
+    filesystem: dict[str, Any]
+
+    def key(self, stage: str) -> str:
+        return digest(getattr(self, stage))
+
+
+def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
+    """Everything each stage's output depends on; a stage's key is the hash of this."""
+    bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
+                 "mmdebstrap": tool_version("mmdebstrap", "--version")}
+    data = plan.to_dict()
+    configure = {k: v for k, v in data.items() if k not in (
+        "formats", "qcow2_compress", "ami", "register_image", "launch_permission", "backing",
+        "os", "recipe_path", "description", "disk_size")}
+    if not plan.reproducible:  # the build time only matters when it is fixed
+        configure.pop("source_date_epoch")
+    sources = sorted({f.src for f in plan.files if f.src} |
+                     {f.src for v in plan.data_volumes for f in v.files if f.src})
+    configure.update(bootstrap=digest(bootstrap), templates=_templates_digest(),
+                     sources={s: file_digest(recipe_dir / s) for s in sources},
+                     amiforge=__version__, format=STAGE_FORMAT)
+    filesystem = {"configure": digest(configure), "partitions": data["partitions"],
+                  "data_volumes": data["data_volumes"], "arch": plan.arch,
+                  "epoch": plan.source_date_epoch if plan.reproducible else None,
+                  "amiforge": __version__,
+                  "format": STAGE_FORMAT, "mke2fs": tool_version("mke2fs", "-V"),
+                  "grub": tool_version("grub-mkimage", "--version")}
+    return StageInputs(*(_plain(inputs) for inputs in (bootstrap, configure, filesystem)))
+
+
+def _plain(inputs: dict[str, Any]) -> dict[str, Any]:
+    """As JSON has it (tuples become lists), so inputs compare equal to stored ones."""
+    return json.loads(json.dumps(inputs, default=str))
+
+
+def _templates_digest() -> str:
+    hasher = hashlib.sha256()
+    for path in sorted(templates_dir().glob("*")):
+        hasher.update(path.name.encode() + b"\0" + path.read_bytes())
+    return hasher.hexdigest()
+
+
+def explain_miss(cache: StageCache, stage: str, inputs: StageInputs) -> None:
+    log.info("    %s not cached: %s", stage, cache.why_missed(stage, getattr(inputs, stage)))
+
+
+def reuse_bootstrap(cache: StageCache, inputs: StageInputs, tree: Path) -> str | None:
+    """Copy a cached bootstrap to ``tree``: the same one ("cache") or, failing that, one
+    that lacks only some packages, completed with apt ("extended"). None if neither."""
+    entry = cache.lookup("bootstrap", inputs.key("bootstrap"))
+    if entry is not None:
+        copy_tree(entry.path / "tree", tree)
+        return "cache"
+    base = _subset_entry(cache, inputs.bootstrap)
+    if base is None:
+        return None
+    copy_tree(base.path / "tree", tree)
+    _install_more(tree, inputs.bootstrap["os"]["packages"])
+    return "extended"
+
+
+def _subset_entry(cache: StageCache, inputs: dict[str, Any]) -> Entry | None:
+    """The cached bootstrap with the most packages, made the same way, lacking only some."""
+    wanted = set(inputs["os"]["packages"])
+
+    def same_except_packages(other: dict[str, Any]) -> bool:
+        strip = lambda d: {**d, "os": {**d["os"], "packages": None}}  # noqa: E731
+        return strip(other) == strip(inputs)
+
+    candidates = [e for e in cache.entries() if e.stage == "bootstrap"]
+    usable = [(len(m["os"]["packages"]), e) for e in candidates
+              if same_except_packages(m := e.meta["inputs"])
+              and set(m["os"]["packages"]) < wanted]
+    return max(usable, key=lambda pair: pair[0])[1] if usable else None
+
+
+def _install_more(tree: Path, packages: list[str]) -> None:
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    with prepared_root(tree):
+        try:
+            run_in_root(tree, install)
+        except ToolFailed:  # the cached package lists may be stale: refresh once
+            run_in_root(tree, ["apt-get", "update"])
+            run_in_root(tree, install)
+        run_in_root(tree, ["apt-get", "clean"])
+
+
+def write_packages(folder: Path, packages: list[dict[str, str]]) -> None:
+    (folder / PACKAGES).write_text(json.dumps(packages))
+
+
+def read_packages(folder: Path) -> list[dict[str, str]]:
+    return json.loads((folder / PACKAGES).read_text())
