@@ -192,17 +192,17 @@ def make_filesystems(plan: Plan, tree: Path, folder: Path, recipe_dir: Path) -> 
     folder.mkdir()
     root, work = plan.root, folder.parent
     filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
-                         plan.root_label, plan.source_date_epoch)
+                         plan.root_label, plan.source_date_epoch, plan.reproducible)
     esp = plan.partition("esp")
     if esp is not None:
         efi = work / "grub.efi"
         bootloader.build_efi_image(plan.arch, efi, early_config(plan, work))
         _, removable = bootloader.EFI_REMOVABLE[plan.arch]
         filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
-                            {f"/{removable}": efi})
+                            {f"/{removable}": efi}, plan.source_date_epoch)
     for volume in plan.data_volumes:
         make_volume(volume, folder / volume.image, work, recipe_dir, tree,
-                    plan.source_date_epoch)
+                    plan.source_date_epoch, plan.reproducible)
 
 
 def make_bios_core(plan: Plan, ws: Path) -> Path | None:

@@ -41,7 +41,8 @@ def chroot_argv(root: Path, command: Sequence[str]) -> list[str]:
 
 
 def run_in_root(root: Path, command: Sequence[str], capture: bool = False) -> str:
-    env = {k: v for k, v in os.environ.items() if k in ("http_proxy", "https_proxy")}
+    passed = ("http_proxy", "https_proxy", "SOURCE_DATE_EPOCH")
+    env = {k: v for k, v in os.environ.items() if k in passed}
     return run(chroot_argv(root, command), env={**CHROOT_ENV, **env}, capture=capture)
 
 

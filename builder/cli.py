@@ -38,9 +38,13 @@ def _common_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="build", description="Build machine images from YAML recipes.")
-    parser.add_argument("recipe", type=Path, help="the recipe to build")
+    parser.add_argument("recipes", type=Path, nargs="+", metavar="RECIPE",
+                        help="the recipe(s) to build")
     parser.add_argument("-o", "--output-dir", type=Path,
-                        help="where the images go (default: out/<recipe name>/)")
+                        help="where the images go (default: out/<recipe name>/); with several "
+                        "recipes, each goes to DIR/<recipe name>/")
+    parser.add_argument("-j", "--jobs", type=int, default=1,
+                        help="with several recipes: how many to build at once")
     parser.add_argument("--format", help="comma-separated: raw,qcow2,vmdk,vhd "
                         "(default: the recipe's outputs.formats)")
     parser.add_argument("--cache-dir", type=Path, help="default: $XDG_CACHE_HOME/amiforge")
@@ -116,6 +120,9 @@ def cmd_build(argv: Sequence[str]) -> int:
 
     args = _build_parser().parse_args(argv)
     _logging(args.verbose)
+    if len(args.recipes) > 1:
+        return _build_many(args)
+    args.recipe = args.recipes[0]
     formats = _formats(args.format)
     loaded = load_recipe(args.recipe, _load_options(args))
     plan = make_plan(loaded)
@@ -134,6 +141,40 @@ def cmd_build(argv: Sequence[str]) -> int:
                    "artifacts": result.manifest["artifacts"], "timings": result.timings}
         print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _build_many(args: argparse.Namespace) -> int:
+    """Each recipe in a process of its own, ``-j`` at a time, sharing the cache."""
+    from builder.parallel import Job, run_jobs
+
+    if args.jobs < 1:
+        raise InputError("-j/--jobs must be at least 1")
+    stems = [r.stem for r in args.recipes]
+    if len(set(stems)) != len(stems):
+        raise InputError("several recipes with the same file name would share an output "
+                         "directory; rename one")
+    for recipe in args.recipes:  # bad input is reported before anything is built
+        make_plan(load_recipe(recipe, _load_options(args)))
+    shared = _passthrough(args)
+    parent = args.output_dir or Path("out")
+    jobs = [Job(r, parent / r.stem, [str(r), *shared, "--output-dir", str(parent / r.stem),
+                                     "--json"]) for r in args.recipes]
+    return run_jobs(jobs, args.jobs)
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    """The options every build of a ``-j`` run shares, as command-line arguments."""
+    out: list[str] = []
+    for value in args.var:
+        out += ["--var", value]
+    for path in args.var_file:
+        out += ["--var-file", str(path)]
+    for option in ("format", "cache_dir", "user_cert", "user_key", "ec2_cert", "account_id"):
+        if getattr(args, option) is not None:
+            out += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    flags = {"no_cache": "--no-cache", "verbose": "-v", "allow_host_paths": "--allow-host-paths"}
+    out += [flag for option, flag in flags.items() if getattr(args, option)]
+    return out
 
 
 def cmd_validate(argv: Sequence[str]) -> int:
@@ -216,12 +257,40 @@ def cmd_unbundle(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_cache(argv: Sequence[str]) -> int:
+    from builder.build import default_cache_dir
+    from builder.cache import StageCache
+    from builder.recipe.sizes import SizeError, parse_size
+
+    parser = _Parser(prog="build cache", description="Show or prune the stage cache.")
+    parser.add_argument("--cache-dir", type=Path, help="default: $XDG_CACHE_HOME/amiforge")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove least recently used entries not in use by a build")
+    parser.add_argument("--max-size", default="0",
+                        help="with --prune: keep at most this much (e.g. 20GiB; default 0)")
+    args = parser.parse_args(argv)
+    cache = StageCache(args.cache_dir or default_cache_dir())
+    try:
+        limit = parse_size(args.max_size) if args.max_size != "0" else 0
+    except SizeError as exc:
+        raise InputError(f"--max-size: {exc}") from None
+    if args.prune:
+        removed = cache.prune(limit)
+        print(f"removed {len(removed)} entries; {cache.size() / 2**30:.2f} GiB left")
+        return EXIT_OK
+    for entry in cache.entries():
+        print(f"{entry.stage:<11} {entry.key}")
+    print(f"{len(cache.entries())} entries, {cache.size() / 2**30:.2f} GiB in {cache.root}")
+    return EXIT_OK
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "schema": cmd_schema,
     "boot": cmd_boot,
     "unbundle": cmd_unbundle,
+    "cache": cmd_cache,
 }
 
 

@@ -116,7 +116,7 @@ PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "mkfs.fat": "dosfstools",
-    "mmd": "mtools",
+    "debugfs": "e2fsprogs",
     "mcopy": "mtools",
     "sfdisk": "fdisk",
     "grub-mkimage": "grub-common grub-pc-bin grub-efi-amd64-bin",

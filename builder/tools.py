@@ -15,11 +15,12 @@ BASE = {
     "sfdisk": "writing the partition table",
     "qemu-img": "converting disk images",
     "dpkg-query": "listing installed packages",
+    "debugfs": "fixing inode times of reproducible filesystems",
 }
 BY_FILESYSTEM = {"ext4": {"mkfs.ext4": "making ext4 filesystems"},
                  "xfs": {"mkfs.xfs": "making xfs filesystems"}}
-UEFI = {"mkfs.fat": "making the EFI system partition", "mmd": "filling the ESP",
-        "mcopy": "filling the ESP", "grub-mkimage": "making the UEFI bootloader"}
+UEFI = {"mkfs.fat": "making the EFI system partition", "mcopy": "filling the ESP",
+        "grub-mkimage": "making the UEFI bootloader"}
 BIOS = {"grub-mkimage": "making the BIOS bootloader"}
 GRUB_FILES = {"bios": ("i386-pc/boot.img", "grub-pc-bin"),
               "uefi": ("x86_64-efi/linux.mod", "grub-efi-amd64-bin")}

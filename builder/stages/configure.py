@@ -11,6 +11,7 @@ from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
 from builder.plan import Plan
 from builder.recipe.model import FileSpec, User
+from builder.stages.filesystem import clamp_times
 from builder.templates import render_template
 
 HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
@@ -27,6 +28,8 @@ def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
         for index, script in enumerate(plan.scripts):
             run_script(tree, index, script.run)
     scrub(tree)
+    if plan.reproducible:
+        clamp_times(tree, plan.source_date_epoch)
 
 
 def _write(tree: Path, dest: str, text: str, mode: int = 0o644) -> None:

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from builder.errors import BuildFailed
 from builder.fsutil import create_sparse
 from builder.run import run
 
@@ -33,27 +36,62 @@ def fat_volume_id(fs_uuid: str) -> str:
 
 
 def make_ext4(image: Path, size: int, tree: Path | None, uuid: str, label: str,
-              epoch: int) -> None:
+              epoch: int, reproducible: bool = False) -> None:
+    """ext4 from a tree. mke2fs copies each file's ctime and atime from the host (ctime
+    cannot be set there, and reading a file moves its atime), so a reproducible build sets
+    both to the epoch in every inode afterwards."""
     create_sparse(image, size)
     run(mkfs_ext4_argv(image, tree, uuid, label), env={"E2FSPROGS_FAKE_TIME": str(epoch)})
+    if reproducible and tree is not None:
+        script = image.with_suffix(".debugfs")
+        script.write_text(ctime_commands(tree, epoch))
+        run(["debugfs", "-w", "-f", str(script), str(image)],
+            env={"E2FSPROGS_FAKE_TIME": str(epoch)})
+        script.unlink()
 
 
-def make_esp(image: Path, size: int, fs_uuid: str, files: dict[str, Path]) -> None:
-    """A FAT ESP holding ``files`` (path on the ESP -> host file)."""
+def ctime_commands(tree: Path, epoch: int) -> str:
+    """debugfs commands that set ctime and atime of every path of ``tree`` in the image."""
+    lines = [f"sif / {field} @{epoch}" for field in ("ctime", "atime")]
+    for root, dirs, files in os.walk(tree):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = "/" + os.path.relpath(os.path.join(root, name), tree)
+            if '"' in path or "\n" in path:
+                raise BuildFailed(f"cannot make {path!r} reproducible (quote or newline)")
+            lines += [f'sif "{path}" {field} @{epoch}' for field in ("ctime", "atime")]
+    return "\n".join(lines) + "\n"
+
+
+def clamp_times(tree: Path, epoch: int) -> None:
+    """No mtime newer than the epoch (the reproducible-builds convention) and every atime
+    the epoch: mke2fs copies both into the image."""
+    for root, dirs, files in os.walk(tree):
+        _clamp(root, epoch)
+        for name in files:
+            _clamp(os.path.join(root, name), epoch)
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                _clamp(os.path.join(root, name), epoch)
+
+
+def _clamp(path: str, epoch: int) -> None:
+    mtime = os.lstat(path).st_mtime_ns
+    os.utime(path, ns=(epoch * 10**9, min(mtime, epoch * 10**9)), follow_symlinks=False)
+
+
+def make_esp(image: Path, size: int, fs_uuid: str, files: dict[str, Path], epoch: int) -> None:
+    """A FAT ESP holding ``files`` (path on the ESP -> host file). ``--invariant`` and
+    copying a staged tree with its (clamped) times keep it byte-identical between builds."""
     image.unlink(missing_ok=True)
-    run(["mkfs.fat", "-C", "-n", "ESP", "-i", fat_volume_id(fs_uuid), str(image),
-         str(size // 1024)])
-    folders = sorted({str(Path(dest).parent) for dest in files} - {"/"})
-    for folder in _with_parents(folders):
-        run(["mmd", "-i", str(image), f"::{folder}"], env=MTOOLS_ENV)
-    for dest, source in sorted(files.items()):
-        run(["mcopy", "-i", str(image), str(source), f"::{dest}"], env=MTOOLS_ENV)
-
-
-def _with_parents(folders: list[str]) -> list[str]:
-    out: set[str] = set()
-    for folder in folders:
-        parts = Path(folder).parts[1:]
-        for i in range(1, len(parts) + 1):
-            out.add("/" + "/".join(parts[:i]))
-    return sorted(out, key=lambda f: (f.count("/"), f))
+    run(["mkfs.fat", "--invariant", "-C", "-n", "ESP", "-i", fat_volume_id(fs_uuid),
+         str(image), str(size // 1024)])
+    staging = image.with_name(image.name + ".tree")
+    for dest, source in files.items():
+        target = staging / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    clamp_times(staging, epoch)
+    for top in sorted(staging.iterdir()):
+        run(["mcopy", "-s", "-m", "-i", str(image), str(top), "::/"], env=MTOOLS_ENV)
+    shutil.rmtree(staging)

@@ -11,17 +11,19 @@ from builder.fsutil import create_sparse
 from builder.plan import DataVolume
 from builder.run import run
 from builder.stages.configure import install_file
-from builder.stages.filesystem import make_ext4, mkfs_xfs_argv
+from builder.stages.filesystem import clamp_times, make_ext4, mkfs_xfs_argv
 
 
 def make_volume(volume: DataVolume, image: Path, work: Path, recipe_dir: Path,
-                root_tree: Path, epoch: int) -> None:
+                root_tree: Path, epoch: int, reproducible: bool = False) -> None:
     tree = work / f"{image.stem}-tree"
     tree.mkdir()
     for spec in volume.files:
         install_file(tree, spec, recipe_dir, accounts=root_tree)
+    if reproducible:
+        clamp_times(tree, epoch)
     if volume.filesystem == "ext4":
-        make_ext4(image, volume.size, tree, volume.fs_uuid, volume.label, epoch)
+        make_ext4(image, volume.size, tree, volume.fs_uuid, volume.label, epoch, reproducible)
     else:
         proto = work / f"{image.stem}.proto"
         proto.write_text(xfs_protofile(tree))
