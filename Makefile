@@ -6,11 +6,13 @@ VENV := .venv
 RECIPE ?= recipes/debian-12-minimal.yaml
 PYTEST_ARGS ?=
 
-# Debian packages amiforge and its tests use (the python3 the venv is made from is Debian's,
-# so python3-guestfs is importable in it).
+# Debian packages amiforge and its tests use. The venv is made from Debian's python3 with
+# system site-packages, so python3-guestfs (`build audit`) is importable in it; libguestfs
+# boots its appliance with the host's kernel (linux-image-amd64).
 APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-bin \
 	grub-efi-amd64-bin mtools dosfstools fdisk e2fsprogs xfsprogs util-linux \
-	python3 python3-venv python3-pip openssh-client ca-certificates
+	python3 python3-venv python3-pip openssh-client openssl ca-certificates \
+	python3-guestfs linux-image-amd64
 
 .PHONY: build test unit lint deps venv bench clean
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.audit.checks import Finding, run_checks
+from builder.audit.report import apply_waivers, fail_on_errors
+from builder.audit.views import TreeView
 from builder.bundle import BundleKeys, bundle_image
 from builder.cache import Entry, StageCache, copy_tree, link_tree
 from builder.errors import InputError
@@ -23,10 +26,10 @@ from builder.stages.bootstrap import bootstrap
 from builder.stages.cached import (
     StageInputs,
     explain_miss,
-    read_packages,
+    read_facts,
     reuse_bootstrap,
     stage_inputs,
-    write_packages,
+    write_facts,
 )
 from builder.stages.configure import configure
 from builder.stages.convert import EXTENSIONS, convert
@@ -83,18 +86,22 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
         with progress.stage("configure") as stage:
             if configured:
                 stage.source, tree = "cache", configured.path / "tree"
-                packages = read_packages(configured.path)
+                facts = read_facts(configured.path)
             else:
                 configure(plan, tree, loaded.base_dir)
-                packages = installed_packages(tree)
-                store(cache, "configure", inputs, {"tree": tree}, packages)
+                facts = {"packages": installed_packages(tree),
+                         "audit": [f.to_dict() for f in run_checks(TreeView(tree))]}
+                store(cache, "configure", inputs, {"tree": tree}, facts)
+            findings, waivers = apply_waivers([Finding(**f) for f in facts["audit"]],
+                                              plan.audit_allow)
+            fail_on_errors(findings)
         with progress.stage("filesystem") as stage:
             if filesystems:
                 stage.source, fs_dir = "cache", filesystems.path
             else:
                 fs_dir = ws / "filesystems"
                 make_filesystems(plan, tree, fs_dir, loaded.base_dir)
-                store(cache, "filesystem", inputs, {"": fs_dir}, packages)
+                store(cache, "filesystem", inputs, {"": fs_dir}, facts)
         with progress.stage("disk"):
             assemble_disk(plan, disk, {"root": fs_dir / "root.img", "esp": fs_dir / "esp.img"},
                           make_bios_core(plan, ws))
@@ -107,8 +114,10 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 bundle_files = make_bundle(plan, disk, ws, options.bundle_keys)
         artifacts = artifact_entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
-        manifest = build_manifest(plan, loaded.path, artifacts, packages, progress.timings,
-                                  {"stages": progress.report()})
+        audit = {"findings": [f.to_dict() for f in findings], "waivers": waivers}
+        manifest = build_manifest(plan, loaded.path, artifacts, facts["packages"],
+                                  progress.timings, {"stages": progress.report(),
+                                                     "audit": audit})
         atomic_write_json(ws / "build-manifest.json", manifest)
         publish({**{path: name for path, (_, name) in outputs.items()}, **bundle_files,
                  **{path: path.name for path in written},
@@ -152,7 +161,7 @@ def bootstrap_stage(plan: Plan, tree: Path, cache: StageCache | None, inputs: St
 
 
 def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict[str, Path],
-          packages: list[dict[str, str]] | None = None, copy: bool = False,
+          facts: dict[str, Any] | None = None, copy: bool = False,
           locked: bool = False) -> None:
     """Keep a stage's output: trees that the build changes later are copied, the rest
     hardlinked (the workspace never changes them again)."""
@@ -169,8 +178,8 @@ def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict
             else:
                 for child in path.iterdir():
                     os.link(child, entry / child.name)
-        if packages is not None:
-            write_packages(entry, packages)
+        if facts is not None:
+            write_facts(entry, facts)
 
 
 def artifact_entries(outputs: dict[Path, tuple[str, str]]) -> list[dict[str, Any]]:

@@ -284,6 +284,39 @@ def cmd_cache(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+EXIT_AUDIT_ERRORS = 3
+
+
+def cmd_audit(argv: Sequence[str]) -> int:
+    from builder.audit.checks import run_checks
+    from builder.audit.report import errors, table
+    from builder.audit.views import GuestView
+    from builder.vm import image_format
+
+    parser = _Parser(prog="build audit", description="Check a disk image (raw, qcow2, vmdk; "
+                     "built by amiforge or not) for what must not ship in a shared AMI. "
+                     "Exit 0 when clean, 3 when there are errors.")
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--json", action="store_true", help="findings as JSON on stdout")
+    args = parser.parse_args(argv)
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: image not found")
+    try:
+        view = GuestView(args.image, image_format(args.image))
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"{args.image}: cannot inspect the image: {exc}") from None
+    try:
+        findings = run_checks(view)
+    finally:
+        view.close()
+    if args.json:
+        print(json.dumps({"image": str(args.image), "findings": [f.to_dict() for f in findings],
+                          "errors": len(errors(findings))}, indent=2, sort_keys=True))
+    else:
+        print(table(findings))
+    return EXIT_AUDIT_ERRORS if errors(findings) else EXIT_OK
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
@@ -291,6 +324,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "boot": cmd_boot,
     "unbundle": cmd_unbundle,
     "cache": cmd_cache,
+    "audit": cmd_audit,
 }
 
 

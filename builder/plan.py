@@ -102,6 +102,7 @@ class Plan:
     ami: dict[str, Any] = field(default_factory=dict)
     register_image: dict[str, Any] = field(default_factory=dict)
     launch_permission: dict[str, Any] | None = None
+    audit_allow: tuple[Any, ...] = ()
 
     @property
     def root(self) -> Partition:
@@ -115,6 +116,7 @@ class Plan:
         data["files"] = [f.model_dump(exclude_none=True) for f in self.files]
         data["users"] = [u.model_dump() for u in self.users]
         data["scripts"] = [s.model_dump(exclude_none=True) for s in self.scripts]
+        data["audit_allow"] = [w.model_dump() for w in self.audit_allow]
         data["data_volumes"] = [
             {**asdict(v), "files": [f.model_dump(exclude_none=True) for f in v.files]}
             for v in self.data_volumes]
@@ -220,6 +222,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         ami=recipe.ami.model_dump(exclude={"bundle"}),
         register_image=ami.register_image_input(recipe),
         launch_permission=ami.launch_permission_input(recipe),
+        audit_allow=tuple(recipe.audit.allow),
     )
 
 

@@ -94,3 +94,28 @@ def bundle_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def bundle_args(keys: dict[str, Path]) -> list[str]:
     return ["--user-cert", f"{keys['user']}-cert.pem", "--user-key", f"{keys['user']}-key.pem",
             "--ec2-cert", f"{keys['ec2']}-cert.pem", "--account-id", "123456789012"]
+
+
+def default_apt_archives() -> Path:
+    from builder.build import default_cache_dir
+
+    return default_cache_dir() / "apt-archives"
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path) -> Path:
+    """An empty stage cache that shares the download cache (apt archives) with the rest of
+    the suite, so 'cold' means no stage is cached, not that every package is downloaded."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archives = default_apt_archives()
+    archives.mkdir(parents=True, exist_ok=True)
+    (cache / "apt-archives").symlink_to(archives)
+    return cache
+
+
+def copy_recipes(target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(RECIPES, target)
+    return target

@@ -228,6 +228,21 @@ class Outputs(Strict):
     qcow2: Qcow2Options = Qcow2Options()
 
 
+AuditCheck = Literal["ssh-host-keys", "machine-id", "root-password", "empty-password",
+                     "root-authorized-keys", "sshd-config", "shell-history", "private-keys",
+                     "cloud-credentials", "world-writable", "unowned-setuid", "build-leftovers",
+                     "first-boot-keys"]
+
+
+class Waiver(Strict):
+    check: AuditCheck
+    reason: Annotated[str, Field(min_length=3)]
+
+
+class Audit(Strict):
+    allow: list[Waiver] = []
+
+
 class Recipe(Strict):
     """A whole recipe as written (``extends`` already merged, templates rendered)."""
 
@@ -246,6 +261,7 @@ class Recipe(Strict):
     block_device_mappings: list[BlockDeviceMapping] = []
     ami: Ami = Ami()
     outputs: Outputs = Outputs()
+    audit: Audit = Audit()
 
 
 def json_schema(app: bool = False) -> dict[str, Any]:

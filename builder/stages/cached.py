@@ -21,8 +21,8 @@ from builder.run import run
 from builder.templates import templates_dir
 
 log = logging.getLogger("amiforge.cache")
-STAGE_FORMAT = 1  # bump when a stage's output changes for the same inputs
-PACKAGES = "packages.json"
+STAGE_FORMAT = 2  # bump when a stage's output changes for the same inputs
+FACTS = "facts.json"
 
 
 @functools.cache
@@ -124,9 +124,11 @@ def _install_more(tree: Path, packages: list[str]) -> None:
         run_in_root(tree, ["apt-get", "clean"])
 
 
-def write_packages(folder: Path, packages: list[dict[str, str]]) -> None:
-    (folder / PACKAGES).write_text(json.dumps(packages))
+def write_facts(folder: Path, facts: dict[str, Any]) -> None:
+    """What later stages need to know about a configured tree (installed packages, audit
+    findings), kept with every entry made from it."""
+    (folder / FACTS).write_text(json.dumps(facts, sort_keys=True))
 
 
-def read_packages(folder: Path) -> list[dict[str, str]]:
-    return json.loads((folder / PACKAGES).read_text())
+def read_facts(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / FACTS).read_text())

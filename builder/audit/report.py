@@ -1,0 +1,41 @@
+"""Audit results: waivers from the recipe, the table a person reads, the JSON CI reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from builder.audit.checks import ERROR, Finding
+from builder.errors import BuildFailed
+
+
+def apply_waivers(findings: Sequence[Finding], allow: Sequence[Any]) -> tuple[
+        list[Finding], list[dict[str, str]]]:
+    """Findings the recipe waived become warnings; return them and the waivers used."""
+    reasons = {w.check: w.reason for w in allow}
+    kept = [Finding(f.check, "waived", f.path, f.message) if f.check in reasons and
+            f.severity == ERROR else f for f in findings]
+    used = [{"check": c, "reason": r} for c, r in reasons.items()]
+    return kept, used
+
+
+def errors(findings: Sequence[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == ERROR]
+
+
+def table(findings: Sequence[Finding]) -> str:
+    if not findings:
+        return "no findings"
+    width = max(len(f.check) for f in findings)
+    lines = [f"{f.severity:<8} {f.check:<{width}}  {f.path}: {f.message}" for f in findings]
+    counts = {s: sum(f.severity == s for f in findings) for s in ("error", "warning", "info")}
+    lines.append(", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+def fail_on_errors(findings: Sequence[Finding]) -> None:
+    found = errors(findings)
+    if found:
+        detail = "; ".join(f"{f.check} {f.path}" for f in found[:5])
+        raise BuildFailed(f"the image fails the shared-AMI audit ({len(found)} errors: "
+                          f"{detail}); fix the recipe or waive a check with audit.allow")

@@ -1,0 +1,128 @@
+"""Read-only views of a root filesystem: a tree on the host, or a disk image via guestfs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str      # absolute inside the image
+    mode: int
+    uid: int
+    size: int
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class View(Protocol):
+    def walk(self) -> Iterator[Node]: ...
+    def read(self, path: str, limit: int = 1 << 20) -> bytes | None: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def is_symlink(self, path: str) -> bool: ...
+
+
+class TreeView:
+    """A root tree on the host (the build's configured tree)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _host(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def walk(self) -> Iterator[Node]:
+        for top, dirs, files in os.walk(self.root):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                host = os.path.join(top, name)
+                info = os.lstat(host)
+                yield Node("/" + os.path.relpath(host, self.root), info.st_mode, info.st_uid,
+                           info.st_size)
+
+    def read(self, path: str, limit: int = 1 << 20) -> bytes | None:
+        host = self._host(path)
+        if host.is_symlink() or not host.is_file():
+            return None
+        with open(host, "rb") as handle:
+            return handle.read(limit)
+
+    def listdir(self, path: str) -> list[str]:
+        host = self._host(path)
+        return sorted(os.listdir(host)) if host.is_dir() and not host.is_symlink() else []
+
+    def is_symlink(self, path: str) -> bool:
+        return self._host(path).is_symlink()
+
+
+class GuestView:
+    """A disk image opened read-only with libguestfs, its filesystems mounted as the
+    guest would mount them (from inspection)."""
+
+    def __init__(self, image: Path, fmt: str | None = None):
+        import guestfs  # Debian's python3-guestfs; the venv sees system site-packages
+
+        os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+        os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+        self.g: Any = guestfs.GuestFS(python_return_dict=True)
+        options = {"readonly": True}
+        if fmt:
+            options["format"] = fmt
+        self.g.add_drive_opts(str(image), **options)
+        self.g.launch()
+        roots = self.g.inspect_os()
+        if not roots:
+            raise ValueError(f"{image}: no operating system found in the image")
+        mounts = self.g.inspect_get_mountpoints(roots[0])
+        for mountpoint in sorted(mounts, key=len):
+            # e.g. swap or an absent data volume: audit what mounts
+            with contextlib.suppress(RuntimeError):
+                self.g.mount_ro(mounts[mountpoint], mountpoint)
+
+    def close(self) -> None:
+        self.g.shutdown()
+        self.g.close()
+
+    def walk(self) -> Iterator[Node]:
+        for top in self._dirs("/"):
+            names = self.g.ls(top)
+            if not names:
+                continue
+            stats = self.g.lstatnslist(top, names)
+            for name, info in zip(names, stats, strict=True):
+                path = (top.rstrip("/") + "/" + name)
+                yield Node(path, info["st_mode"], info["st_uid"], info["st_size"])
+
+    def _dirs(self, top: str) -> Iterator[str]:
+        yield top
+        names = self.g.ls(top)
+        if not names:
+            return
+        for name, info in zip(names, self.g.lstatnslist(top, names), strict=True):
+            if stat.S_ISDIR(info["st_mode"]) and not (top == "/" and name in ("proc", "sys")):
+                yield from self._dirs(top.rstrip("/") + "/" + name)
+
+    def read(self, path: str, limit: int = 1 << 20) -> bytes | None:
+        if not self.g.is_file(path, followsymlinks=False):
+            return None
+        return self.g.pread(path, limit, 0)
+
+    def listdir(self, path: str) -> list[str]:
+        if not self.g.is_dir(path, followsymlinks=False):
+            return []
+        return sorted(self.g.ls(path))
+
+    def is_symlink(self, path: str) -> bool:
+        return bool(self.g.exists(path) and self.g.is_symlink(path))

@@ -1,0 +1,123 @@
+"""Fast rebuilds from the stage cache, bit-identical images, parallel builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.plan import sha256_file
+from builder.vm import VirtualMachine
+from tests.conftest import FIXED_EPOCH, ROOT, copy_recipes, needs_root_tools, run_build
+
+pytestmark = [pytest.mark.integration, needs_root_tools()]
+
+
+def stages(output_dir: Path) -> dict[str, str]:
+    manifest = json.loads((output_dir / "build-manifest.json").read_text())
+    return {name: info["source"] for name, info in manifest["stages"].items()}
+
+
+def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) -> None:
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(FIXED_EPOCH)}
+    digests = []
+    for run in ("first", "second"):
+        cache = tmp_path / f"cache-{run}"
+        cache.mkdir()
+        (cache / "apt-archives").symlink_to((fresh_cache / "apt-archives").resolve())
+        out = tmp_path / run / "somewhere" / "out"
+        result = subprocess.run(
+            [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "--cache-dir",
+             str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests.append((sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2")))
+        time.sleep(2)  # a different wall clock for the second build
+    assert digests[0] == digests[1]
+
+
+def test_one_file_change_rebuilds_from_the_cached_bootstrap(
+        tmp_path: Path, fresh_cache: Path, ssh_key: Path) -> None:
+    recipes = copy_recipes(tmp_path / "recipes")
+    public = ssh_key.with_suffix(".pub").read_text().strip()
+    args = ["--cache-dir", str(fresh_cache), "--var", f"admin_key={public}",
+            "-o", str(tmp_path / "out")]
+    first = run_build(str(recipes / "debian-12-minimal.yaml"), *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert stages(tmp_path / "out")["bootstrap"] == "built"
+
+    (recipes / "files/motd").write_text("a new message of the day\n")
+    second = run_build(str(recipes / "debian-12-minimal.yaml"), *args, "-v")
+    assert second.returncode == 0, second.stderr[-2000:]
+    sources = stages(tmp_path / "out")
+    assert sources["bootstrap"] == "cache" and sources["configure"] == "built"
+    assert "configure not cached: changed: sources" in second.stderr  # -v says why
+
+    with VirtualMachine(tmp_path / "out/disk.qcow2", "uefi") as vm:
+        vm.wait_for(timeout=300)
+        assert vm.ssh("admin", ssh_key, "cat /etc/motd") == "a new message of the day\n"
+
+    third = run_build(str(recipes / "debian-12-minimal.yaml"), *args)
+    assert third.returncode == 0
+    assert stages(tmp_path / "out")["filesystem"] == "cache"
+
+
+def test_parallel_builds_share_a_bootstrap_and_survive_pruning(
+        tmp_path: Path, fresh_cache: Path) -> None:
+    recipes = copy_recipes(tmp_path / "recipes")
+    variant = (recipes / "debian-12-minimal.yaml").read_text().replace(
+        "hostname: debian", "hostname: variant")
+    (recipes / "variant.yaml").write_text(variant)
+    out = tmp_path / "out"
+    pruner = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import subprocess, sys, time\n"
+            "end = time.time() + 240\n"
+            "while time.time() < end:\n"
+            f"    subprocess.run([sys.executable, '-m', 'builder', 'cache', '--prune', "
+            f"'--cache-dir', '{fresh_cache}'], capture_output=True)\n"
+            "    time.sleep(1)\n")], cwd=ROOT)
+    try:
+        result = run_build(str(recipes / "debian-12-minimal.yaml"), str(recipes / "variant.yaml"),
+                           "-j", "2", "--cache-dir", str(fresh_cache), "-o", str(out))
+    finally:
+        pruner.kill()
+        pruner.wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "==> summary" in result.stderr
+    for name in ("debian-12-minimal", "variant"):
+        manifest = json.loads((out / name / "build-manifest.json").read_text())
+        for artifact in manifest["artifacts"]:
+            assert sha256_file(out / name / artifact["path"]) == artifact["sha256"]
+        table = subprocess.run(["sfdisk", "--json", str(out / name / "disk.raw")],
+                               capture_output=True, text=True, check=True).stdout
+        assert len(json.loads(table)["partitiontable"]["partitions"]) == 3
+
+
+def test_a_shared_bootstrap_is_made_once(tmp_path: Path, fresh_cache: Path) -> None:
+    recipes = copy_recipes(tmp_path / "recipes")
+    (recipes / "other.yaml").write_text((recipes / "debian-12-minimal.yaml").read_text()
+                                        .replace("hostname: debian", "hostname: other"))
+    out = tmp_path / "out"
+    result = run_build(str(recipes / "debian-12-minimal.yaml"), str(recipes / "other.yaml"),
+                       "-j", "2", "--cache-dir", str(fresh_cache), "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sources = sorted(stages(out / name)["bootstrap"] for name in ("debian-12-minimal", "other"))
+    assert sources == ["built", "cache"]
+
+
+def test_one_failure_does_not_stop_the_others(tmp_path: Path, fresh_cache: Path) -> None:
+    recipes = copy_recipes(tmp_path / "recipes")
+    (recipes / "broken.yaml").write_text(
+        "name: broken-image\nroot_volume:\n  packages: [no-such-package-xyz]\n")
+    out = tmp_path / "out"
+    result = run_build(str(recipes / "broken.yaml"), str(recipes / "debian-12-minimal.yaml"),
+                       "-j", "2", "--cache-dir", str(fresh_cache), "-o", str(out))
+    assert result.returncode == 1
+    assert (out / "debian-12-minimal" / "disk.raw").exists()
+    assert not (out / "broken").exists()
+    assert "[broken] error: mmdebstrap failed" in result.stderr
