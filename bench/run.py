@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,10 +44,73 @@ def mmdebstrap_alone(recipe: Path, work: Path) -> float:
     return timed(argv)
 
 
-def cold_build(recipe: Path, out: Path) -> tuple[float, dict]:
-    seconds = timed([sys.executable, "-m", "builder", str(recipe), "--no-cache", "-o",
-                     str(out)], cwd=ROOT)
+def build(recipe: Path, out: Path, cache: Path) -> tuple[float, dict]:
+    seconds = timed([sys.executable, "-m", "builder", str(recipe), "--cache-dir", str(cache),
+                     "-o", str(out)], cwd=ROOT)
     return seconds, json.loads((out / "build-manifest.json").read_text())
+
+
+def rebuilds(work: Path, cold_s: float, cache: Path) -> dict[str, float]:
+    """Warm rebuilds from the cache the cold build filled: one file changed, one package
+    added (on a copy of the recipes)."""
+    recipes = work / "recipes"
+    shutil.copytree(ROOT / "recipes", recipes)
+    recipe = recipes / "debian-12-minimal.yaml"
+    build(recipe, work / "warm", cache)  # same inputs as the cold build: fills nothing new
+    (recipes / "files/motd").write_text("changed for the benchmark\n")
+    one_file_s, _ = build(recipe, work / "warm", cache)
+    recipe.write_text(recipe.read_text().replace("packages: [openssh-server]",
+                                                 "packages: [openssh-server, less]"))
+    package_s, _ = build(recipe, work / "warm", cache)
+    return {"warm_one_file_s": one_file_s, "warm_one_file_over_cold": one_file_s / cold_s,
+            "warm_add_package_s": package_s, "warm_add_package_over_cold": package_s / cold_s}
+
+
+def compressed_qcow2_mib(raw: Path, work: Path) -> float:
+    from builder.stages.convert import convert
+
+    target = work / "compressed.qcow2"
+    convert(raw, target, "qcow2", compress=True)
+    return target.stat().st_size / 2**20
+
+
+UPLOAD_SNIPPET = """
+import os, sys, time
+from pathlib import Path
+os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+from moto.server import ThreadedMotoServer
+import boto3
+from builder.aws.snapshots import upload_image
+from builder.vm import free_port
+port = free_port()
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+server.start()
+ebs = boto3.client("ebs", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{port}")
+for workers in (1, 16):
+    started = time.monotonic()
+    _, stats = upload_image(ebs, Path(sys.argv[1]), description="bench", tags={},
+                            workers=workers)
+    print(workers, time.monotonic() - started, stats.blocks_sent, stats.blocks_zero)
+server.stop()
+"""
+
+
+def upload_speed(work: Path) -> dict[str, float]:
+    """A 2 GiB image with 400 MiB of data in scattered regions to a local moto server."""
+    image = work / "upload.raw"
+    with open(image, "wb") as handle:
+        handle.truncate(2 << 30)
+        chunk = os.urandom(4 << 20)
+        for i in range(100):
+            handle.seek(i * (20 << 20))
+            handle.write(chunk)
+    result = subprocess.run([sys.executable, "-c", UPLOAD_SNIPPET, str(image)], cwd=ROOT,
+                            check=True, capture_output=True, text=True)
+    rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit()]
+    times = {int(r[0]): float(r[1]) for r in rows}
+    return {"upload_1_worker_s": times[1], "upload_16_workers_s": times[16],
+            "upload_16_over_1": times[16] / times[1], "upload_blocks_sent": int(rows[-1][2]),
+            "upload_zero_blocks_skipped": int(rows[-1][3])}
 
 
 BUNDLE_SNIPPET = """
@@ -98,30 +163,40 @@ def boot_seconds(image: Path, firmware: str) -> float:
         return vm.wait_for(timeout=300)
 
 
+SECTIONS = ("build", "rebuild", "bundle", "boot", "upload")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/debian-12-minimal.yaml")
-    parser.add_argument("--skip-boot", action="store_true")
-    parser.add_argument("--skip-bundle", action="store_true")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     results: dict[str, object] = {"recipe": str(args.recipe)}
     with tempfile.TemporaryDirectory(prefix="amiforge-bench-") as tmp:
         work = Path(tmp)
         (work / "keys").mkdir()
+        cache = work / "cache"  # empty: the cold build downloads, like mmdebstrap alone
         results["mmdebstrap_s"] = mmdebstrap_alone(args.recipe, work)
         subprocess.run(["rm", "-rf", str(work / "tree")], check=True)
-        build_s, manifest = cold_build(args.recipe, work / "out")
-        results["cold_build_s"] = build_s
+        cold_s, manifest = build(args.recipe, work / "out", cache)
+        results["cold_build_s"] = cold_s
         results["stages_s"] = manifest["timings"]
-        results["cold_build_over_mmdebstrap"] = build_s / float(results["mmdebstrap_s"])
+        results["cold_build_over_mmdebstrap"] = cold_s / float(results["mmdebstrap_s"])
         raw, qcow2 = work / "out/disk.raw", work / "out/disk.qcow2"
         results["raw_allocated_mib"] = allocated_bytes(raw) / 2**20
         results["qcow2_mib"] = qcow2.stat().st_size / 2**20
-        if not args.skip_bundle:
+        results["qcow2_compressed_mib"] = compressed_qcow2_mib(raw, work)
+        if "rebuild" in only:
+            results.update(rebuilds(work, cold_s, cache))
+        if "bundle" in only:
             results.update(bundle_vs_pipeline(raw, args.recipe, work))
-        if not args.skip_boot:
+        if "boot" in only:
             results["boot_bios_s"] = boot_seconds(raw, "bios")
             results["boot_uefi_s"] = boot_seconds(qcow2, "uefi")
+        if "upload" in only:
+            results.update(upload_speed(work))
     for key, value in results.items():
         shown = f"{value:.2f}" if isinstance(value, float) else value
         print(f"{key:<28} {shown}")
