@@ -430,7 +430,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGINT and SIGTERM interrupt a build (cleanly), even where the parent started us with
+    # SIGINT ignored, as shells do for background jobs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     command = SUBCOMMANDS.get(argv[0]) if argv else None
     try:
         if command is not None and argv[0] in AWS_COMMANDS:

@@ -114,6 +114,16 @@ def fresh_cache(tmp_path: Path) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def suite_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage cache shared by the tests that do not need a cold one (one bootstrap)."""
+    cache = tmp_path_factory.mktemp("suite-cache")
+    archives = default_apt_archives()
+    archives.mkdir(parents=True, exist_ok=True)
+    (cache / "apt-archives").symlink_to(archives)
+    return cache
+
+
 def copy_recipes(target: Path) -> Path:
     import shutil
 

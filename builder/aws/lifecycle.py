@@ -20,6 +20,7 @@ from builder.fsutil import atomic_write_json
 from builder.plan import sha256_file
 
 STATE = "publish.json"
+IMAGE_TAG = "amiforge:image-id"
 
 
 def _read_json(path: Path) -> Any:
@@ -67,6 +68,9 @@ def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int 
         return state
     state["image_id"] = image_id
     atomic_write_json(state_path, state)
+    if state["snapshot_ids"]:  # deregister --delete-snapshots finds them by this tag too
+        aws.client("ec2").create_tags(Resources=sorted(state["snapshot_ids"].values()),
+                                      Tags=[{"Key": IMAGE_TAG, "Value": image_id}])
     permission_path = output_dir / "launch-permission.json"
     if permission_path.exists():
         permission = _read_json(permission_path)
@@ -95,15 +99,9 @@ def _upload_snapshots(output_dir: Path, snapshots: list[dict], request: dict, aw
                       image=entry["image"], size=entry["size"])
             done = f"snap-{entry['device'].rsplit('/', 1)[-1]}-dry-run"
         else:
-            _say(f"{entry['device']}: uploading {entry['image']} ({workers} workers)")
-            done, stats = upload_image(
-                ebs, image, description=f"{request['Name']} {entry['device']}", tags=tags,
-                workers=workers, client_token=_token(digest, entry["device"], request["Name"]))
-            _say(f"{entry['device']}: {done}, {stats.blocks_sent} blocks sent, "
-                 f"{stats.blocks_zero} zero blocks skipped")
-            state["snapshot_ids"][entry["device"]] = done
-            state["uploaded"][entry["image"]] = digest
-            atomic_write_json(state_path, state)
+            done = _upload_one(ebs, entry, image, digest, request["Name"], tags, workers,
+                               state, state_path)
+
         by_placeholder[entry["placeholder"]] = done
     for mapping in request.get("BlockDeviceMappings", []):
         ebs_shape = mapping.get("Ebs", {})
@@ -111,6 +109,38 @@ def _upload_snapshots(output_dir: Path, snapshots: list[dict], request: dict, aw
             ebs_shape["SnapshotId"] = by_placeholder[ebs_shape["SnapshotId"]]
         elif is_placeholder(ebs_shape.get("SnapshotId", "")):
             raise BuildFailed(f"no image for {mapping['DeviceName']}'s snapshot")
+
+
+def _upload_one(ebs: Any, entry: dict, image: Path, digest: str, name: str,
+                tags: dict[str, str], workers: int, state: dict, state_path: Path) -> str:
+    """Upload one image; a snapshot left pending by an interrupted run is filled again."""
+    device = entry["device"]
+    pending = state.setdefault("pending", {}).get(device, {})
+    resume = pending.get("snapshot") if pending.get("sha256") == digest else None
+
+    def started(snapshot_id: str) -> None:
+        state["pending"][device] = {"snapshot": snapshot_id, "sha256": digest}
+        atomic_write_json(state_path, state)
+
+    _say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
+         f"({workers} workers)")
+    try:
+        done, stats = upload_image(ebs, image, description=f"{name} {device}", tags=tags,
+                                   workers=workers, client_token=_token(digest, device, name),
+                                   snapshot_id=resume, started=started)
+    except ClientError:
+        if not resume:
+            raise
+        _say(f"{device}: {resume} can no longer be written; starting a new snapshot")
+        done, stats = upload_image(ebs, image, description=f"{name} {device}", tags=tags,
+                                   workers=workers, started=started)
+    _say(f"{device}: {done}, {stats.blocks_sent} blocks sent, "
+         f"{stats.blocks_zero} zero blocks skipped")
+    state["pending"].pop(device, None)
+    state["snapshot_ids"][device] = done
+    state["uploaded"][entry["image"]] = digest
+    atomic_write_json(state_path, state)
+    return done
 
 
 def _upload_bundle(output_dir: Path, aws: Aws, bucket: str | None, state: dict,
@@ -208,8 +238,11 @@ def deregister(image_id: str, aws: Aws, delete_snapshots: bool) -> list[str]:
         image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
     except (ClientError, IndexError):
         raise InputError(f"{image_id}: no such image in {aws.region}") from None
-    snapshots = [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", [])
-                 if m.get("Ebs", {}).get("SnapshotId")]
+    snapshots = {m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", [])
+                 if m.get("Ebs", {}).get("SnapshotId")}
+    tagged = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{IMAGE_TAG}", "Values": [image_id]}])["Snapshots"]
+    snapshots = sorted(snapshots | {s["SnapshotId"] for s in tagged})
     ec2.deregister_image(ImageId=image_id)
     if delete_snapshots:
         for snapshot in snapshots:

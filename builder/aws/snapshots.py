@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,12 @@ def _progress(stats: UploadStats, total: int, name: str, done: bool = False) -> 
 
 def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str],
                  workers: int = 16, client_token: str | None = None,
-                 snapshot_id: str | None = None) -> tuple[str, UploadStats]:
-    """Upload ``path`` to a new snapshot (or to the pending ``snapshot_id`` of an
-    interrupted run); return the snapshot id once completed."""
+                 snapshot_id: str | None = None,
+                 started: Callable[[str], None] = lambda snapshot_id: None,
+                 ) -> tuple[str, UploadStats]:
+    """Upload ``path`` to a new snapshot, or to the pending ``snapshot_id`` of an
+    interrupted run (blocks are simply written again); ``started`` learns the snapshot id
+    before any block is sent. Returns the snapshot id once completed."""
     indexes, total = nonzero_blocks(path)
     size_gib = max(1, -(-path.stat().st_size // GiB))
     if snapshot_id is None:
@@ -75,6 +79,7 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
         if client_token:
             params["ClientToken"] = client_token
         snapshot_id = ebs.start_snapshot(**params)["SnapshotId"]
+    started(snapshot_id)
     stats = UploadStats(blocks_total=total, blocks_zero=total - len(indexes))
     digests: dict[int, bytes] = {}
 

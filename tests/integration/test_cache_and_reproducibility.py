@@ -110,13 +110,13 @@ def test_a_shared_bootstrap_is_made_once(tmp_path: Path, fresh_cache: Path) -> N
     assert sources == ["built", "cache"]
 
 
-def test_one_failure_does_not_stop_the_others(tmp_path: Path, fresh_cache: Path) -> None:
+def test_one_failure_does_not_stop_the_others(tmp_path: Path, suite_cache: Path) -> None:
     recipes = copy_recipes(tmp_path / "recipes")
     (recipes / "broken.yaml").write_text(
         "name: broken-image\nroot_volume:\n  packages: [no-such-package-xyz]\n")
     out = tmp_path / "out"
     result = run_build(str(recipes / "broken.yaml"), str(recipes / "debian-12-minimal.yaml"),
-                       "-j", "2", "--cache-dir", str(fresh_cache), "-o", str(out))
+                       "-j", "2", "--cache-dir", str(suite_cache), "-o", str(out))
     assert result.returncode == 1
     assert (out / "debian-12-minimal" / "disk.raw").exists()
     assert not (out / "broken").exists()

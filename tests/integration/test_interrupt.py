@@ -19,7 +19,7 @@ from tests.conftest import ROOT, copy_recipes, needs_root_tools
 pytestmark = [pytest.mark.integration, needs_root_tools()]
 
 # the first command of each stage, as `-v` logs it
-STAGE_COMMANDS = {"bootstrap": "$ mmdebstrap", "configure": "$ unshare",
+STAGE_COMMANDS = {"bootstrap": "$ mmdebstrap --mode", "configure": "$ unshare",
                   "filesystem": "$ mkfs.ext4", "disk": "$ sfdisk", "convert": "$ qemu-img convert"}
 
 
@@ -43,14 +43,15 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("stage", list(STAGE_COMMANDS))
-def test_interrupt_at_stage(stage: str, tmp_path: Path, fresh_cache: Path) -> None:
+def test_interrupt_at_stage(stage: str, tmp_path: Path, suite_cache: Path) -> None:
     recipes = copy_recipes(tmp_path / "recipes")
+    (recipes / "files/motd").write_text(f"interrupted at {stage}\n")  # configure must run
     out = tmp_path / "out"
     out.mkdir()
     good = {"disk.raw": b"an earlier good image", "build-manifest.json": b"{}"}
     for name, data in good.items():
         (out / name).write_bytes(data)
-    cache_args = ["--no-cache"] if stage == "bootstrap" else ["--cache-dir", str(fresh_cache)]
+    cache_args = ["--no-cache"] if stage == "bootstrap" else ["--cache-dir", str(suite_cache)]
     before = host_state()
     process = subprocess.Popen(
         [sys.executable, "-m", "builder", str(recipes / "debian-12-minimal.yaml"), "-v",
@@ -71,15 +72,15 @@ def test_interrupt_at_stage(stage: str, tmp_path: Path, fresh_cache: Path) -> No
     assert sorted(p.name for p in out.iterdir()) == sorted(good)
     for name, data in good.items():
         assert (out / name).read_bytes() == data
-    assert not list(fresh_cache.glob("stages/*/.tmp-*"))
+    assert not list(suite_cache.glob("stages/*/.tmp-*"))
 
 
 def test_second_build_of_the_same_output_directory_is_refused(tmp_path: Path,
-                                                              fresh_cache: Path) -> None:
+                                                              suite_cache: Path) -> None:
     out = tmp_path / "out"
     first = subprocess.Popen(
         [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "-o", str(out),
-         "--cache-dir", str(fresh_cache)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+         "--cache-dir", str(suite_cache)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while not out.exists() and time.time() < deadline:
@@ -87,7 +88,7 @@ def test_second_build_of_the_same_output_directory_is_refused(tmp_path: Path,
         time.sleep(1)
         second = subprocess.run(
             [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "-o", str(out),
-             "--cache-dir", str(fresh_cache)], cwd=ROOT, capture_output=True, text=True)
+             "--cache-dir", str(suite_cache)], cwd=ROOT, capture_output=True, text=True)
         assert second.returncode == 2
         assert "another amiforge build is using this output directory" in second.stderr
     finally:
@@ -95,25 +96,39 @@ def test_second_build_of_the_same_output_directory_is_refused(tmp_path: Path,
         first.communicate(timeout=300)
 
 
-def test_audit_error_fails_the_build_unless_waived(tmp_path: Path, fresh_cache: Path) -> None:
+def test_audit_error_fails_the_build_unless_waived(tmp_path: Path, suite_cache: Path) -> None:
     recipes = copy_recipes(tmp_path / "recipes")
     leaky = recipes / "leaky.yaml"
     leaky.write_text("extends: debian-12-minimal.yaml\nname: leaky-image\nroot_volume:\n"
-                     "  files:\n    - {dest: /root/.bash_history, content: \"secret\\n\"}\n")
+                     "  files:\n    - {dest: /etc/app/deploy.key, mode: \"0600\", content: "
+                     "\"-----BEGIN RSA PRIVATE KEY-----\\nMIIE\\n\"}\n")
     result = subprocess.run([sys.executable, "-m", "builder", str(leaky), "-o",
-                             str(tmp_path / "out"), "--cache-dir", str(fresh_cache)],
+                             str(tmp_path / "out"), "--cache-dir", str(suite_cache)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert "fails the shared-AMI audit" in result.stderr and "shell-history" in result.stderr
+    assert "fails the shared-AMI audit" in result.stderr
+    assert "private-keys /etc/app/deploy.key" in result.stderr
     assert not (tmp_path / "out").exists()
-    leaky.write_text(leaky.read_text() + "audit:\n  allow:\n    - {check: shell-history, "
-                     "reason: a demo history for the training image}\n")
+    leaky.write_text(leaky.read_text() + "audit:\n  allow:\n    - {check: private-keys, "
+                     "reason: a throw-away demo key for the training image}\n")
     result = subprocess.run([sys.executable, "-m", "builder", str(leaky), "-o",
-                             str(tmp_path / "out"), "--cache-dir", str(fresh_cache)],
+                             str(tmp_path / "out"), "--cache-dir", str(suite_cache)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "out/build-manifest.json").read_text())
     assert manifest["audit"]["waivers"] == [
-        {"check": "shell-history", "reason": "a demo history for the training image"}]
+        {"check": "private-keys", "reason": "a throw-away demo key for the training image"}]
     assert any(f["severity"] == "waived" for f in manifest["audit"]["findings"])
     assert sha256_file(tmp_path / "out/disk.raw")
+
+
+def test_scripts_cannot_leave_processes_running(tmp_path: Path, suite_cache: Path) -> None:
+    recipes = copy_recipes(tmp_path / "recipes")
+    daemon = recipes / "daemon.yaml"
+    daemon.write_text("extends: debian-12-minimal.yaml\nname: daemon-image\nroot_volume:\n"
+                      "  scripts:\n    - run: (sleep 31337 </dev/null >/dev/null 2>&1 &)\n")
+    result = subprocess.run([sys.executable, "-m", "builder", str(daemon), "-o",
+                             str(tmp_path / "out"), "--cache-dir", str(suite_cache)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert processes_mentioning("sleep 31337") == []

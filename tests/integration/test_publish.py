@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -170,7 +171,7 @@ class FaultyProxy(http.server.ThreadingHTTPServer):
     """Forwards to moto; fails a share of PutSnapshotBlock calls with 500 or throttling and
     drops one connection, to show that publish retries its way through."""
 
-    def __init__(self, upstream: str, failure_rate: float = 0.15):
+    def __init__(self, upstream: str, failure_rate: float = 0.06):
         self.upstream = upstream.removeprefix("http://")
         self.failure_rate = failure_rate
         self.random = random.Random(7)
@@ -242,21 +243,28 @@ def test_publish_survives_faults_and_resumes(build_recipe, moto_url: str,
     thread.start()
     url = f"http://127.0.0.1:{proxy.server_address[1]}"
     try:
-        # interrupted once the root snapshot is complete, then resumed
+        # interrupted while the root image is being uploaded, then resumed
         process = subprocess.Popen(
             [sys.executable, "-m", "builder", "publish", str(out), "--region", REGION,
-             "--endpoint-url", url], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        assert process.stderr is not None
-        for line in process.stderr:
-            if line.startswith("==> /dev/xvda: snap-"):
+             "--endpoint-url", url, "--workers", "2"], cwd=ROOT, stderr=subprocess.PIPE,
+            text=True)
+        state_file = out / "publish.json"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if state_file.exists() and "/dev/xvda" in json.loads(
+                    state_file.read_text()).get("pending", {}):
+                time.sleep(0.5)  # some blocks are sent, not all
                 process.send_signal(signal.SIGINT)
                 break
+            time.sleep(0.05)
         process.communicate(timeout=120)
+        assert process.returncode == 130
         state = json.loads((out / "publish.json").read_text())
-        assert "image_id" not in state and "/dev/xvda" in state["snapshot_ids"]
+        assert "image_id" not in state and "/dev/xvda" not in state["snapshot_ids"]
+        pending = state["pending"]["/dev/xvda"]["snapshot"]
         resumed = run_build("publish", str(out), "--region", REGION, "--endpoint-url", url)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "/dev/xvda: reusing" in resumed.stderr
+        assert f"/dev/xvda: resuming {pending}" in resumed.stderr
     finally:
         proxy.shutdown()
     assert proxy.failed["500"] and proxy.failed["throttle"] and proxy.failed["dropped"] == 1
