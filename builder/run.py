@@ -8,9 +8,11 @@ carry the tail of the tool's output. qemu-img goes through the ``sh`` package.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -63,7 +65,7 @@ def _run_streaming(args: list[str], env: Mapping[str, str], input: bytes | None,
     echo = log.isEnabledFor(logging.DEBUG)
     with subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.PIPE if input else
                           subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as proc:
+                          stderr=subprocess.STDOUT, start_new_session=True) as proc:
         try:
             if input is not None and proc.stdin:
                 proc.stdin.write(input)
@@ -86,14 +88,20 @@ def _run_streaming(args: list[str], env: Mapping[str, str], input: bytes | None,
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate a child we are abandoning (interrupt or error) and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """Terminate a child we are abandoning (interrupt or error), with everything it
+    started (its own process group), and reap it."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _signal_group(proc, signal.SIGKILL)  # stragglers that outlived their parent
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
 
 
 def qemu_img(*args: str | os.PathLike[str]) -> str:

@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def remove_stale_workspaces(output_dir: Path) -> None:
     """Workspaces left by a build that was killed outright (SIGKILL, power loss); safe to
     remove because we hold the directory's lock."""
     for stale in output_dir.glob(WORKSPACE_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale)
 
 
 @contextlib.contextmanager
@@ -59,7 +60,20 @@ def workspace(output_dir: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
+
+
+def remove_tree(path: Path, attempts: int = 20) -> None:
+    """Remove a tree that an interrupted tool may still be writing to for a moment."""
+    for _ in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.5)
+    shutil.rmtree(path)  # the last try reports what could not be removed
 
 
 def publish(files: dict[Path, str], output_dir: Path) -> None:
