@@ -60,8 +60,9 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path):
-    """Build a shipped recipe once per test session (with the tests' SSH key)."""
+def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path, suite_cache: Path):
+    """Build a shipped recipe once per test session (with the tests' SSH key), with the
+    suite's own stage cache (removed with the session's temporary files)."""
     cache: dict[str, Built] = {}
 
     def build(recipe: str, *extra: str) -> Built:
@@ -70,6 +71,7 @@ def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path):
             out = tmp_path_factory.mktemp(Path(recipe).stem) / "out"
             public = ssh_key.with_suffix(".pub").read_text().strip()
             result = run_build(f"recipes/{recipe}", "--output-dir", str(out),
+                               "--cache-dir", str(suite_cache),
                                "--var", f"admin_key={public}", *extra)
             assert result.returncode == 0, result.stderr[-3000:]
             manifest = json.loads((out / "build-manifest.json").read_text())
