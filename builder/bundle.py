@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from builder import __version__
+from builder.ami import BUNDLE_PREFIX
 from builder.errors import InputError
 from builder.fsutil import data_extents
 
@@ -47,7 +48,6 @@ WINDOW = 32 << 10
 DEFAULT_LEVEL = 8
 MEM_LEVEL = 6
 COMPRESS_CHUNK = 4 << 20
-BUNDLE_PREFIX = "image"
 
 
 # --- keys --------------------------------------------------------------------------------

@@ -40,14 +40,6 @@ def digest(inputs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
 @dataclass(frozen=True)
 class Entry:
     stage: str

@@ -7,7 +7,6 @@ forwarded port. Used by the test suite and by ``build boot``."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import socket
@@ -20,6 +19,7 @@ from types import TracebackType
 
 from builder.errors import BuildFailed, ToolFailed
 from builder.run import qemu_img, run, spawn, stop
+from builder.stages.convert import image_info
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def image_format(image: Path) -> str:
-    return str(json.loads(qemu_img("info", "--output=json", str(image)))["format"])
+    return str(image_info(image)["format"])
 
 
 def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],

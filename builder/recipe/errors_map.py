@@ -23,11 +23,14 @@ def dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
+TYPE_NAMES = ((bool, "a boolean"), (dict, "a mapping"), (list, "a list"), (str, "a string"),
+              (int, "an integer"), (float, "a number"), (type(None), "null"))
+
+
 def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-            float: "a number", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__) if not isinstance(value, dict | list) else (
-        "a mapping" if isinstance(value, dict) else "a list")
+    """How a message names a value's type (bool before int: True is an int too)."""
+    return next((name for kind, name in TYPE_NAMES if isinstance(value, kind)),
+                type(value).__name__)
 
 
 def _model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
-from builder.cache import Entry, StageCache, copy_tree, digest, file_digest
+from builder.cache import Entry, StageCache, copy_tree, digest
 from builder.chroot import prepared_root, run_in_root
 from builder.errors import ToolFailed
-from builder.plan import Plan
+from builder.plan import Plan, sha256_file
 from builder.run import run
 from builder.templates import templates_dir
 
@@ -56,7 +56,7 @@ def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
     sources = sorted({f.src for f in plan.files if f.src} |
                      {f.src for v in plan.data_volumes for f in v.files if f.src})
     configure.update(bootstrap=digest(bootstrap), templates=_templates_digest(),
-                     sources={s: file_digest(recipe_dir / s) for s in sources},
+                     sources={s: sha256_file(recipe_dir / s) for s in sources},
                      amiforge=__version__, format=STAGE_FORMAT)
     filesystem = {"configure": digest(configure), "partitions": data["partitions"],
                   "data_volumes": data["data_volumes"], "arch": plan.arch,
