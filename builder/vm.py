@@ -46,6 +46,9 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
     for disk in disks:
         argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
+    # Entropy for the guest: TCG's CPU has no RDRAND, and a boot that waits in getrandom()
+    # can stall past the timeout (seen once in CI).
+    argv += ["-device", "virtio-rng-pci"]
     hostfwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in
                       sorted(forwards.items()))
     return [*argv, "-nic", f"user,model=virtio-net-pci{hostfwd}"]
