@@ -420,8 +420,10 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="    %(message)s", stream=sys.stderr)
+    """-v shows amiforge's own messages; other libraries' (sh, botocore) stay at warnings."""
+    logging.basicConfig(format="    %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("amiforge").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

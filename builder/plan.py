@@ -48,6 +48,12 @@ class Partition:
     filesystem: str | None
     fs_uuid: str | None
 
+# Drivers the initramfs needs to find the root disk on EC2 (Xen: xen-blkfront; Nitro: nvme,
+# built into Debian's cloud kernel) and under QEMU (virtio, AHCI, PIIX), instead of
+# initramfs-tools' MODULES=most: a third of the size, faster to build, load and unpack.
+INITRAMFS_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "ata_piix",
+                     "xen_blkfront", "nvme")
+
 
 @dataclass(frozen=True)
 class OSPlan:
@@ -58,6 +64,12 @@ class OSPlan:
     architecture: str
     packages: tuple[str, ...]
     dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
+    initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
+
+
+def initramfs_modules(root_filesystem: str) -> tuple[str, ...]:
+    """The root disk's drivers, and the root filesystem's where it is a module (xfs)."""
+    return INITRAMFS_DRIVERS + (("xfs",) if root_filesystem == "xfs" else ())
 
 
 @dataclass(frozen=True)
@@ -193,6 +205,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         components=tuple(recipe.os.components or distribution.default_components),
         architecture=distribution.debian_arch(recipe.arch),
         packages=packages_for(recipe, distribution),
+        initramfs_modules=initramfs_modules(volume.filesystem),
     )
     cmdline = ("ro", "console=tty0", "console=ttyS0,115200n8", *volume.kernel_cmdline)
     return Plan(

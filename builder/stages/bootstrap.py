@@ -7,9 +7,18 @@ from pathlib import Path
 
 from builder.plan import OSPlan
 from builder.run import run
+from builder.templates import render_template
+
+# Files in place before the kernel package is installed, so that its initramfs is made
+# once, small: (file name, directory in the tree, template, mode).
+SEED_FILES = (
+    ("amiforge.conf", "/etc/initramfs-tools/conf.d", "initramfs.conf.j2", 0o644),
+    ("amiforge-drivers", "/etc/initramfs-tools/hooks", "initramfs-drivers.hook.j2", 0o755),
+)
 
 
-def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> list[str]:
+def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
+                    seed: Path | None = None) -> list[str]:
     """mmdebstrap's argument list; a pure function so tests can check it."""
     argv = [
         "mmdebstrap",
@@ -25,6 +34,12 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> li
         # downloading them again. The configure stage removes them from the image.
         "--skip=cleanup/apt/lists",
     ]
+    if seed is not None:
+        folders = sorted({folder for _, folder, _, _ in SEED_FILES})
+        argv.append("--essential-hook=mkdir -p " +
+                    " ".join(f'"$1"{shlex.quote(folder)}' for folder in folders))
+        argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
+                 for name, folder, _, _ in SEED_FILES]
     if apt_cache is not None:
         # Keep downloaded .debs in a cache shared by builds (mmdebstrap's documented idiom).
         argv += [
@@ -39,4 +54,14 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> li
 def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     if apt_cache is not None:
         apt_cache.mkdir(parents=True, exist_ok=True)
-    run(mmdebstrap_argv(os_plan, target, apt_cache))
+    seed = write_seed_files(os_plan, target.parent / f"{target.name}-seed")
+    run(mmdebstrap_argv(os_plan, target, apt_cache, seed))
+
+
+def write_seed_files(os_plan: OSPlan, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, _, template, mode in SEED_FILES:
+        path = folder / name
+        path.write_text(render_template(template, modules=os_plan.initramfs_modules))
+        path.chmod(mode)
+    return folder

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from builder.chroot import prepared_root, run_in_root
 from builder.errors import ToolFailed
 from builder.plan import Plan, sha256_file
 from builder.run import run
+from builder.stages.bootstrap import SEED_FILES
 from builder.templates import templates_dir
 
 log = logging.getLogger("amiforge.cache")
@@ -46,7 +48,8 @@ class StageInputs:
 def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
     """Everything each stage's output depends on; a stage's key is the hash of this."""
     bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
-                 "mmdebstrap": tool_version("mmdebstrap", "--version")}
+                 "mmdebstrap": tool_version("mmdebstrap", "--version"),
+                 "seed": _templates_digest(t for _, _, t, _ in SEED_FILES)}
     data = plan.to_dict()
     configure = {k: v for k, v in data.items() if k not in (
         "formats", "qcow2_compress", "ami", "register_image", "launch_permission", "backing",
@@ -72,9 +75,11 @@ def _plain(inputs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(inputs, default=str))
 
 
-def _templates_digest() -> str:
+def _templates_digest(names: Iterable[str] | None = None) -> str:
+    """The hash of the named templates, or of all of them."""
+    paths = [templates_dir() / n for n in names] if names else templates_dir().glob("*")
     hasher = hashlib.sha256()
-    for path in sorted(templates_dir().glob("*")):
+    for path in sorted(paths):
         hasher.update(path.name.encode() + b"\0" + path.read_bytes())
     return hasher.hexdigest()
 

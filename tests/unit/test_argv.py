@@ -1,10 +1,11 @@
 """Argument lists for external programs are pure functions; check them without running."""
 
+import dataclasses
 from pathlib import Path
 
 from builder.chroot import chroot_argv
-from builder.plan import OSPlan
-from builder.stages.bootstrap import mmdebstrap_argv
+from builder.plan import OSPlan, initramfs_modules
+from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
 from builder.stages.convert import convert_args
 from builder.stages.filesystem import fat_volume_id, mkfs_ext4_argv, mkfs_xfs_argv
 from builder.vm import qemu_argv
@@ -22,6 +23,26 @@ def test_mmdebstrap_without_cache() -> None:
     assert argv[-3:] == ["bookworm", "/w/tree", "http://deb.debian.org/debian"]
     assert not any(a.startswith("--setup-hook") for a in argv)
     assert "--dpkgopt=path-exclude=/usr/share/man/*" in argv
+
+
+def test_mmdebstrap_seeds_the_initramfs_config_before_the_kernel_is_installed() -> None:
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), None, Path("/w/tree seed"))
+    hooks = [a.removeprefix("--essential-hook=") for a in argv
+             if a.startswith("--essential-hook=")]
+    assert hooks == [
+        'mkdir -p "$1"/etc/initramfs-tools/conf.d "$1"/etc/initramfs-tools/hooks',
+        "copy-in '/w/tree seed/amiforge.conf' /etc/initramfs-tools/conf.d",
+        "copy-in '/w/tree seed/amiforge-drivers' /etc/initramfs-tools/hooks",
+    ]
+
+
+def test_initramfs_seed_lists_the_plans_drivers(tmp_path: Path) -> None:
+    os_plan = dataclasses.replace(OS, initramfs_modules=("virtio_blk", "xfs"))
+    seed = write_seed_files(os_plan, tmp_path / "seed")
+    assert (seed / "amiforge.conf").read_text().splitlines()[-1] == "MODULES=list"
+    hook = seed / "amiforge-drivers"
+    assert hook.stat().st_mode & 0o777 == 0o755
+    assert hook.read_text().splitlines()[-1] == "manual_add_modules virtio_blk xfs"
 
 
 def test_mmdebstrap_cache_hooks_quote_the_path() -> None:
@@ -69,3 +90,9 @@ def test_qemu_uses_tcg_and_forwards_to_loopback(tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
     assert any("OVMF_CODE" in a for a in argv)
     assert argv[-1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"
+
+
+def test_initramfs_carries_the_root_filesystem_module_only_for_xfs() -> None:
+    assert "xfs" not in initramfs_modules("ext4")
+    assert initramfs_modules("xfs")[-1] == "xfs"
+    assert {"virtio_blk", "xen_blkfront", "nvme"} <= set(initramfs_modules("ext4"))

@@ -75,3 +75,16 @@ def test_plan_json_and_validate(tmp_path: Path) -> None:
 def test_version() -> None:
     result = build("--version", cwd=ROOT)
     assert result.returncode == 0 and result.stdout.startswith("amiforge ")
+
+
+def test_verbose_shows_our_messages_not_the_libraries_internals() -> None:
+    import logging
+
+    from builder.cli import _logging
+
+    _logging(verbose=True)
+    assert logging.getLogger("amiforge.run").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("sh.command").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("botocore.hooks").isEnabledFor(logging.DEBUG)
+    _logging(verbose=False)
+    assert not logging.getLogger("amiforge.run").isEnabledFor(logging.INFO)
