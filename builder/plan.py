@@ -67,11 +67,6 @@ class OSPlan:
     initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
 
 
-def initramfs_modules(root_filesystem: str) -> tuple[str, ...]:
-    """The root disk's drivers, and the root filesystem's where it is a module (xfs)."""
-    return INITRAMFS_DRIVERS + (("xfs",) if root_filesystem == "xfs" else ())
-
-
 @dataclass(frozen=True)
 class DataVolume:
     """An extra EBS volume with content: a whole-disk filesystem image of its own."""
@@ -205,7 +200,6 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         components=tuple(recipe.os.components or distribution.default_components),
         architecture=distribution.debian_arch(recipe.arch),
         packages=packages_for(recipe, distribution),
-        initramfs_modules=initramfs_modules(volume.filesystem),
     )
     cmdline = ("ro", "console=tty0", "console=ttyS0,115200n8", *volume.kernel_cmdline)
     return Plan(

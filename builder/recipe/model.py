@@ -122,7 +122,7 @@ class AppRef(Strict):
 
 class RootVolume(Strict):
     size: Size = 2 << 30
-    filesystem: Literal["ext4", "xfs"] = "ext4"
+    filesystem: Literal["ext4"] = "ext4"  # GRUB's config and the image builder are ext4-only
     boot: Literal["bios", "uefi", "hybrid"] = "hybrid"
     hostname: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "debian"
     kernel_cmdline: list[str] = []

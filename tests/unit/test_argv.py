@@ -4,7 +4,7 @@ import dataclasses
 from pathlib import Path
 
 from builder.chroot import chroot_argv
-from builder.plan import OSPlan, initramfs_modules
+from builder.plan import OSPlan
 from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
 from builder.stages.convert import convert_args
 from builder.stages.filesystem import fat_volume_id, mkfs_ext4_argv, mkfs_xfs_argv
@@ -91,8 +91,3 @@ def test_qemu_uses_tcg_and_forwards_to_loopback(tmp_path: Path) -> None:
     assert any("OVMF_CODE" in a for a in argv)
     assert argv[-1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"
 
-
-def test_initramfs_carries_the_root_filesystem_module_only_for_xfs() -> None:
-    assert "xfs" not in initramfs_modules("ext4")
-    assert initramfs_modules("xfs")[-1] == "xfs"
-    assert {"virtio_blk", "xen_blkfront", "nvme"} <= set(initramfs_modules("ext4"))

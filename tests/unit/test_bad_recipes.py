@@ -35,6 +35,9 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "unknown-nested-key": (
         {"recipe.yaml": "name: xyz\nroot_volume:\n  pacakges: [vim]\n"},
         ["recipe.yaml:3:3: root_volume.pacakges: unknown key 'pacakges' (did you mean 'packages'?)"]),
+    "root-filesystem-not-ext4": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  filesystem: xfs\n"},
+        ["recipe.yaml:3:15: root_volume.filesystem: must be 'ext4' (got 'xfs')"]),
     "unknown-key-no-suggestion": (
         {"recipe.yaml": "name: xyz\nos:\n  zzz: 1\n"},
         ["recipe.yaml:3:3: os.zzz: unknown key 'zzz' (known keys: distribution, release, mirror, components, kernel)"]),
