@@ -15,7 +15,7 @@ from builder.audit.checks import Finding, run_checks
 from builder.audit.report import apply_waivers, fail_on_errors
 from builder.audit.views import TreeView
 from builder.bundle import BundleKeys, bundle_image
-from builder.cache import Entry, StageCache, copy_tree, link_tree
+from builder.cache import Entry, StageCache, place
 from builder.errors import InputError
 from builder.fsutil import atomic_write_json, copy_sparse, create_sparse
 from builder.plan import Plan
@@ -91,7 +91,6 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 configure(plan, tree, loaded.base_dir)
                 facts = {"packages": installed_packages(tree),
                          "audit": [f.to_dict() for f in run_checks(TreeView(tree))]}
-                store(cache, "configure", inputs, {"tree": tree}, facts)
             findings, waivers = apply_waivers([Finding(**f) for f in facts["audit"]],
                                               plan.audit_allow)
             fail_on_errors(findings)
@@ -101,10 +100,14 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
             else:
                 fs_dir = ws / "filesystems"
                 make_filesystems(plan, tree, fs_dir, loaded.base_dir)
-                store(cache, "filesystem", inputs, {"": fs_dir}, facts)
+                store(cache, "filesystem", inputs, {"": fs_dir}, facts, how="link")
+            if not configured:  # nothing reads the tree any more: move it into the cache
+                store(cache, "configure", inputs, {"tree": tree}, facts, how="move")
         with progress.stage("disk"):
             assemble_disk(plan, disk, {"root": fs_dir / "root.img", "esp": fs_dir / "esp.img"},
                           make_bios_core(plan, ws))
+        hashes = in_use.enter_context(ArtifactHashes())
+        hashes.add(disk, "raw", disk.name)  # the largest hash, alongside the conversions
         volumes = [fs_dir / v.image for v in plan.data_volumes]
         with progress.stage("convert", ", ".join(f for f in formats if f != "raw") or "none"):
             outputs = convert_all(plan, [disk, *volumes], ws, formats)
@@ -112,7 +115,7 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
         if plan.backing == "instance-store":
             with progress.stage("bundle"):
                 bundle_files = make_bundle(plan, disk, ws, options.bundle_keys)
-        artifacts = artifact_entries(outputs)
+        artifacts = hashes.entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
         audit = {"findings": [f.to_dict() for f in findings], "waivers": waivers}
         manifest = build_manifest(plan, loaded.path, artifacts, facts["packages"],
@@ -156,15 +159,15 @@ def bootstrap_stage(plan: Plan, tree: Path, cache: StageCache | None, inputs: St
             bootstrap(plan.os, tree, cache_dir / "apt-archives" if cache_dir else None)
             source = "built"
         if source != "cache":
-            store(cache, "bootstrap", inputs, {"tree": tree}, copy=True, locked=True)
+            store(cache, "bootstrap", inputs, {"tree": tree}, how="copy", locked=True)
     return source
 
 
 def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict[str, Path],
-          facts: dict[str, Any] | None = None, copy: bool = False,
+          facts: dict[str, Any] | None = None, how: str = "copy",
           locked: bool = False) -> None:
-    """Keep a stage's output: trees that the build changes later are copied, the rest
-    hardlinked (the workspace never changes them again)."""
+    """Keep a stage's output in the cache (see ``cache.place`` for ``how``); an item named
+    "" is a folder whose files become the entry's files."""
     if cache is None:
         return
     key = inputs.key(stage)
@@ -174,19 +177,37 @@ def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict
         entry = stack.enter_context(cache.new_entry(stage, key, getattr(inputs, stage)))
         for name, path in items.items():
             if name:
-                (copy_tree if copy else link_tree)(path, entry / name)
+                place(path, entry / name, how)
             else:
                 for child in path.iterdir():
-                    os.link(child, entry / child.name)
+                    place(child, entry / child.name, how)
         if facts is not None:
             write_facts(entry, facts)
 
 
-def artifact_entries(outputs: dict[Path, tuple[str, str]]) -> list[dict[str, Any]]:
-    """Manifest entries for every output, hashed in parallel (sha256 of multi-GiB sparse
-    images is a large part of a warm rebuild)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return list(pool.map(lambda item: artifact_entry(item[0], *item[1]), outputs.items()))
+class ArtifactHashes:
+    """Manifest entries for the outputs, each hashed in a thread as soon as it is final:
+    the sha256 of a multi-GiB sparse image is a large part of a warm rebuild, and it can
+    run while qemu-img converts."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+        self._pending: dict[Path, concurrent.futures.Future[dict[str, Any]]] = {}
+
+    def __enter__(self) -> ArtifactHashes:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def add(self, path: Path, fmt: str, final_name: str) -> None:
+        self._pending[path] = self._pool.submit(artifact_entry, path, fmt, final_name)
+
+    def entries(self, outputs: dict[Path, tuple[str, str]]) -> list[dict[str, Any]]:
+        for path, (fmt, name) in outputs.items():
+            if path not in self._pending:
+                self.add(path, fmt, name)
+        return [self._pending[path].result() for path in outputs]
 
 
 def early_config(plan: Plan, ws: Path) -> Path:

@@ -172,6 +172,18 @@ def copy_tree(source: Path, target: Path) -> None:
     run(["cp", "-a", "--reflink=auto", str(source), str(target)])
 
 
-def link_tree(source: Path, target: Path) -> None:
-    """A hardlinked copy for the cache, of a tree nobody modifies afterwards."""
-    run(["cp", "-al", str(source), str(target)])
+def place(source: Path, target: Path, how: str) -> None:
+    """Put a stage's finished output into an entry: ``move`` it (its maker is done with
+    it), ``link`` it (a file nobody modifies) or ``copy`` it (its maker changes it later).
+    Moves and links between filesystems fall back to a copy."""
+    try:
+        if how == "move":
+            os.rename(source, target)
+            return
+        if how == "link" and not source.is_dir():
+            os.link(source, target)
+            return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    copy_tree(source, target)

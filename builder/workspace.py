@@ -78,10 +78,11 @@ def remove_tree(path: Path, attempts: int = 20) -> None:
 
 def publish(files: dict[Path, str], output_dir: Path) -> None:
     """Move finished files and folders (workspace path -> final name) into the output
-    directory. Each rename is atomic; a folder that is replaced is first moved aside into
-    the workspace, which is removed afterwards."""
+    directory. A previous output of the same name is first moved aside into the workspace,
+    which is removed afterwards: renaming over it would make ext4 write the new file out
+    at once (auto_da_alloc), a large part of a warm rebuild for multi-GiB images."""
     for source, name in files.items():
         target = output_dir / name
-        if source.is_dir() and target.is_dir():
-            os.replace(target, source.parent / f".replaced-{name}")
-        os.replace(source, target)
+        if target.exists() or target.is_symlink():
+            os.rename(target, source.parent / f".replaced-{name}")
+        os.rename(source, target)
