@@ -28,6 +28,9 @@ from builder.vm import VirtualMachine  # noqa: E402
 
 
 def timed(argv: list[str], **kwargs: object) -> float:
+    """Wall time of one command, started once the previous one's writes are on disk (so a
+    measurement does not pay for the writeback of the one before)."""
+    os.sync()
     started = time.monotonic()
     subprocess.run(argv, check=True, capture_output=True, **kwargs)
     return time.monotonic() - started

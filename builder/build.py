@@ -218,11 +218,19 @@ def early_config(plan: Plan, ws: Path) -> Path:
 
 
 def make_filesystems(plan: Plan, tree: Path, folder: Path, recipe_dir: Path) -> None:
-    """root.img, esp.img (if the plan has an ESP) and each data volume's image."""
+    """root.img, esp.img (if the plan has an ESP) and each data volume's image. The ESP
+    and the volumes do not depend on the root filesystem: they are made alongside it."""
     folder.mkdir()
-    root, work = plan.root, folder.parent
-    filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
-                         plan.root_label, plan.source_date_epoch, plan.reproducible)
+    root = plan.root
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        others = pool.submit(make_esp_and_volumes, plan, tree, folder, recipe_dir)
+        filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
+                             plan.root_label, plan.source_date_epoch, plan.reproducible)
+        others.result()
+
+
+def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, recipe_dir: Path) -> None:
+    work = folder.parent
     esp = plan.partition("esp")
     if esp is not None:
         efi = work / "grub.efi"

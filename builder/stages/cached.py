@@ -4,6 +4,7 @@ configured tree and filesystem images are read in place (nothing changes them)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -45,8 +46,13 @@ class StageInputs:
         return digest(getattr(self, stage))
 
 
+VERSIONED_TOOLS = (("mmdebstrap", "--version"), ("mke2fs", "-V"), ("grub-mkimage", "--version"))
+
+
 def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
     """Everything each stage's output depends on; a stage's key is the hash of this."""
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # each takes up to 0.1 s
+        list(pool.map(lambda argv: tool_version(*argv), VERSIONED_TOOLS))
     bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
                  "mmdebstrap": tool_version("mmdebstrap", "--version"),
                  "seed": _templates_digest(t for _, _, t, _ in SEED_FILES)}

@@ -15,7 +15,10 @@ MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
 
 def mkfs_ext4_argv(image: Path, tree: Path | None, uuid: str, label: str) -> list[str]:
-    extended = f"root_owner=0:0,hash_seed={uuid},nodiscard"
+    """mke2fs onto a new sparse file. Such a file reads as zeros, so the inode tables and
+    the journal need no writing, and are marked zeroed: no lazy init in the guest at first
+    mount (writes to fresh EBS blocks) and ~60 MiB less data in every image."""
+    extended = f"root_owner=0:0,hash_seed={uuid},nodiscard,assume_storage_prezeroed=1"
     argv = ["mkfs.ext4", "-q", "-F", "-t", "ext4", "-L", label, "-U", uuid, "-E", extended,
             "-O", "^metadata_csum_seed,^orphan_file"]
     if tree is not None:

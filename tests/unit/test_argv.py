@@ -1,13 +1,16 @@
 """Argument lists for external programs are pure functions; check them without running."""
 
 import dataclasses
+import re
+import subprocess
 from pathlib import Path
 
 from builder.chroot import chroot_argv
+from builder.fsutil import allocated_bytes
 from builder.plan import OSPlan
 from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
 from builder.stages.convert import convert_args
-from builder.stages.filesystem import fat_volume_id, mkfs_ext4_argv, mkfs_xfs_argv
+from builder.stages.filesystem import fat_volume_id, make_ext4, mkfs_ext4_argv, mkfs_xfs_argv
 from builder.vm import qemu_argv
 
 OS = OSPlan(distribution="debian", release="bookworm", mirror="http://deb.debian.org/debian",
@@ -57,6 +60,7 @@ def test_mkfs_ext4_is_deterministic_and_grub_compatible() -> None:
     assert argv[:2] == ["mkfs.ext4", "-q"]
     assert argv[argv.index("-U"):argv.index("-U") + 2] == ["-U", "1234"]
     assert "hash_seed=1234" in argv[argv.index("-E") + 1]
+    assert "assume_storage_prezeroed=1" in argv[argv.index("-E") + 1]
     assert "^orphan_file" in argv[argv.index("-O") + 1]  # GRUB 2.06 cannot read it
     assert argv[-3:] == ["-d", "tree", "root.img"]
 
@@ -91,3 +95,18 @@ def test_qemu_uses_tcg_and_forwards_to_loopback(tmp_path: Path) -> None:
     assert any("OVMF_CODE" in a for a in argv)
     assert argv[-1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"
 
+
+
+def test_ext4_image_needs_no_lazy_init_in_the_guest(tmp_path: Path) -> None:
+    """Every block group's inode table is marked zeroed (the kernel would otherwise zero
+    them at first mount) and nothing but the tree's data and metadata is allocated."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("x\n")
+    image = tmp_path / "root.img"
+    make_ext4(image, 256 << 20, tree, "0b6b5a2e-8d2b-4c1e-9a53-2f4f5e6d7c8b", "root", 0)
+    report = subprocess.run(["dumpe2fs", str(image)], capture_output=True, text=True,
+                            check=True).stdout
+    groups = re.findall(r"^Group \d+: .*$", report, re.MULTILINE)
+    assert groups and all("ITABLE_ZEROED" in group for group in groups)
+    assert allocated_bytes(image) < 8 << 20
