@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import overlay
 from builder.audit.checks import Finding, run_checks
 from builder.audit.report import apply_waivers, fail_on_errors
 from builder.audit.views import TreeView
 from builder.bundle import BundleKeys, bundle_image
-from builder.cache import Entry, StageCache, place
-from builder.errors import InputError
+from builder.cache import Entry, StageCache, copy_tree, place
+from builder.errors import BuildFailed, InputError
 from builder.fsutil import atomic_write_json, copy_sparse, create_sparse
 from builder.plan import Plan
 from builder.progress import Progress
@@ -24,10 +25,12 @@ from builder.recipe.load import LoadedRecipe
 from builder.stages import bootloader, filesystem
 from builder.stages.bootstrap import bootstrap
 from builder.stages.cached import (
+    RootTree,
     StageInputs,
     explain_miss,
+    fill_bootstrap_tree,
+    layered,
     read_facts,
-    reuse_bootstrap,
     stage_inputs,
     write_facts,
 )
@@ -77,20 +80,22 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
     inputs = stage_inputs(plan, loaded.base_dir)
     with output_directory(options.output_dir) as out, workspace(out) as ws, \
             contextlib.ExitStack() as in_use:
-        tree, disk = ws / "tree", ws / "disk.raw"
+        disk = ws / "disk.raw"
+        root = RootTree(ws / "tree", in_use.enter_context(contextlib.ExitStack()))
         filesystems = use_cached(cache, "filesystem", inputs, in_use)
-        configured = filesystems or use_cached(cache, "configure", inputs, in_use)
+        configured = filesystems or use_configured(cache, inputs, in_use)
         with progress.stage("bootstrap", f"{len(plan.os.packages)} packages") as stage:
             stage.source = "not needed" if configured else bootstrap_stage(
-                plan, tree, cache, inputs, options.cache_dir)
+                plan, root, cache, inputs, in_use)
         with progress.stage("configure") as stage:
             if configured:
-                stage.source, tree = "cache", configured.path / "tree"
-                facts = read_facts(configured.path)
+                stage.source, facts = "cache", read_facts(configured.path)
+                if not filesystems:
+                    show_configured(root, configured, cache, inputs)
             else:
-                configure(plan, tree, loaded.base_dir)
-                facts = {"packages": installed_packages(tree),
-                         "audit": [f.to_dict() for f in run_checks(TreeView(tree))]}
+                configure(plan, root.path, loaded.base_dir)
+                facts = {"packages": installed_packages(root.path),
+                         "audit": [f.to_dict() for f in run_checks(TreeView(root.path))]}
             findings, waivers = apply_waivers([Finding(**f) for f in facts["audit"]],
                                               plan.audit_allow)
             fail_on_errors(findings)
@@ -99,10 +104,11 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 stage.source, fs_dir = "cache", filesystems.path
             else:
                 fs_dir = ws / "filesystems"
-                make_filesystems(plan, tree, fs_dir, loaded.base_dir)
+                make_filesystems(plan, root.path, fs_dir, loaded.base_dir)
                 store(cache, "filesystem", inputs, {"": fs_dir}, facts, how="link")
+            root.release()
             if not configured:  # nothing reads the tree any more: move it into the cache
-                store(cache, "configure", inputs, {"tree": tree}, facts, how="move")
+                store(cache, "configure", inputs, root.cache_items(), facts, how="move")
         with progress.stage("disk"):
             assemble_disk(plan, disk, {"root": fs_dir / "root.img", "esp": fs_dir / "esp.img"},
                           make_bios_core(plan, ws))
@@ -136,7 +142,7 @@ def use_cached(cache: StageCache | None, stage: str, inputs: StageInputs,
     if cache is None:
         return None
     in_use_here = contextlib.ExitStack()
-    in_use_here.enter_context(cache.lock(stage, inputs.key(stage), shared=True))
+    in_use_here.enter_context(cache.in_use(stage, inputs.key(stage)))
     entry = cache.lookup(stage, inputs.key(stage))
     if entry is None:
         in_use_here.close()
@@ -146,20 +152,54 @@ def use_cached(cache: StageCache | None, stage: str, inputs: StageInputs,
     return entry
 
 
-def bootstrap_stage(plan: Plan, tree: Path, cache: StageCache | None, inputs: StageInputs,
-                    cache_dir: Path | None) -> str:
-    """Bootstrap into ``tree``; with a cache, under the key's lock, so that builds needing
-    the same bootstrap at once make it once. Returns where the tree came from."""
+def use_configured(cache: StageCache | None, inputs: StageInputs,
+                   in_use: contextlib.ExitStack) -> Entry | None:
+    """The cached configured tree; one kept as layers also needs its bootstrap entry."""
+    entry = use_cached(cache, "configure", inputs, in_use)
+    if entry is None or not (entry.path / "upper").is_dir():
+        return entry
+    if cache is None or not overlay.usable(cache.root):
+        return None
+    return entry if use_cached(cache, "bootstrap", inputs, in_use) else None
+
+
+def show_configured(root: RootTree, configured: Entry, cache: StageCache | None,
+                    inputs: StageInputs) -> None:
+    """Point ``root`` at a cached configured tree (read-only)."""
+    if not (configured.path / "upper").is_dir():
+        root.path = configured.path / "tree"
+        return
+    assert cache is not None  # a layered entry comes from a cache
+    base = cache.path("bootstrap", inputs.key("bootstrap")) / "tree"
+    if not root.layer([configured.path / "upper", base], writable=False):
+        raise BuildFailed("cannot mount the cached configured tree's layers; "
+                          "run with --no-cache")
+
+
+def bootstrap_stage(plan: Plan, root: RootTree, cache: StageCache | None,
+                    inputs: StageInputs, in_use: contextlib.ExitStack) -> str:
+    """Bootstrap into ``root``. With a cache, the bootstrap entry is made once (builds
+    needing it at once wait for the first), then layered under ``root`` or copied.
+    Returns where the tree came from."""
     if cache is None:
-        bootstrap(plan.os, tree, None)
+        bootstrap(plan.os, root.path, None)
         return "built"
-    with cache.lock("bootstrap", inputs.key("bootstrap")):
-        source = reuse_bootstrap(cache, inputs, tree)
-        if source is None:
-            bootstrap(plan.os, tree, cache_dir / "apt-archives" if cache_dir else None)
-            source = "built"
-        if source != "cache":
-            store(cache, "bootstrap", inputs, {"tree": tree}, how="copy", locked=True)
+    key, source = inputs.key("bootstrap"), "cache"
+    in_use.enter_context(cache.in_use("bootstrap", key))
+    with cache.making("bootstrap", key):
+        entry = cache.lookup("bootstrap", key)
+        if entry is None:
+            explain_miss(cache, "bootstrap", inputs)
+            source = fill_bootstrap_tree(plan.os, cache, inputs, root.path,
+                                         cache.root / "apt-archives")
+            layers = layered(cache, root.path.parent)
+            store(cache, "bootstrap", inputs, {"tree": root.path},
+                  how="move" if layers else "copy", locked=True)
+            if not layers:
+                return source
+    base = cache.path("bootstrap", key) / "tree"
+    if not root.layer([base]):
+        copy_tree(base, root.path)
     return source
 
 
@@ -173,7 +213,7 @@ def store(cache: StageCache | None, stage: str, inputs: StageInputs, items: dict
     key = inputs.key(stage)
     with contextlib.ExitStack() as stack:
         if not locked:
-            stack.enter_context(cache.lock(stage, key))
+            stack.enter_context(cache.making(stage, key))
         entry = stack.enter_context(cache.new_entry(stage, key, getattr(inputs, stage)))
         for name, path in items.items():
             if name:

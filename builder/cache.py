@@ -5,7 +5,8 @@ Layout under the cache root (``$XDG_CACHE_HOME/amiforge`` or ``--cache-dir``)::
 
     stages/<stage>/<key>/        the output (a tree or image files) and meta.json
     stages/<stage>/.tmp-*        entries being written (renamed into place when complete)
-    locks/<stage>-<key>.lock     held while an entry is made or used
+    locks/<stage>-<key>.lock     held (shared) while an entry is used; pruning skips it
+    locks/<stage>-<key>.make     held (exclusive) while an entry is made
 
 Entries are immutable once renamed into place: consumers copy trees they modify and only
 read the rest. A lock per key makes two builds that need the same entry make it once; an
@@ -58,6 +59,9 @@ class StageCache:
     def _stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
 
+    def path(self, stage: str, key: str) -> Path:
+        return self._stage_dir(stage) / key
+
     def lookup(self, stage: str, key: str) -> Entry | None:
         path = self._stage_dir(stage) / key
         if (path / META).is_file():
@@ -66,13 +70,25 @@ class StageCache:
         return None
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str, shared: bool = False) -> Iterator[None]:
-        """Exclusive while an entry is made; shared while one is read (pruning waits)."""
+    def in_use(self, stage: str, key: str) -> Iterator[None]:
+        """Held (shared) while a build reads or makes an entry: pruning skips it."""
+        with self._flock(f"{stage}-{key}.lock", fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def making(self, stage: str, key: str) -> Iterator[None]:
+        """Held (exclusive) while an entry is made, so that builds needing the same entry
+        at once make it once; readers of existing entries never wait for it."""
+        with self._flock(f"{stage}-{key}.make", fcntl.LOCK_EX):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, operation: int) -> Iterator[None]:
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{stage}-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            fcntl.flock(fd, operation)
             yield
         finally:
             os.close(fd)

@@ -122,6 +122,9 @@ def cmd_build(argv: Sequence[str]) -> int:
     _logging(args.verbose)
     if len(args.recipes) > 1:
         return _build_many(args)
+    from builder.overlay import enter_private_mount_namespace
+
+    enter_private_mount_namespace()  # before any thread: layered trees mount in it
     args.recipe = args.recipes[0]
     formats = _formats(args.format)
     loaded = load_recipe(args.recipe, _load_options(args))

@@ -1,26 +1,29 @@
 """The keys of the cacheable stages (bootstrap, configure, filesystem) and the ways a
-stage's output is reused: a bootstrapped tree is copied (configure changes it), a
-configured tree and filesystem images are read in place (nothing changes them)."""
+stage's output is reused: a bootstrapped tree is the lower layer of an overlay (or copied,
+where overlays cannot be used), a configured tree and filesystem images are read in place
+(nothing changes them)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
+from builder import __version__, overlay
 from builder.cache import Entry, StageCache, copy_tree, digest
 from builder.chroot import prepared_root, run_in_root
 from builder.errors import ToolFailed
 from builder.plan import Plan, sha256_file
 from builder.run import run
-from builder.stages.bootstrap import SEED_FILES
+from builder.stages.bootstrap import SEED_FILES, bootstrap
 from builder.templates import templates_dir
 
 log = logging.getLogger("amiforge.cache")
@@ -94,16 +97,47 @@ def explain_miss(cache: StageCache, stage: str, inputs: StageInputs) -> None:
     log.info("    %s not cached: %s", stage, cache.why_missed(stage, getattr(inputs, stage)))
 
 
-def reuse_bootstrap(cache: StageCache, inputs: StageInputs, tree: Path) -> str | None:
-    """Copy a cached bootstrap to ``tree``: the same one ("cache") or, failing that, one
-    that lacks only some packages, completed with apt ("extended"). None if neither."""
-    entry = cache.lookup("bootstrap", inputs.key("bootstrap"))
-    if entry is not None:
-        copy_tree(entry.path / "tree", tree)
-        return "cache"
+@dataclass
+class RootTree:
+    """The tree that the configure and filesystem stages work on: a plain folder, or an
+    overlay of cached trees (read-only lower layers) and an upper folder that takes this
+    build's changes (see builder.overlay)."""
+
+    path: Path
+    mounts: contextlib.ExitStack
+    upper: Path | None = None
+
+    def layer(self, lowers: list[Path], writable: bool = True) -> bool:
+        """Show ``lowers`` (topmost first) at ``path``; False if overlays cannot be used."""
+        upper = self.path.with_name("upper") if writable else None
+        work = self.path.with_name("overlay-work") if writable else None
+        if not overlay.try_mount(self.mounts, self.path, lowers, upper, work):
+            return False
+        self.upper = upper
+        return True
+
+    def release(self) -> None:
+        """Unmount (the upper folder keeps the changes)."""
+        self.mounts.close()
+
+    def cache_items(self) -> dict[str, Path]:
+        """What a configure entry keeps: the changes alone, or the whole tree."""
+        return {"upper": self.upper} if self.upper else {"tree": self.path}
+
+
+def layered(cache: StageCache, ws: Path) -> bool:
+    """Whether this build keeps trees as layers (overlayfs) rather than copies."""
+    return overlay.usable(ws, cache.root)
+
+
+def fill_bootstrap_tree(plan_os: Any, cache: StageCache, inputs: StageInputs, tree: Path,
+                        apt_cache: Path) -> str:
+    """Bootstrap into ``tree``: from a cached bootstrap that lacks only some packages,
+    completed with apt ("extended"), or with mmdebstrap ("built")."""
     base = _subset_entry(cache, inputs.bootstrap)
     if base is None:
-        return None
+        bootstrap(plan_os, tree, apt_cache)
+        return "built"
     copy_tree(base.path / "tree", tree)
     _install_more(tree, inputs.bootstrap["os"]["packages"])
     return "extended"

@@ -28,8 +28,8 @@ def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
         for index, script in enumerate(plan.scripts):
             run_script(tree, index, script.run)
     scrub(tree)
-    if plan.reproducible:
-        clamp_times(tree, plan.source_date_epoch)
+    if plan.reproducible:  # atimes: the filesystem stage sets them in the image
+        clamp_times(tree, plan.source_date_epoch, atimes=False)
 
 
 def _write(tree: Path, dest: str, text: str, mode: int = 0o644) -> None:

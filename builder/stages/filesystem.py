@@ -66,21 +66,25 @@ def ctime_commands(tree: Path, epoch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def clamp_times(tree: Path, epoch: int) -> None:
-    """No mtime newer than the epoch (the reproducible-builds convention) and every atime
-    the epoch: mke2fs copies both into the image."""
+def clamp_times(tree: Path, epoch: int, atimes: bool = True) -> None:
+    """No mtime newer than the epoch (the reproducible-builds convention) and, with
+    ``atimes``, every atime the epoch (mke2fs and mcopy copy both into the image). Files
+    that need no change are not touched: in a layered tree, touching copies a file up."""
+    limit = epoch * 10**9
     for root, dirs, files in os.walk(tree):
-        _clamp(root, epoch)
+        _clamp(root, limit, atimes)
         for name in files:
-            _clamp(os.path.join(root, name), epoch)
+            _clamp(os.path.join(root, name), limit, atimes)
         for name in dirs:
             if os.path.islink(os.path.join(root, name)):
-                _clamp(os.path.join(root, name), epoch)
+                _clamp(os.path.join(root, name), limit, atimes)
 
 
-def _clamp(path: str, epoch: int) -> None:
-    mtime = os.lstat(path).st_mtime_ns
-    os.utime(path, ns=(epoch * 10**9, min(mtime, epoch * 10**9)), follow_symlinks=False)
+def _clamp(path: str, limit: int, atimes: bool) -> None:
+    info = os.lstat(path)
+    atime = limit if atimes else info.st_atime_ns
+    if info.st_mtime_ns > limit or atime != info.st_atime_ns:
+        os.utime(path, ns=(atime, min(info.st_mtime_ns, limit)), follow_symlinks=False)
 
 
 def make_esp(image: Path, size: int, fs_uuid: str, files: dict[str, Path], epoch: int) -> None:

@@ -39,6 +39,23 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
         time.sleep(2)  # a different wall clock for the second build
     assert digests[0] == digests[1]
 
+    # The configured tree is cached as the overlay's upper layer alone (a few files, not
+    # the ~9000 of the tree). With the filesystem entry gone, the image is made again from
+    # the layered entry (read-only overlay of it and the bootstrap): the same bytes.
+    cache = tmp_path / "cache-first"
+    (configured,) = (cache / "stages/configure").glob("*/upper")
+    assert sum(1 for _ in configured.rglob("*")) < 200
+    for entry in (cache / "stages/filesystem").iterdir():
+        subprocess.run(["rm", "-rf", str(entry)], check=True)
+    out = tmp_path / "from-layers"
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "--cache-dir",
+         str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stages(out)["configure"] == "cache" and stages(out)["filesystem"] == "built"
+    assert (sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2")) == digests[0]
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()  # nothing leaked
+
 
 def test_one_file_change_rebuilds_from_the_cached_bootstrap(
         tmp_path: Path, fresh_cache: Path, ssh_key: Path) -> None:
@@ -64,6 +81,17 @@ def test_one_file_change_rebuilds_from_the_cached_bootstrap(
     third = run_build(str(recipes / "debian-12-minimal.yaml"), *args)
     assert third.returncode == 0
     assert stages(tmp_path / "out")["filesystem"] == "cache"
+
+    # Where overlayfs cannot take a path (a comma in it), trees are copied instead.
+    (recipes / "files/motd").write_text("copied, not layered\n")
+    out = tmp_path / "out,copied"
+    fourth = run_build(str(recipes / "debian-12-minimal.yaml"), *args[:-2], "-o", str(out))
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    assert stages(out)["bootstrap"] == "cache" and stages(out)["configure"] == "built"
+    trees = [p.parent for p in (fresh_cache / "stages/configure").glob("*/*")
+             if p.name in ("tree", "upper")]
+    newest = max(trees, key=lambda p: (p / "meta.json").stat().st_mtime)
+    assert (newest / "tree/etc/motd").read_text() == "copied, not layered\n"
 
 
 def test_parallel_builds_share_a_bootstrap_and_survive_pruning(

@@ -14,7 +14,7 @@ from builder.cache import StageCache, digest
 
 
 def make(cache: StageCache, stage: str, key: str, size: int = 1000, inputs: dict | None = None):
-    with cache.lock(stage, key), cache.new_entry(stage, key, inputs or {"k": key}) as entry:
+    with cache.making(stage, key), cache.new_entry(stage, key, inputs or {"k": key}) as entry:
         (entry / "data").write_bytes(b"x" * size)
 
 
@@ -59,7 +59,7 @@ def test_prune_skips_entries_in_use(tmp_path: Path) -> None:
     cache = StageCache(tmp_path)
     make(cache, "s", "busy")
     make(cache, "s", "idle")
-    with cache.lock("s", "busy", shared=True):
+    with cache.in_use("s", "busy"):
         removed = cache.prune(0)
     assert [e.key for e in removed] == ["idle"]
     assert [e.key for e in cache.entries()] == ["busy"]
@@ -70,7 +70,7 @@ def test_lock_makes_concurrent_builders_wait(tmp_path: Path) -> None:
     made: list[str] = []
 
     def builder(name: str) -> None:
-        with cache.lock("bootstrap", "same"):
+        with cache.making("bootstrap", "same"):
             if cache.lookup("bootstrap", "same") is None:
                 time.sleep(0.3)
                 made.append(name)
@@ -95,8 +95,11 @@ def test_why_missed_names_changed_inputs(tmp_path: Path) -> None:
 
 def test_lock_files_use_flock(tmp_path: Path) -> None:
     cache = StageCache(tmp_path)
-    with cache.lock("s", "k"):
-        fd = os.open(tmp_path / "locks/s-k.lock", os.O_RDWR)
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.close(fd)
+    with cache.making("s", "k"), cache.in_use("s", "k"):
+        for name, readers_may_share in (("s-k.make", False), ("s-k.lock", True)):
+            fd = os.open(tmp_path / "locks" / name, os.O_RDWR)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if readers_may_share:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            os.close(fd)
