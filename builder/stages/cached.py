@@ -24,6 +24,7 @@ from builder.errors import ToolFailed
 from builder.plan import Plan, sha256_file
 from builder.run import run
 from builder.stages.bootstrap import SEED_FILES, bootstrap
+from builder.stages.filesystem import clamp_times
 from builder.templates import templates_dir
 
 log = logging.getLogger("amiforge.cache")
@@ -58,7 +59,10 @@ def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
         list(pool.map(lambda argv: tool_version(*argv), VERSIONED_TOOLS))
     bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
                  "mmdebstrap": tool_version("mmdebstrap", "--version"),
-                 "seed": _templates_digest(t for _, _, t, _ in SEED_FILES)}
+                 "seed": _templates_digest(t for _, _, t, _ in SEED_FILES),
+                 # a reproducible build clamps the bootstrapped tree's times (so that its
+                 # configure layer holds only what configure changed)
+                 "epoch": plan.source_date_epoch if plan.reproducible else None}
     data = plan.to_dict()
     configure = {k: v for k, v in data.items() if k not in (
         "formats", "qcow2_compress", "ami", "register_image", "launch_permission", "backing",
@@ -137,10 +141,14 @@ def fill_bootstrap_tree(plan_os: Any, cache: StageCache, inputs: StageInputs, tr
     base = _subset_entry(cache, inputs.bootstrap)
     if base is None:
         bootstrap(plan_os, tree, apt_cache)
-        return "built"
-    copy_tree(base.path / "tree", tree)
-    _install_more(tree, inputs.bootstrap["os"]["packages"])
-    return "extended"
+        source = "built"
+    else:
+        copy_tree(base.path / "tree", tree)
+        _install_more(tree, inputs.bootstrap["os"]["packages"])
+        source = "extended"
+    if inputs.bootstrap["epoch"] is not None:
+        clamp_times(tree, inputs.bootstrap["epoch"], atimes=False)
+    return source
 
 
 def _subset_entry(cache: StageCache, inputs: dict[str, Any]) -> Entry | None:
