@@ -25,11 +25,12 @@ from builder.recipe.load import LoadedRecipe
 from builder.stages import bootloader, filesystem
 from builder.stages.bootstrap import bootstrap
 from builder.stages.cached import (
+    UPPER,
     RootTree,
     StageInputs,
     explain_miss,
     fill_bootstrap_tree,
-    layered,
+    is_layered,
     read_facts,
     stage_inputs,
     write_facts,
@@ -156,7 +157,7 @@ def use_configured(cache: StageCache | None, inputs: StageInputs,
                    in_use: contextlib.ExitStack) -> Entry | None:
     """The cached configured tree; one kept as layers also needs its bootstrap entry."""
     entry = use_cached(cache, "configure", inputs, in_use)
-    if entry is None or not (entry.path / "upper").is_dir():
+    if entry is None or not is_layered(entry):
         return entry
     if cache is None or not overlay.usable(cache.root):
         return None
@@ -166,12 +167,12 @@ def use_configured(cache: StageCache | None, inputs: StageInputs,
 def show_configured(root: RootTree, configured: Entry, cache: StageCache | None,
                     inputs: StageInputs) -> None:
     """Point ``root`` at a cached configured tree (read-only)."""
-    if not (configured.path / "upper").is_dir():
+    if not is_layered(configured):
         root.path = configured.path / "tree"
         return
     assert cache is not None  # a layered entry comes from a cache
     base = cache.path("bootstrap", inputs.key("bootstrap")) / "tree"
-    if not root.layer([configured.path / "upper", base], writable=False):
+    if not root.layer([configured.path / UPPER, base], writable=False):
         raise BuildFailed("cannot mount the cached configured tree's layers; "
                           "run with --no-cache")
 
@@ -192,7 +193,7 @@ def bootstrap_stage(plan: Plan, root: RootTree, cache: StageCache | None,
             explain_miss(cache, "bootstrap", inputs)
             source = fill_bootstrap_tree(plan.os, cache, inputs, root.path,
                                          cache.root / "apt-archives")
-            layers = layered(cache, root.path.parent)
+            layers = overlay.usable(root.path.parent, cache.root)
             store(cache, "bootstrap", inputs, {"tree": root.path},
                   how="move" if layers else "copy", locked=True)
             if not layers:

@@ -63,7 +63,7 @@ class StageCache:
         return self._stage_dir(stage) / key
 
     def lookup(self, stage: str, key: str) -> Entry | None:
-        path = self._stage_dir(stage) / key
+        path = self.path(stage, key)
         if (path / META).is_file():
             os.utime(path)  # recently used: pruned last
             return Entry(stage, key, path)
@@ -155,20 +155,15 @@ class StageCache:
         return removed
 
     def _remove_unless_locked(self, entry: Entry) -> bool:
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{entry.stage}-{entry.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            trash = entry.path.with_name(f".tmp-prune-{entry.key}")
-            os.rename(entry.path, trash)  # atomic: readers never see half an entry
-            shutil.rmtree(trash, ignore_errors=True)
-            return True
-        finally:
-            os.close(fd)
+            with self._flock(f"{entry.stage}-{entry.key}.lock",
+                             fcntl.LOCK_EX | fcntl.LOCK_NB):
+                trash = entry.path.with_name(f".tmp-prune-{entry.key}")
+                os.rename(entry.path, trash)  # atomic: readers never see half an entry
+                shutil.rmtree(trash, ignore_errors=True)
+                return True
+        except BlockingIOError:  # in use by a build
+            return False
 
 
 def _disk_usage(path: Path) -> int:

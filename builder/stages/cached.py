@@ -53,12 +53,19 @@ class StageInputs:
 VERSIONED_TOOLS = (("mmdebstrap", "--version"), ("mke2fs", "-V"), ("grub-mkimage", "--version"))
 
 
+def tool_versions() -> dict[str, str]:
+    """The versions of the tools whose output is cached, asked for at once (each takes up
+    to 0.1 s)."""
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        versions = pool.map(lambda argv: tool_version(*argv), VERSIONED_TOOLS)
+        return {argv[0]: version for argv, version in zip(VERSIONED_TOOLS, versions, strict=True)}
+
+
 def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
     """Everything each stage's output depends on; a stage's key is the hash of this."""
-    with concurrent.futures.ThreadPoolExecutor() as pool:  # each takes up to 0.1 s
-        list(pool.map(lambda argv: tool_version(*argv), VERSIONED_TOOLS))
+    versions = tool_versions()
     bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
-                 "mmdebstrap": tool_version("mmdebstrap", "--version"),
+                 "mmdebstrap": versions["mmdebstrap"],
                  "seed": _templates_digest(t for _, _, t, _ in SEED_FILES),
                  # a reproducible build clamps the bootstrapped tree's times (so that its
                  # configure layer holds only what configure changed)
@@ -78,8 +85,8 @@ def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
                   "data_volumes": data["data_volumes"], "arch": plan.arch,
                   "epoch": plan.source_date_epoch if plan.reproducible else None,
                   "amiforge": __version__,
-                  "format": STAGE_FORMAT, "mke2fs": tool_version("mke2fs", "-V"),
-                  "grub": tool_version("grub-mkimage", "--version")}
+                  "format": STAGE_FORMAT, "mke2fs": versions["mke2fs"],
+                  "grub": versions["grub-mkimage"]}
     return StageInputs(*(_plain(inputs) for inputs in (bootstrap, configure, filesystem)))
 
 
@@ -126,12 +133,15 @@ class RootTree:
 
     def cache_items(self) -> dict[str, Path]:
         """What a configure entry keeps: the changes alone, or the whole tree."""
-        return {"upper": self.upper} if self.upper else {"tree": self.path}
+        return {UPPER: self.upper} if self.upper else {"tree": self.path}
 
 
-def layered(cache: StageCache, ws: Path) -> bool:
-    """Whether this build keeps trees as layers (overlayfs) rather than copies."""
-    return overlay.usable(ws, cache.root)
+UPPER = "upper"  # a configure entry kept as the overlay's upper layer has this folder
+
+
+def is_layered(entry: Entry) -> bool:
+    """Whether a configure entry holds only the changes over its bootstrap entry."""
+    return (entry.path / UPPER).is_dir()
 
 
 def fill_bootstrap_tree(plan_os: Any, cache: StageCache, inputs: StageInputs, tree: Path,
