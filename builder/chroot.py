@@ -9,18 +9,38 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from builder import treepath
 from builder.run import run
 
-# A constant host-side helper: positional arguments carry the root and the command.
+# A constant host-side helper: positional arguments carry the root and the command. The
+# tree gets a private, minimal /dev (the nodes a package script or a recipe script needs),
+# not the host's: no disks, no /dev/mem. Mount points that are not plain folders (a link
+# left by a script) are refused rather than followed.
 _ENTER = r"""set -e
 root=$1; shift
+for dir in proc sys dev; do
+    if [ -L "$root/$dir" ] || [ ! -d "$root/$dir" ]; then
+        echo "amiforge: /$dir in the image is not a folder" >&2; exit 1
+    fi
+done
 mount -t proc proc "$root/proc"
-mount -t sysfs sysfs "$root/sys"
-mount --rbind /dev "$root/dev"
+mount -t sysfs -o ro sysfs "$root/sys"
+mount -t tmpfs -o mode=0755,nosuid,size=16m tmpfs "$root/dev"
+for node in null zero full random urandom tty; do
+    : > "$root/dev/$node"
+    mount --bind "/dev/$node" "$root/dev/$node"
+done
+mkdir "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$root/dev/pts"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
+ln -s pts/ptmx "$root/dev/ptmx"
+ln -s /proc/self/fd "$root/dev/fd"
+ln -s /proc/self/fd/0 "$root/dev/stdin"
+ln -s /proc/self/fd/1 "$root/dev/stdout"
+ln -s /proc/self/fd/2 "$root/dev/stderr"
 exec chroot "$root" "$@"
 """
 
@@ -52,20 +72,20 @@ def prepared_root(root: Path) -> Iterator[None]:
 
     Both are undone on the way out, even on error or interrupt, so the image keeps its
     own /etc/resolv.conf and no build-time policy."""
-    policy = root / "usr/sbin/policy-rc.d"
-    resolv = root / "etc/resolv.conf"
-    saved = root / "etc/.resolv.conf.amiforge"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    had_resolv = resolv.is_symlink() or resolv.exists()
+    policy, resolv, saved = "/usr/sbin/policy-rc.d", "/etc/resolv.conf", \
+        "/etc/.resolv.conf.amiforge"
+    treepath.write_file(root, policy, "#!/bin/sh\nexit 101\n", mode=0o755, replace_link=True)
+    resolv_host = treepath.in_root(root, resolv, follow_last=False)
+    had_resolv = resolv_host.is_symlink() or resolv_host.exists()
     if had_resolv:
-        os.replace(resolv, saved)
+        os.replace(resolv_host, treepath.in_root(root, saved, follow_last=False))
     try:
         if Path("/etc/resolv.conf").exists():
-            shutil.copyfile("/etc/resolv.conf", resolv)
+            treepath.copy_in(root, Path("/etc/resolv.conf"), resolv, 0o644)
         yield
-    finally:
-        policy.unlink(missing_ok=True)
-        resolv.unlink(missing_ok=True)
+    finally:  # the scripts may have changed the tree: resolve everything again
+        treepath.remove(root, policy)
+        treepath.remove(root, resolv)
         if had_resolv:
-            os.replace(saved, resolv)
+            os.replace(treepath.in_root(root, saved, follow_last=False),
+                       treepath.in_root(root, resolv, follow_last=False))

@@ -41,7 +41,11 @@ class TreeView:
         self.root = root
 
     def _host(self, path: str) -> Path:
-        return self.root / path.lstrip("/")
+        """Folders on the way are resolved inside the tree (an image's ``root -> /root``
+        link must not make the audit read the host's files); the last component is not."""
+        from builder.treepath import in_root
+
+        return in_root(self.root, path, follow_last=False)
 
     def walk(self) -> Iterator[Node]:
         for top, dirs, files in os.walk(self.root):

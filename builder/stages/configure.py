@@ -4,9 +4,9 @@ recipe's files, services, then the recipe's scripts; finally strip what must not
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from builder import treepath
 from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
 from builder.plan import Plan
@@ -33,12 +33,8 @@ def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
 
 
 def _write(tree: Path, dest: str, text: str, mode: int = 0o644) -> None:
-    path = tree / dest.lstrip("/")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():
-        path.unlink()
-    path.write_text(text)
-    path.chmod(mode)
+    """amiforge's own files replace whatever the tree has there, a symlink included."""
+    treepath.write_file(tree, dest, text, mode, replace_link=True)
 
 
 def write_system_files(plan: Plan, tree: Path) -> None:
@@ -49,14 +45,14 @@ def write_system_files(plan: Plan, tree: Path) -> None:
     _write(tree, "/boot/grub/grub.cfg", render_template("grub.cfg.j2", plan=plan))
     _write(tree, f"/etc/apt/sources.list.d/{plan.os.distribution}.sources",
            render_template("apt-sources.j2", os=plan.os))
-    (tree / "etc/apt/sources.list").unlink(missing_ok=True)
+    treepath.remove(tree, "/etc/apt/sources.list")
     _write(tree, "/etc/systemd/network/50-dhcp.network",
            render_template("network-dhcp.network.j2", plan=plan))
     for volume in volumes:
-        (tree / volume.mount_point.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        treepath.make_dirs(tree, volume.mount_point)
     if esp:
-        (tree / "boot/efi").mkdir(parents=True, exist_ok=True)
-    if (tree / "usr/sbin/sshd").exists():
+        treepath.make_dirs(tree, "/boot/efi")
+    if treepath.in_root(tree, "/usr/sbin/sshd").exists():
         _write(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}",
                render_template("ssh-host-keys.service.j2"))
         _write(tree, "/etc/ssh/sshd_config.d/50-amiforge.conf",
@@ -65,13 +61,13 @@ def write_system_files(plan: Plan, tree: Path) -> None:
 
 def _ids(tree: Path, owner: str) -> tuple[int, int]:
     user, _, group = owner.partition(":")
-    uid = _lookup(tree / "etc/passwd", user, "user")
-    gid = _lookup(tree / "etc/group", group, "group") if group else _primary_gid(tree, user)
+    uid = _lookup(tree, "/etc/passwd", user, "user")
+    gid = _lookup(tree, "/etc/group", group, "group") if group else _primary_gid(tree, user)
     return uid, gid
 
 
-def _lookup(table: Path, name: str, what: str) -> int:
-    for line in table.read_text().splitlines():
+def _lookup(tree: Path, table: str, name: str, what: str) -> int:
+    for line in treepath.read_text(tree, table).splitlines():
         fields = line.split(":")
         if fields[0] == name:
             return int(fields[2])
@@ -79,7 +75,7 @@ def _lookup(table: Path, name: str, what: str) -> int:
 
 
 def _primary_gid(tree: Path, user: str) -> int:
-    for line in (tree / "etc/passwd").read_text().splitlines():
+    for line in treepath.read_text(tree, "/etc/passwd").splitlines():
         fields = line.split(":")
         if fields[0] == user:
             return int(fields[3])
@@ -88,7 +84,7 @@ def _primary_gid(tree: Path, user: str) -> int:
 
 def _group_exists(tree: Path, name: str) -> bool:
     return any(line.split(":")[0] == name
-               for line in (tree / "etc/group").read_text().splitlines())
+               for line in treepath.read_text(tree, "/etc/group").splitlines())
 
 
 def add_user(tree: Path, user: User) -> None:
@@ -102,15 +98,13 @@ def add_user(tree: Path, user: User) -> None:
     run_in_root(tree, [*argv, user.name])
     run_in_root(tree, ["passwd", "--lock", user.name])
     uid, gid = _ids(tree, user.name)
-    home = tree / ("root" if user.name == "root" else f"home/{user.name}")
+    home = "/root" if user.name == "root" else f"/home/{user.name}"
     if user.ssh_authorized_keys:
-        ssh_dir = home / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        keys = ssh_dir / "authorized_keys"
-        keys.write_text("".join(key.strip() + "\n" for key in user.ssh_authorized_keys))
-        keys.chmod(0o600)
-        for path in (ssh_dir, keys):
-            os.chown(path, uid, gid)
+        ssh_dir = treepath.make_dirs(tree, f"{home}/.ssh", mode=0o700)
+        os.chown(ssh_dir, uid, gid, follow_symlinks=False)
+        treepath.write_file(tree, f"{home}/.ssh/authorized_keys",
+                            "".join(key.strip() + "\n" for key in user.ssh_authorized_keys),
+                            mode=0o600, owner=(uid, gid))
     if user.sudo:
         _write(tree, f"/etc/sudoers.d/90-amiforge-{user.name}",
                render_template("sudoers.j2", user=user), mode=0o440)
@@ -120,21 +114,19 @@ def install_file(tree: Path, spec: FileSpec, recipe_dir: Path,
                  accounts: Path | None = None) -> None:
     """Write one recipe file into ``tree``; owners are looked up in the ``accounts`` tree's
     /etc/passwd and /etc/group (default: ``tree`` itself)."""
-    dest = tree / spec.dest.lstrip("/")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_symlink() or dest.is_dir():
-        raise BuildFailed(f"files: {spec.dest} is a symlink or directory in the image")
-    if spec.content is not None:
-        dest.write_text(spec.content)
-    else:  # templates were rendered into content when the recipe was loaded
-        shutil.copyfile(recipe_dir / str(spec.src), dest)
-    dest.chmod(int(spec.mode, 8))
-    os.chown(dest, *_ids(accounts or tree, spec.owner))
+    mode, owner = int(spec.mode, 8), _ids(accounts or tree, spec.owner)
+    try:
+        if spec.content is not None:
+            treepath.write_file(tree, spec.dest, spec.content, mode, owner)
+        else:  # templates were rendered into content when the recipe was loaded
+            treepath.copy_in(tree, recipe_dir / str(spec.src), spec.dest, mode, owner)
+    except BuildFailed as exc:
+        raise BuildFailed(f"files: {exc}") from None
 
 
 def enable_services(plan: Plan, tree: Path) -> None:
     enable = ["systemd-networkd.service", "systemd-resolved.service", *plan.services_enable]
-    if (tree / "etc/systemd/system" / HOST_KEY_UNIT).exists():
+    if treepath.in_root(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}").exists():
         enable.append(HOST_KEY_UNIT)
     run_in_root(tree, ["systemctl", "enable", *enable])
     if plan.services_disable:
@@ -142,39 +134,41 @@ def enable_services(plan: Plan, tree: Path) -> None:
 
 
 def run_script(tree: Path, index: int, text: str) -> None:
-    script = tree / f"tmp/amiforge-script-{index}.sh"
-    script.write_text(text if text.endswith("\n") else text + "\n")
+    script = f"/tmp/amiforge-script-{index}.sh"
+    treepath.write_file(tree, script, text if text.endswith("\n") else text + "\n",
+                        replace_link=True)
     try:
-        run_in_root(tree, ["/bin/sh", "-e", f"/tmp/amiforge-script-{index}.sh"])
+        run_in_root(tree, ["/bin/sh", "-e", script])
     finally:
-        script.unlink(missing_ok=True)
+        treepath.remove(tree, script)
 
 
+# Removed from every image; each folder is resolved inside the tree, then its entries
+# matched by name.
 SCRUB_GLOBS = (
-    "etc/ssh/ssh_host_*",
-    "var/lib/dbus/machine-id",
-    "var/lib/apt/lists/*",
-    "var/cache/apt/*.bin",
-    "var/cache/apt/archives/*.deb",
-    "var/cache/debconf/*-old",
-    "var/lib/dpkg/*-old",
-    "var/log/apt/*",
-    "var/log/dpkg.log",
-    "var/log/alternatives.log",
-    "var/log/bootstrap.log",
-    "root/.bash_history",
-    "tmp/*",
-    "var/tmp/*",
+    "/etc/ssh/ssh_host_*",
+    "/var/lib/dbus/machine-id",
+    "/var/lib/apt/lists/*",
+    "/var/cache/apt/*.bin",
+    "/var/cache/apt/archives/*.deb",
+    "/var/cache/debconf/*-old",
+    "/var/lib/dpkg/*-old",
+    "/var/log/apt/*",
+    "/var/log/dpkg.log",
+    "/var/log/alternatives.log",
+    "/var/log/bootstrap.log",
+    "/root/.bash_history",
+    "/tmp/*",
+    "/var/tmp/*",
 )
 
 
 def scrub(tree: Path) -> None:
     """Remove what must not ship in an image others launch: host keys, identities, caches,
-    build logs. /etc/machine-id is emptied (systemd's first-boot convention)."""
+    build logs. /etc/machine-id is emptied (systemd's first-boot convention). Folders are
+    resolved inside the tree: a recipe's ``var/tmp -> /tmp`` link empties the image's /tmp,
+    never the host's."""
     for pattern in SCRUB_GLOBS:
-        for path in tree.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    (tree / "etc/machine-id").write_text("")
+        for path in treepath.matching(tree, pattern):
+            treepath.remove(tree, path)
+    treepath.write_file(tree, "/etc/machine-id", "", mode=0o444, replace_link=True)
