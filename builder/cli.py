@@ -253,9 +253,11 @@ def cmd_unbundle(argv: Sequence[str]) -> int:
                      "and restore its image byte for byte.")
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--user-key", type=Path, required=True)
-    parser.add_argument("-o", "--output", type=Path, help="default: the image's own name")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="default: the bundle's prefix + .raw in the current folder")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    target = unbundle(args.manifest, args.user_key, args.output)
+    target = unbundle(args.manifest, args.user_key, args.output, args.force)
     print(f"{target}: restored, signature and digests verified")
     return EXIT_OK
 

@@ -1,6 +1,20 @@
 """Read an instance-store bundle back: verify the manifest's signature and every digest,
 decrypt, decompress, and restore the image byte for byte (sparse). The inverse of
-:mod:`builder.bundle`; any mismatch is an error that names what does not match."""
+:mod:`builder.bundle`.
+
+A bundle may come from a stranger, so nothing in it is trusted before it is checked:
+
+- the fields used (parts, digests, size, key, iv) are parsed from exactly the bytes the
+  signature covers, and the manifest may hold no comments, processing instructions, DTDs,
+  CDATA or repeated elements (so a second ``<image >`` cannot hide behind the signed one);
+- every number and name is checked against a pattern and a bound before it is used;
+- memory stays bounded (decompression is fed at most 1 MiB at a time, never the whole
+  output of a part), and the restored image can be no larger than the signed size;
+- the manifest never picks a path: parts are plain file names beside the manifest, opened
+  without following links, and the output is the caller's ``-o`` (default: the manifest's
+  prefix + ``.raw`` in the current folder), written to a new temporary file and never
+  replacing an existing file without ``force``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,8 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +36,23 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from builder.bundle import BLOCK, load_private_key
+from builder.bundle import BLOCK, PART_SIZE, load_private_key
 from builder.errors import InputError
 
 READ = 1 << 20
+MAX_MANIFEST = 1 << 20
+MAX_IMAGE = 10 << 30           # AWS: instance-store root volumes are at most 10 GiB
+MAX_PARTS = MAX_IMAGE // PART_SIZE + 64
+MAX_TAR_OVERHEAD = 64 << 20    # headers and sparse maps around the image's data
+
+_DECLARATION = re.compile(r'\A<\?xml version="1\.0"( encoding="UTF-8")?\?>\s*')
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
+_HEX = re.compile(r"\A(?:[0-9a-f]{2}){1,2048}\Z")
+_NUMBER = re.compile(r"\A[0-9]{1,12}\Z")
+_FILE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
+# the manifest's top-level elements, in order; each exactly once
+_TOP = ("version", "bundler", "machine_configuration", "image", "signature")
+_REPEATED = {"part", "mapping", "product_code"}
 
 
 class BundleError(InputError):
@@ -38,11 +67,19 @@ class Part:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class SignedManifest:
+    """The manifest's signed text and signature, structure already checked."""
+
     path: Path
     signed_text: str
     signature: str
-    image_name: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The fields of a verified manifest, parsed from its signed text alone."""
+
+    path: Path
     digest: str
     size: int
     user_key: str
@@ -50,41 +87,74 @@ class Manifest:
     parts: list[Part]
 
 
-def _find(root: ElementTree.Element, path: str, manifest: Path) -> str:
-    element = root.find(path)
-    if element is None or element.text is None:
-        raise BundleError(f"{manifest}: manifest has no {path}")
-    return element.text.strip()
+# --- the manifest --------------------------------------------------------------------------
 
-
-def read_manifest(path: Path) -> Manifest:
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read manifest: {exc.strerror or exc}") from None
+        raise BundleError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path}: {what} is not a regular file")
+        if info.st_size > limit:
+            raise BundleError(f"{path}: {what} is larger than {limit} bytes")
+        return handle.read(limit + 1)
+
+
+def _element(text: str, path: Path) -> ElementTree.Element:
     try:
-        root = ElementTree.fromstring(text)
+        return ElementTree.fromstring(text)
     except ElementTree.ParseError as exc:
-        raise BundleError(f"{path}: not a complete manifest ({exc})") from None
-    signed = re.search(r"(<machine_configuration>.*</machine_configuration>)\s*"
-                       r"(<image>.*</image>)", text, re.S)
-    if root.tag != "manifest" or signed is None:
-        raise BundleError(f"{path}: not an EC2 bundle manifest")
-    parts = [Part(int(p.get("index", "-1")), _find(p, "filename", path),
-                  _find(p, "digest", path)) for p in root.findall("image/parts/part")]
-    count = int(root.find("image/parts").get("count", "-1"))  # type: ignore[union-attr]
-    if count != len(parts) or [p.index for p in parts] != list(range(count)):
-        raise BundleError(f"{path}: the manifest lists {len(parts)} parts, expected {count}")
-    return Manifest(path=path, signed_text=signed.group(1) + signed.group(2),
-                    signature=_find(root, "signature", path),
-                    image_name=_find(root, "image/name", path),
-                    digest=_find(root, "image/digest", path),
-                    size=int(_find(root, "image/size", path)),
-                    user_key=_find(root, "image/user_encrypted_key", path),
-                    user_iv=_find(root, "image/user_encrypted_iv", path), parts=parts)
+        raise BundleError(f"{path}: not a well-formed manifest ({exc})") from None
 
 
-def verify_signature(manifest: Manifest, key: rsa.RSAPrivateKey) -> None:
+def _check_unique_children(element: ElementTree.Element, path: Path) -> None:
+    seen: set[str] = set()
+    for child in element:
+        if child.tag in seen and child.tag not in _REPEATED:
+            raise BundleError(f"{path}: the manifest repeats <{child.tag}>")
+        seen.add(child.tag)
+        _check_unique_children(child, path)
+
+
+def _signed_region(text: str, path: Path) -> str:
+    """``<machine_configuration>…</machine_configuration><image>…</image>``: each tag once."""
+    for tag in ("machine_configuration", "image"):
+        if len(re.findall(rf"<{tag}[\s/>]", text)) != 1 or text.count(f"<{tag}>") != 1 \
+                or text.count(f"</{tag}>") != 1:
+            raise BundleError(f"{path}: the manifest must hold exactly one <{tag}>")
+    match = re.search(r"(<machine_configuration>.*</machine_configuration>)\s*"
+                      r"(<image>.*</image>)", text, re.S)
+    if match is None:
+        raise BundleError(f"{path}: <machine_configuration> must come right before <image>")
+    return match.group(1) + match.group(2)
+
+
+def read_manifest(path: Path) -> SignedManifest:
+    """The signed text and signature of a manifest whose structure is as ec2-bundle-image
+    writes it; anything else (comments, DTDs, repeated or unknown elements) is refused."""
+    try:
+        text = _read_bounded(path, MAX_MANIFEST, "the manifest").decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: the manifest is not UTF-8 text") from None
+    body = _DECLARATION.sub("", text, count=1)
+    for marker, what in (("<!", "comments, DTDs or CDATA"), ("<?", "processing instructions")):
+        if marker in body:
+            raise BundleError(f"{path}: the manifest may not hold {what}")
+    root = _element(body, path)
+    if root.tag != "manifest" or tuple(child.tag for child in root) != _TOP:
+        raise BundleError(f"{path}: not an EC2 bundle manifest (expected <manifest> holding "
+                          f"{', '.join(f'<{t}>' for t in _TOP)} in that order)")
+    _check_unique_children(root, path)
+    signature = (root.findtext("signature") or "").strip()
+    if not _HEX.match(signature):
+        raise BundleError(f"{path}: the signature is not hex")
+    return SignedManifest(path, _signed_region(body, path), signature)
+
+
+def verify_signature(manifest: SignedManifest, key: rsa.RSAPrivateKey) -> None:
     try:
         key.public_key().verify(bytes.fromhex(manifest.signature),
                                 manifest.signed_text.encode(), asym.PKCS1v15(), hashes.SHA1())
@@ -93,48 +163,108 @@ def verify_signature(manifest: Manifest, key: rsa.RSAPrivateKey) -> None:
                           "changed, or it was signed with another key than --user-key") from None
 
 
+def _field(image: ElementTree.Element, name: str, pattern: re.Pattern[str], path: Path) -> str:
+    value = (image.findtext(name) or "").strip()
+    if not pattern.match(value):
+        raise BundleError(f"{path}: the manifest's {name} is missing or malformed")
+    return value
+
+
+def _number(value: str | None, what: str, low: int, high: int, path: Path) -> int:
+    if value is None or not _NUMBER.match(value.strip()):
+        raise BundleError(f"{path}: the manifest's {what} is not a number")
+    number = int(value)
+    if not low <= number <= high:
+        raise BundleError(f"{path}: the manifest's {what} ({number}) is not in {low}..{high}")
+    return number
+
+
+def parse_signed(manifest: SignedManifest) -> Manifest:
+    """The fields amiforge uses, from the signed text alone (after the signature held)."""
+    path = manifest.path
+    image = _element(f"<signed>{manifest.signed_text}</signed>", path).find("image")
+    assert image is not None  # _signed_region found it
+    parts_element = image.find("parts")
+    if parts_element is None:
+        raise BundleError(f"{path}: the manifest lists no parts")
+    count = _number(parts_element.get("count"), "part count", 1, MAX_PARTS, path)
+    parts = []
+    for position, element in enumerate(parts_element):
+        index = _number(element.get("index"), "part index", 0, MAX_PARTS, path)
+        filename = _field(element, "filename", _FILE_NAME, path)
+        if index != position or filename in {p.filename for p in parts}:
+            raise BundleError(f"{path}: the parts must be listed once each, in order")
+        parts.append(Part(index, filename, _field(element, "digest", _HEX40, path)))
+    if len(parts) != count:
+        raise BundleError(f"{path}: the manifest lists {len(parts)} parts, expected {count}")
+    return Manifest(path=path, digest=_field(image, "digest", _HEX40, path),
+                    size=_number(image.findtext("size"), "image size", 1, MAX_IMAGE, path),
+                    user_key=_field(image, "user_encrypted_key", _HEX, path),
+                    user_iv=_field(image, "user_encrypted_iv", _HEX, path), parts=parts)
+
+
 def _decrypt_field(value: str, key: rsa.RSAPrivateKey, what: str) -> bytes:
     try:
-        return bytes.fromhex(key.decrypt(bytes.fromhex(value), asym.PKCS1v15()).decode())
+        plain = bytes.fromhex(key.decrypt(bytes.fromhex(value), asym.PKCS1v15()).decode())
     except ValueError:
+        plain = b""
+    if len(plain) != 16:
         raise BundleError(f"cannot decrypt the bundle's {what} with --user-key "
-                          "(is it the key the bundle was made for?)") from None
+                          "(is it the key the bundle was made for?)")
+    return plain
 
+
+# --- the data stream ---------------------------------------------------------------------
 
 def _verified_parts(manifest: Manifest) -> Iterator[bytes]:
     for part in manifest.parts:
-        path = manifest.path.parent / part.filename
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"part {part.index} ({part.filename}): cannot read: "
-                              f"{exc.strerror or exc}") from None
+        data = _read_bounded(manifest.path.parent / part.filename, PART_SIZE,
+                             f"part {part.index}")
         if hashlib.sha1(data).hexdigest() != part.digest:
             raise BundleError(f"part {part.index} ({part.filename}): SHA-1 digest does not "
                               "match the manifest (the part is damaged or was changed)")
         yield data
 
 
+def _inflate(inflater: zlib._Decompress, data: bytes) -> Iterator[bytes]:
+    """Decompress ``data`` at most READ bytes at a time (a small part can inflate to GiBs)."""
+    while data:
+        if inflater.eof:
+            raise BundleError("the image archive has data after its end")
+        yield inflater.decompress(data, READ)
+        data = inflater.unconsumed_tail
+
+
 def _plain_stream(manifest: Manifest, key: bytes, iv: bytes,
                   digest: hashlib._Hash) -> Iterator[bytes]:
+    """The tar stream, hashed as it goes; never more than the signed size allows."""
     decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
     unpadder = padding.PKCS7(128).unpadder()
     inflater = zlib.decompressobj(31)
+    limit, total = manifest.size + MAX_TAR_OVERHEAD, 0
     try:
         for data in _verified_parts(manifest):
-            plain = inflater.decompress(unpadder.update(decryptor.update(data)))
+            for plain in _inflate(inflater, unpadder.update(decryptor.update(data))):
+                total += len(plain)
+                if total > limit:
+                    raise BundleError("the image archive is larger than the manifest says")
+                digest.update(plain)
+                yield plain
+        tail = unpadder.update(decryptor.finalize()) + unpadder.finalize()
+        for plain in _inflate(inflater, tail):
             digest.update(plain)
             yield plain
-        tail = unpadder.update(decryptor.finalize()) + unpadder.finalize()
-        plain = inflater.decompress(tail) + inflater.flush()
+        rest = inflater.flush()
     except (ValueError, zlib.error) as exc:
         raise BundleError(f"the bundle does not decrypt or decompress cleanly ({exc})") from None
-    digest.update(plain)
-    yield plain
+    if not inflater.eof or inflater.unused_data:
+        raise BundleError("the image archive is truncated or has data after its end")
+    digest.update(rest)
+    yield rest
 
 
 class _Reader:
-    """Exact-size reads from a stream of byte pieces."""
+    """Exact-size reads from a stream of byte pieces (each at most READ bytes)."""
 
     def __init__(self, pieces: Iterator[bytes]):
         self._pieces = pieces
@@ -150,73 +280,117 @@ class _Reader:
         del self._buffer[:size]
         return out
 
-    def drain(self) -> bytes:
-        rest = bytes(self._buffer) + b"".join(self._pieces)
+    def only_zeros_left(self) -> bool:
+        if self._buffer.count(0) != len(self._buffer):
+            return False
         self._buffer.clear()
-        return rest
+        return all(piece.count(0) == len(piece) for piece in self._pieces)
 
 
-def _number(field: bytes) -> int:
+def _octal(field: bytes) -> int:
     text = field.rstrip(b"\0 ").strip()
-    return int(text, 8) if text else 0
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise BundleError("the image archive has a malformed number in a header") from None
 
 
-def _sparse_member(reader: _Reader) -> tuple[str, int, list[tuple[int, int]]]:
+def _sparse_member(reader: _Reader, max_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """The member's size and data regions, checked: ascending, inside the file."""
     header = reader.read(BLOCK)
-    stored_sum = _number(header[148:156])
-    if stored_sum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+    if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
         raise BundleError("the image archive's header checksum is wrong")
-    name = header[:100].split(b"\0")[0].decode()
+    name = header[:100].split(b"\0")[0]
+    if not _FILE_NAME.match(name.decode("ascii", "replace")) or name in (b".", b".."):
+        raise BundleError("the image archive's member name is not a plain file name")
     if header[156:157] != b"S":
-        raise BundleError(f"the image archive member {name!r} is not a GNU sparse file")
-    entries = [(_number(header[386 + i * 24:398 + i * 24]),
-                _number(header[398 + i * 24:410 + i * 24])) for i in range(4)]
-    extended, size = header[482], _number(header[483:495])
+        raise BundleError("the image archive's member is not a GNU sparse file")
+    entries = [(_octal(header[386 + i * 24:398 + i * 24]),
+                _octal(header[398 + i * 24:410 + i * 24])) for i in range(4)]
+    extended, size = header[482], _octal(header[483:495])
     while extended:
         block = reader.read(BLOCK)
-        entries += [(_number(block[i * 24:i * 24 + 12]), _number(block[i * 24 + 12:i * 24 + 24]))
+        entries += [(_octal(block[i * 24:i * 24 + 12]), _octal(block[i * 24 + 12:i * 24 + 24]))
                     for i in range(21)]
         extended = block[504]
-    return name, size, [(o, n) for o, n in entries if n]
+    if size > max_size:
+        raise BundleError(f"the image archive holds {size} bytes, the manifest says {max_size}")
+    regions, end = [], 0
+    for offset, length in entries:
+        if not length:
+            continue
+        if offset < end or offset + length > size:
+            raise BundleError("the image archive's sparse map is out of order or too large")
+        regions.append((offset, length))
+        end = offset + length
+    return size, regions
 
 
-def _restore(reader: _Reader, target: Path) -> tuple[str, int]:
-    name, size, regions = _sparse_member(reader)
+def _restore(reader: _Reader, handle: object, max_size: int) -> int:
+    size, regions = _sparse_member(reader, max_size)
+    out = handle  # a binary file opened for writing
     stored = 0
-    with open(target, "wb") as handle:
-        for offset, length in regions:
-            handle.seek(offset)
-            for position in range(0, length, READ):
-                handle.write(reader.read(min(READ, length - position)))
-            stored += length
-        handle.truncate(size)
+    for offset, length in regions:
+        out.seek(offset)  # type: ignore[attr-defined]
+        for position in range(0, length, READ):
+            out.write(reader.read(min(READ, length - position)))  # type: ignore[attr-defined]
+        stored += length
+    out.truncate(size)  # type: ignore[attr-defined]
     reader.read(-stored % BLOCK)
-    if reader.drain().strip(b"\0"):
+    if not reader.only_zeros_left():
         raise BundleError("the image archive holds more than one member")
-    return name, size
+    return size
 
 
-def unbundle(manifest_path: Path, user_key: Path, output: Path | None = None) -> Path:
-    manifest = read_manifest(manifest_path)
+# --- the whole ---------------------------------------------------------------------------
+
+def default_output(manifest_path: Path) -> Path:
+    """The bundle's prefix (from the manifest's file name, not its content) + ``.raw``."""
+    return Path.cwd() / (manifest_path.name.removesuffix(".manifest.xml") + ".raw")
+
+
+def unbundle(manifest_path: Path, user_key: Path, output: Path | None = None,
+             force: bool = False) -> Path:
+    target = output or default_output(manifest_path)
+    if (target.exists() or target.is_symlink()) and not force:
+        raise InputError(f"{target}: already exists (pass --force to replace it)")
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder")
+    signed = read_manifest(manifest_path)
     key = load_private_key(user_key)
-    verify_signature(manifest, key)
+    verify_signature(signed, key)
+    manifest = parse_signed(signed)
     aes_key = _decrypt_field(manifest.user_key, key, "key")
     aes_iv = _decrypt_field(manifest.user_iv, key, "iv")
     digest = hashlib.sha1()
     reader = _Reader(_plain_stream(manifest, aes_key, aes_iv, digest))
-    partial = None
     try:
-        probe = output or Path.cwd() / "image.raw"
-        partial = probe.with_name(f".{probe.name}.partial")
-        name, size = _restore(reader, partial)
-        target = output or Path.cwd() / Path(name).name
+        fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                                       dir=target.parent)
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write there: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            size = _restore(reader, handle, manifest.size)
         if digest.hexdigest() != manifest.digest:
             raise BundleError("the image digest does not match the manifest")
         if size != manifest.size:
             raise BundleError(f"the image is {size} bytes, the manifest says {manifest.size}")
-        os.replace(partial, target)
+        os.chmod(partial, 0o644)
+        _place(Path(partial), target, force)
         return target
     finally:
-        if partial is not None:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+
+
+def _place(partial: Path, target: Path, force: bool) -> None:
+    if force:
+        os.replace(partial, target)
+        return
+    try:
+        os.link(partial, target)  # fails if anything appeared at target meanwhile
+    except FileExistsError:
+        raise InputError(f"{target}: already exists (pass --force to replace it)") from None
