@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import overlay
-from builder.audit.checks import Finding, run_checks
+from builder.audit.checks import Finding, aws_keys_in_tags, run_checks
 from builder.audit.report import apply_waivers, fail_on_errors
 from builder.audit.views import TreeView
 from builder.bundle import BundleKeys, bundle_image
@@ -97,8 +97,9 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 configure(plan, root.path, loaded.base_dir)
                 facts = {"packages": installed_packages(root.path),
                          "audit": [f.to_dict() for f in run_checks(TreeView(root.path))]}
-            findings, waivers = apply_waivers([Finding(**f) for f in facts["audit"]],
-                                              plan.audit_allow)
+            findings, waivers = apply_waivers(
+                [*(Finding(**f) for f in facts["audit"]), *aws_keys_in_tags(plan.ami["tags"])],
+                plan.audit_allow)
             fail_on_errors(findings)
         with progress.stage("filesystem") as stage:
             if filesystems:
@@ -127,7 +128,8 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
         audit = {"findings": [f.to_dict() for f in findings], "waivers": waivers}
         manifest = build_manifest(plan, loaded.path, artifacts, facts["packages"],
                                   progress.timings, {"stages": progress.report(),
-                                                     "audit": audit})
+                                                     "audit": audit,
+                                                     "environment_read": list(loaded.env_read)})
         atomic_write_json(ws / "build-manifest.json", manifest)
         publish({**{path: name for path, (_, name) in outputs.items()}, **bundle_files,
                  **{path: path.name for path in written},

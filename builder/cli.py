@@ -34,6 +34,9 @@ def _common_recipe_args(parser: argparse.ArgumentParser) -> None:
                         help="YAML file of variables")
     parser.add_argument("--allow-host-paths", action="store_true",
                         help="let files and includes point outside the recipe's folder")
+    parser.add_argument("--allow-env", action="append", default=[], metavar="NAME",
+                        help="let the recipe's templates read this environment variable "
+                        "with env() (besides those the recipe lists in env:)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -97,8 +100,12 @@ def _variables(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
+    bad = [name for name in args.allow_env if not name.isidentifier()]
+    if bad:
+        raise InputError(f"--allow-env {bad[0][:40]!r}: not an environment variable name")
     return LoadOptions(variables=_variables(args.var), var_files=tuple(args.var_file),
-                       allow_host_paths=args.allow_host_paths)
+                       allow_host_paths=args.allow_host_paths,
+                       allow_env=frozenset(args.allow_env))
 
 
 def _formats(value: str | None) -> tuple[str, ...] | None:
@@ -172,6 +179,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         out += ["--var", value]
     for path in args.var_file:
         out += ["--var-file", str(path)]
+    for name in args.allow_env:
+        out += ["--allow-env", name]
     for option in ("format", "cache_dir", "user_cert", "user_key", "ec2_cert", "account_id"):
         if getattr(args, option) is not None:
             out += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
@@ -431,6 +440,17 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("amiforge").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a tool killed by SIGPIPE reports
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -451,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command is not None:
             return command(argv[1:])
         return cmd_build(argv)
+    except BrokenPipeError:  # `build plan | head`: the reader has all it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("error: interrupted; temporary files were removed", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -13,12 +13,9 @@ from typing import Any
 from builder import ami, distros
 from builder.recipe.load import LoadedRecipe
 from builder.recipe.model import FileSpec, Recipe, Script, User
+from builder.recipe.sizes import ALIGN, BIOS_BOOT_SIZE, ESP_SIZE, MiB
 
-MiB = 1 << 20
 GiB = 1 << 30
-ALIGN = MiB
-BIOS_BOOT_SIZE = MiB
-ESP_SIZE = 64 * MiB
 
 TYPE_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 TYPE_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"

@@ -128,6 +128,7 @@ PACKAGES = {
     "mcopy": "mtools",
     "sfdisk": "fdisk",
     "grub-mkimage": "grub-common grub-pc-bin grub-efi-amd64-bin",
+    "grub-script-check": "grub-common",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
     "unshare": "util-linux",

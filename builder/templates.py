@@ -7,6 +7,7 @@ values and recipe templates go through the sandbox in :mod:`builder.recipe.templ
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,28 @@ def templates_dir() -> Path:
     raise FileNotFoundError("amiforge's templates folder is missing from the installation")
 
 
+_GRUB_PLAIN = re.compile(r"^[A-Za-z0-9_.,:=/+@%-]+$")
+
+
+def grub_quote(value: object) -> str:
+    """One word of a GRUB script: single-quoted unless plainly safe (GRUB's quoting is
+    the shell's; a ``'`` inside is written ``'\\''``)."""
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"a GRUB word cannot hold a line break: {text[:40]!r}")
+    if _GRUB_PLAIN.match(text):
+        return text
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def fstab_escape(value: object) -> str:
+    """One field of /etc/fstab: white space and backslashes as octal escapes (fstab(5))."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in str(value))
+
+
 @functools.cache
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -31,6 +51,8 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    environment.filters.update(grub=grub_quote, fstab=fstab_escape)
+    return environment
 
 
 def render_template(name: str, **context: Any) -> str:

@@ -16,6 +16,7 @@ BASE = {
     "qemu-img": "converting disk images",
     "dpkg-query": "listing installed packages",
     "debugfs": "fixing inode times of reproducible filesystems",
+    "grub-script-check": "checking the generated grub.cfg",
 }
 BY_FILESYSTEM = {"ext4": {"mkfs.ext4": "making ext4 filesystems"},
                  "xfs": {"mkfs.xfs": "making xfs filesystems"}}

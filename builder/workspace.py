@@ -27,7 +27,12 @@ def output_directory(path: Path) -> Iterator[Path]:
     """Create (if needed) and lock ``path``; remove it again if we created it and the
     build left nothing in it."""
     created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{path}: the output directory is a file (or below one)") from None
+    except PermissionError as exc:
+        raise InputError(f"{path}: cannot create the output directory: {exc.strerror}") from None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:

@@ -21,6 +21,11 @@ CREDENTIALS = ("/.aws/credentials", "/.aws/config", "/.config/gcloud/credentials
                "/.config/gcloud/application_default_credentials.json", "/.azure/accessTokens.json",
                "/.docker/config.json", "/.netrc", "/.git-credentials")
 SECRET = re.compile(rb"aws_secret_access_key|\"auth\"\s*:|password|refresh_token|secret", re.I)
+# An AWS access key id (long-term AKIA, temporary ASIA) or a secret key assignment: what a
+# variable read with env() would leave behind in a file or a tag.
+AWS_KEY = re.compile(rb"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|aws_secret_access_key\s*[=:]\s*"
+                     rb"[\"']?[A-Za-z0-9/+]{40}\b", re.I)
+AWS_KEY_FOLDERS = ("/etc/", "/home/", "/root/", "/opt/", "/srv/")
 HISTORY = ("*_history", ".histfile", ".lesshst", ".viminfo", ".python_history")
 
 
@@ -156,6 +161,24 @@ def cloud_credentials(view: View, nodes: list[Node]) -> Iterator[Finding]:
             if data and SECRET.search(data):
                 yield Finding("cloud-credentials", ERROR, home + suffix,
                               "credentials file in the image")
+    yield from aws_keys_in_files(view, nodes)
+
+
+def aws_keys_in_files(view: View, nodes: list[Node]) -> Iterator[Finding]:
+    """An AWS key anywhere in the folders a recipe writes to (not only credentials files)."""
+    for node in nodes:
+        if node.is_file and node.path.startswith(AWS_KEY_FOLDERS) and node.size < (1 << 20):
+            if AWS_KEY.search(view.read(node.path) or b""):
+                yield Finding("cloud-credentials", ERROR, node.path,
+                              "an AWS access key in the image")
+
+
+def aws_keys_in_tags(tags: dict[str, str]) -> list[Finding]:
+    """An AWS key in the AMI's tags (visible to everyone the AMI is shared with)."""
+    return [Finding("cloud-credentials", ERROR, f"ami.tags.{key[:40]}",
+                    "an AWS access key in an AMI tag")
+            for key, value in sorted(tags.items())
+            if AWS_KEY.search(f"{key}={value}".encode())]
 
 
 @check("world-writable")

@@ -10,16 +10,19 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from builder.errors import Location, Problem
-from builder.recipe.yamlsource import key_mark_of, mark_of
+from builder.recipe.yamlsource import SHOWN, key_mark_of, mark_of, shown
 
 
 def dotted(path: tuple[Any, ...]) -> str:
+    """``root_volume.files[0].dest``; keys are cut to their first 40 characters (a key may
+    come from a file that is not a recipe at all)."""
     out = ""
     for step in path:
         if isinstance(step, int):
             out += f"[{step}]"
         else:
-            out += f".{step}" if out else str(step)
+            key = str(step)[:SHOWN] + ("…" if len(str(step)) > SHOWN else "")
+            out += f".{key}" if out else key
     return out
 
 
@@ -70,26 +73,26 @@ def _message(error: dict[str, Any], model: type[BaseModel], path: tuple[Any, ...
         close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else (
             f" (known keys: {', '.join(known)})" if known else "")
-        return f"unknown key {path[-1]!r}{hint}"
+        return f"unknown key {shown(path[-1])}{hint}"
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
-        return f"must be {ctx.get('expected')} (got {value!r})"
+        return f"must be {ctx.get('expected')} (got {shown(value)})"
     if kind in ("string_type", "str_type"):
         return f"must be a string (got {_type_name(value)})"
     if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"must be an integer (got {value!r})"
+        return f"must be an integer (got {shown(value)})"
     if kind in ("bool_type", "bool_parsing"):
-        return f"must be true or false (got {value!r})"
+        return f"must be true or false (got {shown(value)})"
     if kind == "list_type":
         return f"must be a list (got {_type_name(value)})"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"must be a mapping (got {_type_name(value)})"
     if kind == "string_pattern_mismatch":
-        return f"{value!r} does not match the pattern {ctx.get('pattern')}"
+        return f"{shown(value)} does not match the pattern {ctx.get('pattern')}"
     if kind in ("greater_than_equal", "greater_than"):
-        return f"must be at least {ctx.get('ge', ctx.get('gt'))} (got {value!r})"
-    return error["msg"].removeprefix("Value error, ")
+        return f"must be at least {ctx.get('ge', ctx.get('gt'))} (got {shown(value)})"
+    return error["msg"].removeprefix("Value error, ")[:200]
 
 
 def problems_from(exc: ValidationError, model: type[BaseModel], data: Any,

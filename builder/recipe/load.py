@@ -16,8 +16,15 @@ from builder.errors import InputError, Location, Problem, RecipeError
 from builder.recipe import rules
 from builder.recipe.errors_map import dotted, problems_from
 from builder.recipe.model import App, AppRef, FileSpec, Recipe
-from builder.recipe.templating import TemplateError, render
-from builder.recipe.yamlsource import LocDict, LocList, display_path, load_yaml, mark_of
+from builder.recipe.templating import TemplateError, environment_access, render
+from builder.recipe.yamlsource import (
+    LocDict,
+    LocList,
+    display_path,
+    load_yaml,
+    mark_of,
+    shown,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class LoadOptions:
     var_files: tuple[Path, ...] = ()
     allow_host_paths: bool = False
     source_date_epoch: int | None = None
+    allow_env: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class LoadedRecipe:
     data: Any
     build_time: int
     reproducible: bool = False
+    env_read: tuple[str, ...] = ()
 
 
 def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
@@ -45,18 +54,29 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     path = Path(path)
     base_dir = path.resolve().parent
     sources: list[Path] = []
-    data = _load_with_extends(path, sources, chain=())
+    data = _load_with_extends(path, sources, (), base_dir, options.allow_host_paths)
     build_time = build_epoch(options)
     variables = _variables(data, options, build_time)
-    problems = _render_tree(data, variables, skip=("vars",))
-    _check_paths(data, base_dir, options.allow_host_paths, problems)
-    recipe = _validate(Recipe, data, reported=problems)
-    _check_rules(recipe, data)
-    recipe = _render_recipe_templates(recipe, data, base_dir, variables)
-    recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
+    with environment_access(options.allow_env | _env_names(data)) as env:
+        problems = _render_tree(data, variables, skip=("vars", "env"))
+        _check_paths(data, base_dir, options.allow_host_paths, problems)
+        recipe = _validate(Recipe, data, reported=problems)
+        _check_rules(recipe, data)
+        recipe = _render_recipe_templates(recipe, data, base_dir, variables)
+        recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
                         sources=tuple(sources), data=data, build_time=build_time,
-                        reproducible=epoch_is_fixed(options))
+                        reproducible=epoch_is_fixed(options), env_read=tuple(sorted(env.read)))
+
+
+def _env_names(data: LocDict) -> frozenset[str]:
+    """The recipe's ``env:``: the environment variables its templates may read."""
+    names = data.get("env") or []
+    if not isinstance(names, list) or not all(
+            isinstance(n, str) and n.isidentifier() for n in names):
+        raise RecipeError([Problem(mark_of(data, ("env",)) or data.mark, "env",
+                                   "must be a list of environment variable names")])
+    return frozenset(names)
 
 
 def epoch_is_fixed(options: LoadOptions) -> bool:
@@ -86,7 +106,8 @@ def _load_mapping(path: Path, what: str) -> LocDict:
     return data
 
 
-def _load_with_extends(path: Path, sources: list[Path], chain: tuple[Path, ...]) -> LocDict:
+def _load_with_extends(path: Path, sources: list[Path], chain: tuple[Path, ...],
+                       base_dir: Path, allow_host: bool) -> LocDict:
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
@@ -101,10 +122,13 @@ def _load_with_extends(path: Path, sources: list[Path], chain: tuple[Path, ...])
         raise RecipeError([Problem(data.value_marks["extends"], "extends",
                                    "must be a path to a recipe file")])
     base_path = resolved.parent / base_ref
-    if not base_path.exists():
+    refused = _outside(base_ref, base_path, base_dir, allow_host)
+    if refused:
+        raise RecipeError([Problem(data.value_marks["extends"], "extends", refused)])
+    if not base_path.is_file():
         raise RecipeError([Problem(data.value_marks["extends"], "extends",
-                                   f"base recipe {base_ref!r} not found")])
-    base = _load_with_extends(base_path, sources, (*chain, resolved))
+                                   f"base recipe {shown(base_ref)} not found")])
+    base = _load_with_extends(base_path, sources, (*chain, resolved), base_dir, allow_host)
     return merge(base, data)
 
 
@@ -236,18 +260,29 @@ def _check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Pro
         mark = mapping.value_marks.get(key) if isinstance(mapping, LocDict) else None
         declared_in = Path(mark.file).resolve().parent if mark else base_dir
         target = (declared_in / value).resolve()
+        refused = _outside(value, target, base_dir, allow_host)
+        if refused:
+            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
+                                    refused))
+            continue
+        if not target.is_file():
+            what = "not a regular file" if target.exists() else "not found"
+            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
+                                    f"{shown(value)} {what} (looked for "
+                                    f"{display_path(target)})"))
+            continue
         inside = target == base_dir or base_dir in target.parents
-        if (Path(value).is_absolute() or not inside) and not allow_host:
-            kind = "an absolute host path" if Path(value).is_absolute() else \
-                "a path outside the recipe's folder"
-            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
-                                    f"{value!r} is {kind} (pass --allow-host-paths to allow)"))
-            continue
-        if not target.exists():
-            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
-                                    f"{value!r} not found (looked for {display_path(target)})"))
-            continue
         mapping[key] = str(target) if not inside else os.path.relpath(target, base_dir)
+
+
+def _outside(value: str, target: Path, base_dir: Path, allow_host: bool) -> str | None:
+    """Why a referenced file may not be used (outside the recipe's folder), or None."""
+    inside = base_dir in target.resolve().parents
+    if allow_host or (inside and not Path(value).is_absolute()):
+        return None
+    kind = "an absolute host path" if Path(value).is_absolute() else \
+        "a path outside the recipe's folder"
+    return f"{shown(value)} is {kind} (pass --allow-host-paths to allow)"
 
 
 def _check_rules(recipe: Recipe, data: Any) -> None:
@@ -351,7 +386,7 @@ def _load_apps(refs: list[Any], data: Any, at: tuple[Any, ...], base_dir: Path,
                                        f"include cycle: {cycle}")])
         if not path.is_file():
             raise RecipeError([Problem(where, dotted((*at, index, "include")),
-                                       f"app file {ref.include!r} not found")])
+                                       f"app file {shown(ref.include)} not found")])
         out += _load_app(path, ref.vars, base_dir, variables, options, sources,
                          (*chain, resolved))
     return out

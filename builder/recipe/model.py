@@ -39,8 +39,11 @@ Size = Annotated[
 
 
 def _absolute_path(value: str) -> str:
-    if not value.startswith("/") or "\x00" in value:
-        raise PydanticCustomError("path", f"{value!r} must be an absolute path in the image")
+    if not value.startswith("/"):
+        raise PydanticCustomError("path", f"{value[:40]!r} must be an absolute path in the image")
+    if re.search(r"[\x00-\x1f\x7f]", value) or len(value) > 4096:
+        raise PydanticCustomError("path", f"{value[:40]!r} may not hold control characters "
+                                  "(newlines, tabs) and is at most 4096 characters")
     parts = value.split("/")
     if ".." in parts:
         raise PydanticCustomError("path", f"{value!r} may not contain '..'")
@@ -48,6 +51,8 @@ def _absolute_path(value: str) -> str:
 
 
 ImagePath = Annotated[str, AfterValidator(_absolute_path)]
+# A mount point goes into /etc/fstab, whose fields are separated by white space.
+MountPoint = Annotated[ImagePath, Field(pattern=r"^/[^\s\\]*$")]
 
 
 def _file_mode(value: object) -> str:
@@ -62,7 +67,16 @@ def _file_mode(value: object) -> str:
 FileMode = Annotated[str, BeforeValidator(_file_mode),
                      WithJsonSchema({"type": "string", "pattern": "^[0-7]{3,4}$"})]
 Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
-UnitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9@._:-]+$")]
+# No leading "-": a unit name is a systemctl argument (passed after "--" as well).
+UnitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9@_:][A-Za-z0-9@._:-]*$", max_length=255)]
+# One kernel parameter: no white space or control characters (GRUB's config quotes it).
+KernelParameter = Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$", max_length=1024)]
+# A Debian suite or codename (bookworm, trixie, stable, bookworm-backports).
+Suite = Annotated[str, Field(pattern=r"^[a-z][a-z0-9.-]{0,63}$")]
+# A mirror URL: mmdebstrap's positional argument and the URIs: field of a deb822 file.
+MirrorUrl = Annotated[str, Field(pattern=r"^(https?|file)://[^\s\x00-\x1f\x7f'\"\\]+$",
+                                 max_length=2048)]
+Component = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
 PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.:=~-]*$")]
 
 
@@ -72,9 +86,9 @@ class Strict(BaseModel):
 
 class OS(Strict):
     distribution: Literal["debian", "ubuntu"] = "debian"
-    release: str = "bookworm"
-    mirror: str | None = None
-    components: list[str] | None = None
+    release: Suite = "bookworm"
+    mirror: MirrorUrl | None = None
+    components: list[Component] | None = None
     kernel: PackageName | None = Field(
         None, description="kernel package; default: the distribution's cloud kernel")
 
@@ -101,7 +115,8 @@ class User(Strict):
     name: Name
     groups: list[Name] = []
     shell: ImagePath = "/bin/bash"
-    ssh_authorized_keys: list[Annotated[str, Field(pattern=r"^(ssh-|ecdsa-|sk-)\S+ \S+")]] = []
+    ssh_authorized_keys: list[Annotated[str, Field(
+        pattern=r"^(ssh-|ecdsa-|sk-)\S+ \S+( [^\x00-\x1f\x7f]*)?$")]] = []
     sudo: bool = False
 
 
@@ -125,7 +140,7 @@ class RootVolume(Strict):
     filesystem: Literal["ext4"] = "ext4"  # GRUB's config and the image builder are ext4-only
     boot: Literal["bios", "uefi", "hybrid"] = "hybrid"
     hostname: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "debian"
-    kernel_cmdline: list[str] = []
+    kernel_cmdline: list[KernelParameter] = []
     packages: list[PackageName] = []
     files: list[FileSpec] = []
     users: list[User] = []
@@ -148,7 +163,7 @@ class App(Strict):
 class VolumeContent(Strict):
     filesystem: Literal["ext4", "xfs"] = "ext4"
     label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,12}$")]
-    mount_point: ImagePath | None = None
+    mount_point: MountPoint | None = None
     files: list[FileSpec] = []
 
 
@@ -255,6 +270,8 @@ class Recipe(Strict):
     arch: Literal["x86_64", "arm64"] = "x86_64"
     vars: dict[str, Any] = {}
     extends: str | None = Field(None, description="a recipe this one inherits from")
+    env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        [], description="environment variables the recipe's templates may read with env()")
     os: OS = OS()
     root_volume: RootVolume = RootVolume()
     apps: list[AppRef] = []

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from builder.recipe.model import Recipe
+from builder.recipe.sizes import MAX_DISK, MIN_ROOT_PARTITION, format_size, layout_overhead
 
 GiB = 1 << 30
 AMI_NAME = re.compile(r"^[A-Za-z0-9 ()\[\]./\-'@_]{3,128}$")
@@ -29,9 +30,20 @@ def image_gib(recipe: Recipe) -> int:
 
 
 def check(recipe: Recipe) -> Found:
+    yield from size_rules(recipe)
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
+
+
+def size_rules(recipe: Recipe) -> Found:
+    volume = recipe.root_volume
+    least = layout_overhead(volume.boot) + MIN_ROOT_PARTITION
+    if volume.size < least:
+        yield (("root_volume", "size"), f"{format_size(volume.size)} leaves no room for the "
+               f"{volume.boot} layout and a root filesystem: at least {format_size(least)}")
+    elif volume.size > MAX_DISK:
+        yield ("root_volume", "size"), f"at most {format_size(MAX_DISK)} (an EBS volume's limit)"
 
 
 def effective_boot_mode(recipe: Recipe) -> str:
@@ -106,6 +118,7 @@ def device_rules(recipe: Recipe) -> Found:
             yield (*at, "no_device"), "the root mapping cannot be no_device"
         if mapping.ebs is not None:
             yield from _ebs(recipe, at, mapping.ebs, mapping.root)
+            yield from _xfs_names(at, mapping.ebs)
 
 
 def _ephemeral(at: tuple[Any, ...], name: str, seen: dict[str, int], index: int,
@@ -142,6 +155,17 @@ def _ebs(recipe: Recipe, at: tuple[Any, ...], ebs: Any, root: bool) -> Found:
             yield (*at, "throughput"), f"gp3 throughput is 125-1000 MiB/s (got {ebs.throughput})"
     if ebs.kms_key_id and not ebs.encrypted:
         yield (*at, "kms_key_id"), "kms_key_id needs encrypted: true"
+
+
+def _xfs_names(at: tuple[Any, ...], ebs: Any) -> Found:
+    """mkfs.xfs's protofile separates fields by white space: its files cannot hold any."""
+    content = ebs.content
+    if content is None or content.filesystem != "xfs":
+        return
+    for index, spec in enumerate(content.files):
+        if any(c.isspace() for c in spec.dest):
+            yield ((*at, "ebs", "content", "files", index, "dest"),
+                   "files on an xfs data volume cannot have white space in their names")
 
 
 def _iops(at: tuple[Any, ...], ebs: Any, size: int | None) -> Found:

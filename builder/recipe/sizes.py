@@ -9,6 +9,22 @@ _SIZE = re.compile(r"(?P<number>\d+)(?P<unit>[KMGT]?)(?P<binary>iB)?|(?P<bytes>\
 _DECIMAL_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])B\s*$", re.I)
 
 
+MiB = 1 << 20
+# The disk layout's fixed parts (the plan lays them out; the recipe rules check that the
+# root volume has room for them and a root filesystem).
+ALIGN = MiB
+BIOS_BOOT_SIZE = MiB
+ESP_SIZE = 64 * MiB
+MIN_ROOT_PARTITION = 128 * MiB
+MAX_DISK = 64 << 40  # EBS volumes are at most 64 TiB (io2 Block Express)
+
+
+def layout_overhead(boot: str) -> int:
+    """Bytes of a disk that are not the root partition: alignment, BIOS boot, ESP."""
+    return (2 * ALIGN + (BIOS_BOOT_SIZE if boot in ("bios", "hybrid") else 0)
+            + (ESP_SIZE if boot in ("uefi", "hybrid") else 0))
+
+
 class SizeError(ValueError):
     pass
 

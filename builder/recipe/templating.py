@@ -2,16 +2,26 @@
 
 Templates see the variables (recipe ``vars``, ``--var-file``, ``--var``) and the build
 facts; they cannot read files or reach Python internals. Environment variables are only
-reachable through ``env("NAME")`` so a recipe says what it reads.
+reachable through ``env("NAME")``, and only the names the recipe lists in ``env:`` or the
+command line allows with ``--allow-env``: a third-party app cannot read the CI's secrets.
+The names read (never the values) are recorded for the build manifest. The sandbox keeps
+Jinja's stock ``range`` limit and bounds ``*`` and ``**``, so a template cannot make a
+gigabyte string or a million-digit number.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_RESULT = 1 << 20  # characters or items a * or ** may make
 
 
 class TemplateError(ValueError):
@@ -22,17 +32,65 @@ class _MissingEnv(Exception):
     pass
 
 
+class _EnvNotAllowed(Exception):
+    pass
+
+
+@dataclass
+class EnvAccess:
+    """Which environment variables ``env()`` may read, and which it did read."""
+
+    allowed: frozenset[str]
+    read: set[str] = field(default_factory=set)
+
+
+_ACCESS: contextvars.ContextVar[EnvAccess | None] = contextvars.ContextVar("env_access",
+                                                                           default=None)
+
+
+@contextlib.contextmanager
+def environment_access(allowed: frozenset[str]) -> Iterator[EnvAccess]:
+    """For the duration, ``env()`` may read the ``allowed`` names."""
+    access = EnvAccess(allowed)
+    token = _ACCESS.set(access)
+    try:
+        yield access
+    finally:
+        _ACCESS.reset(token)
+
+
 def _env_function(name: str, default: str | None = None) -> str:
+    access = _ACCESS.get()
+    if access is None or name not in access.allowed:
+        raise _EnvNotAllowed(str(name)[:40])
+    access.read.add(name)
     value = os.environ.get(name, default)
     if value is None:
         raise _MissingEnv(name)
     return value
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with ``*`` and ``**`` bounded."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and \
+                abs(left) > 1 and right * max(abs(left).bit_length(), 1) > MAX_RESULT * 3:
+            raise TemplateError("the number is too large")
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, str | list | tuple) and isinstance(count, int) and \
+                        len(sequence) * count > MAX_RESULT:
+                    raise TemplateError("the result is too large")
+        return super().call_binop(context, operator, left, right)
+
+
 def make_environment() -> jinja2.Environment:
-    environment = ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    environment.globals = {"env": _env_function, "range": range}
+    environment = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False,
+                           keep_trailing_newline=True)
+    environment.globals["env"] = _env_function  # the stock globals keep the range limit
     return environment
 
 
@@ -59,5 +117,13 @@ def render(text: str, variables: dict[str, Any]) -> str:
         raise TemplateError(
             f"environment variable {exc.args[0]} is not set "
             f"(use env(\"{exc.args[0]}\", \"default\") for a default)") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
-        raise TemplateError(f"template error: {exc}") from None
+    except _EnvNotAllowed as exc:
+        raise TemplateError(
+            f"env({exc.args[0]!r}) is not allowed: list {exc.args[0]} in the recipe's env: "
+            f"or pass --allow-env {exc.args[0]}") from None
+    except TemplateError:
+        raise
+    except RecursionError:
+        raise TemplateError("template error: recursion too deep") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, MemoryError) as exc:
+        raise TemplateError(f"template error: {str(exc)[:200]}") from None

@@ -8,6 +8,7 @@ found later (schema, templating, AWS rules) can name file, line and column.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,20 @@ class LocList(list):
         super().__init__(*args)
         self.mark = mark or Location("<unknown>")
         self.item_marks: list[Location] = []
+
+
+MAX_FILE = 1 << 20          # bytes of one recipe, app or variables file
+MAX_VALUES = 100_000        # keys, items and scalars once YAML aliases are expanded
+MAX_TEXT = 16 << 20         # characters of all strings once aliases are expanded
+MAX_DEPTH = 64              # nesting of mappings and lists
+SHOWN = 40                  # characters of a value or key an error message repeats
+
+
+def shown(value: Any, limit: int = SHOWN) -> str:
+    """A value as an error message quotes it: at most ``limit`` characters of it (a file
+    that is not a recipe must not be echoed through error messages)."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def display_path(path: Path) -> str:
@@ -88,14 +103,26 @@ def _make_loader(name: str, problems: list[Problem]) -> type[yaml.SafeLoader]:
 def load_yaml(path: Path, *, what: str = "recipe") -> Any:
     """Load one YAML document from ``path``; every problem is a located RecipeError."""
     name = display_path(path)
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError([Problem(Location(name), "", message)])
+
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)  # special files (FIFOs, /dev/zero) are refused before reading
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse(f"{what} path is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"{what} path is not a regular file")
+        if info.st_size > MAX_FILE:
+            raise refuse(f"{what} file is larger than {MAX_FILE} bytes")
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_FILE + 1).decode("utf-8")
     except FileNotFoundError:
-        raise RecipeError([Problem(Location(name), "", f"{what} file not found")]) from None
-    except IsADirectoryError:
-        raise RecipeError([Problem(Location(name), "", f"{what} path is a directory")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem(Location(name), "", f"cannot read {what}: {exc}")]) from None
+        raise refuse(f"{what} file not found") from None
+    except UnicodeDecodeError:
+        raise refuse(f"cannot read {what}: not UTF-8 text") from None
+    except OSError as exc:
+        raise refuse(f"cannot read {what}: {exc.strerror or exc}") from None
     return loads_yaml(text, name)
 
 
@@ -111,9 +138,56 @@ def loads_yaml(text: str, name: str) -> Any:
         raise RecipeError([Problem(where, "", f"YAML syntax error: {what}")]) from None
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(Location(name), "", f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise RecipeError([Problem(Location(name), "", "YAML nested too deeply")]) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise RecipeError([Problem(Location(name), "",
+                                   f"YAML value error: {str(exc).split(':')[0][:80]}")]) from None
     if problems:
         raise RecipeError(problems)
-    return data
+    _check_expanded_size(data, name)
+    return _unshared(data)
+
+
+def _check_expanded_size(data: Any, name: str) -> None:
+    """Refuse a document whose aliases expand it beyond the bounds (a "billion laughs"):
+    sizes are counted once per distinct node, so the check itself stays cheap."""
+    sizes: dict[int, tuple[int, int, int]] = {}
+
+    def measure(node: Any, depth: int) -> tuple[int, int, int]:
+        if depth > MAX_DEPTH:
+            raise RecipeError([Problem(getattr(node, "mark", Location(name)), "",
+                                       f"nested more than {MAX_DEPTH} levels deep")])
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children = list(node.items()) if isinstance(node, dict) else \
+            [(None, v) for v in node] if isinstance(node, list) else []
+        count, text, deepest = 1, len(node) if isinstance(node, str) else 0, depth
+        for key, value in children:
+            c, t, d = measure(value, depth + 1)
+            count, text, deepest = count + c, text + t + len(str(key or "")), max(deepest, d)
+        if count > MAX_VALUES or text > MAX_TEXT:
+            raise RecipeError([Problem(Location(name), "", "the document expands to more than "
+                                       f"{MAX_VALUES} values or {MAX_TEXT} characters "
+                                       "(YAML aliases?)")])
+        sizes[id(node)] = (count, text, deepest)
+        return sizes[id(node)]
+
+    measure(data, 0)
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which no mapping or list appears twice (YAML aliases share them), so that
+    rendering templates in place renders each value once."""
+    if isinstance(node, LocDict):
+        out = LocDict(((k, _unshared(v)) for k, v in node.items()), mark=node.mark)
+        out.key_marks, out.value_marks = dict(node.key_marks), dict(node.value_marks)
+        return out
+    if isinstance(node, LocList):
+        out_list = LocList((_unshared(v) for v in node), mark=node.mark)
+        out_list.item_marks = list(node.item_marks)
+        return out_list
+    return node
 
 
 def mark_of(data: Any, path: tuple[Any, ...]) -> Location | None:

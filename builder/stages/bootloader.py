@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from builder.errors import BuildFailed
 from builder.fsutil import read_at, write_at
 from builder.run import run
 
@@ -69,7 +70,7 @@ def install_bios(disk: Path, core_img: Path, partition_start: int, partition_siz
     core_lba = partition_start // SECTOR
     core = patch_core(core_img.read_bytes(), core_lba)
     if len(core) > partition_size:
-        raise ValueError(f"GRUB core.img ({len(core)} bytes) does not fit the BIOS boot "
+        raise BuildFailed(f"GRUB core.img ({len(core)} bytes) does not fit the BIOS boot "
                          f"partition ({partition_size} bytes)")
     boot = patch_boot((GRUB_LIB / "i386-pc/boot.img").read_bytes(),
                       read_at(disk, 0, SECTOR), core_lba)

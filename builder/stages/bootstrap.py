@@ -48,7 +48,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
             f"--setup-hook=sync-in {shlex.quote(str(apt_cache))} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(apt_cache))}",
         ]
-    return [*argv, os_plan.release, str(target), os_plan.mirror]
+    # "--": the suite, target and mirror are never read as options, whatever they hold
+    return [*argv, "--", os_plan.release, str(target), os_plan.mirror]
 
 
 def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:

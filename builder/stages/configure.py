@@ -11,6 +11,7 @@ from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
 from builder.plan import Plan
 from builder.recipe.model import FileSpec, User
+from builder.run import run
 from builder.stages.filesystem import clamp_times
 from builder.templates import render_template
 
@@ -43,6 +44,9 @@ def write_system_files(plan: Plan, tree: Path) -> None:
     _write(tree, "/etc/hosts", render_template("hosts.j2", plan=plan))
     _write(tree, "/etc/fstab", render_template("fstab.j2", plan=plan, esp=esp, volumes=volumes))
     _write(tree, "/boot/grub/grub.cfg", render_template("grub.cfg.j2", plan=plan))
+    # GRUB's own parser on the result: a value that broke the quoting fails the build
+    # here, not as a GRUB prompt at boot.
+    run(["grub-script-check", treepath.in_root(tree, "/boot/grub/grub.cfg")])
     _write(tree, f"/etc/apt/sources.list.d/{plan.os.distribution}.sources",
            render_template("apt-sources.j2", os=plan.os))
     treepath.remove(tree, "/etc/apt/sources.list")
@@ -128,9 +132,9 @@ def enable_services(plan: Plan, tree: Path) -> None:
     enable = ["systemd-networkd.service", "systemd-resolved.service", *plan.services_enable]
     if treepath.in_root(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}").exists():
         enable.append(HOST_KEY_UNIT)
-    run_in_root(tree, ["systemctl", "enable", *enable])
+    run_in_root(tree, ["systemctl", "enable", "--", *enable])
     if plan.services_disable:
-        run_in_root(tree, ["systemctl", "disable", *plan.services_disable])
+        run_in_root(tree, ["systemctl", "disable", "--", *plan.services_disable])
 
 
 def run_script(tree: Path, index: int, text: str) -> None:

@@ -7,6 +7,7 @@ import os
 import stat
 from pathlib import Path
 
+from builder.errors import BuildFailed
 from builder.fsutil import create_sparse
 from builder.plan import DataVolume
 from builder.run import run
@@ -55,7 +56,8 @@ def _entries(directory: Path, depth: int) -> list[str]:
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         path = Path(entry.path)
         if any(c.isspace() for c in entry.name):
-            raise ValueError(f"xfs protofiles cannot name {entry.name!r} (white space)")
+            raise BuildFailed(f"xfs data volumes cannot hold {entry.name!r}: mkfs.xfs's "
+                              "protofile cannot name files with white space")
         lines.append(_mode_line(entry.name, path, depth))
         if entry.is_dir(follow_symlinks=False):
             lines += _entries(path, depth + 1)

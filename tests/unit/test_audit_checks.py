@@ -88,3 +88,22 @@ def test_waiver_turns_an_error_into_a_recorded_exception(tmp_path: Path) -> None
 
 def test_recipe_check_names_are_the_audit_checks() -> None:
     assert set(typing.get_args(AuditCheck)) == set(CHECKS)
+
+
+def test_aws_keys_anywhere_a_recipe_writes(tmp_path: Path) -> None:
+    """A value read with env() can land in any file: the audit looks for key shapes in
+    /etc, /home, /root, /opt and /srv, not only in credentials files."""
+    root = clean_tree(tmp_path)
+    write(root, "/etc/app.conf", "key = AKIAIOSFODNN7EXAMPLE\n")
+    write(root, "/srv/deploy.env", "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
+    write(root, "/usr/share/doc/x/example", "AKIAIOSFODNN7EXAMPLE\n")  # not a recipe's folder
+    assert {p for c, s, p in found(root) if c == "cloud-credentials"} == {
+        "/etc/app.conf", "/srv/deploy.env"}
+
+
+def test_aws_keys_in_ami_tags() -> None:
+    from builder.audit.checks import aws_keys_in_tags
+
+    findings = aws_keys_in_tags({"team": "platform", "deployer": "ASIAIOSFODNN7EXAMPLE"})
+    assert [(f.check, f.severity, f.path) for f in findings] == [
+        ("cloud-credentials", "error", "ami.tags.deployer")]

@@ -113,7 +113,8 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         {"recipe.yaml": "name: \"{{ ''.__class__.__mro__ }}\"\n"},
         ["recipe.yaml:1:7: name: not allowed in a template: access to attribute '__class__' of 'str' object is unsafe."]),
     "env-unset": (
-        {"recipe.yaml": "name: \"img-{{ env('AMIFORGE_TEST_UNSET_VAR') }}\"\n"},
+        {"recipe.yaml": "name: \"img-{{ env('AMIFORGE_TEST_UNSET_VAR') }}\"\n"
+                        "env: [AMIFORGE_TEST_UNSET_VAR]\n"},
         ["recipe.yaml:1:7: name: environment variable AMIFORGE_TEST_UNSET_VAR is not set (use env(\"AMIFORGE_TEST_UNSET_VAR\", \"default\") for a default)"]),
     "vars-not-mapping": (
         {"recipe.yaml": "name: xyz\nvars: [a]\n"},
@@ -207,6 +208,82 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:3:9: root_volume.size: 'big' is not a size (try 2GiB)",
          "recipe.yaml:4:9: root_volume.boot: must be 'bios', 'uefi' or 'hybrid' (got 'efi')",
          "recipe.yaml:5:3: root_volume.pacakges: unknown key 'pacakges' (did you mean 'packages'?)"]),
+    # --- hostile input: each a way a recipe from a pull request tried to reach the host ---
+    "extends-host-file": (
+        {"recipe.yaml": "extends: /etc/passwd\nname: xyz\n"},
+        ["recipe.yaml:1:10: extends: '/etc/passwd' is an absolute host path (pass --allow-host-paths to allow)"]),
+    "extends-outside": (
+        {"recipe.yaml": "extends: ../../../etc/passwd\nname: xyz\n"},
+        ["recipe.yaml:1:10: extends: '../../../etc/passwd' is a path outside the recipe's folder (pass --allow-host-paths to allow)"]),
+    "env-not-allowed": (
+        {"recipe.yaml": "name: \"img-{{ env('AWS_SECRET_ACCESS_KEY') }}\"\n"},
+        ["recipe.yaml:1:7: name: env('AWS_SECRET_ACCESS_KEY') is not allowed: list AWS_SECRET_ACCESS_KEY in the recipe's env: or pass --allow-env AWS_SECRET_ACCESS_KEY"]),
+    "env-app-cannot-widen": (
+        {"recipe.yaml": "name: xyz\napps:\n  - include: app.yaml\n",
+         "app.yaml": "env: [HOME]\nscripts:\n  - run: \"echo {{ env('HOME') }}\"\n"},
+        ["app.yaml:1:1: env: unknown key 'env' (known keys: description, vars, packages, files, users, services, scripts)",
+         "app.yaml:3:10: scripts[0].run: env('HOME') is not allowed: list HOME in the recipe's env: or pass --allow-env HOME"]),
+    "release-option": (
+        {"recipe.yaml": "name: xyz\nos: {release: \"--customize-hook=touch /pwned\"}\n"},
+        ["recipe.yaml:2:15: os.release: '--customize-hook=touch /pwned' does not match the pattern ^[a-z][a-z0-9.-]{0,63}$"]),
+    "mirror-newline": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"http://deb.debian.org/debian\\nTrusted: yes\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: 'http://deb.debian.org/debian\\nTrusted: ye'… does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+    "mirror-option": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"--setup-hook=x\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: '--setup-hook=x' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+    "component-option": (
+        {"recipe.yaml": "name: xyz\nos: {components: [main, \"-x\"]}\n"},
+        ["recipe.yaml:2:25: os.components[1]: '-x' does not match the pattern ^[a-z][a-z0-9-]{0,63}$"]),
+    "unit-option": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  services: {enable: [\"--root=/\"]}\n"},
+        ["recipe.yaml:3:23: root_volume.services.enable[0]: '--root=/' does not match the pattern ^[A-Za-z0-9@_:][A-Za-z0-9@._:-]*$"]),
+    "mount-point-space": (
+        {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 1, content: {label: d, mount_point: \"/srv/a b\"}}\n"},
+        ["recipe.yaml:4:60: block_device_mappings[0].ebs.content.mount_point: '/srv/a b' does not match the pattern ^/[^\\s\\\\]*$"]),
+    "cmdline-newline": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  kernel_cmdline: [\"quiet\\n}\\nmenuentry x {\"]\n"},
+        ["recipe.yaml:3:20: root_volume.kernel_cmdline[0]: 'quiet\\n}\\nmenuentry x {' does not match the pattern ^[^\\s\\x00-\\x1f\\x7f]+$"]),
+    "dest-newline": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files: [{dest: \"/etc/a\\nb\", content: x}]\n"},
+        ["recipe.yaml:3:18: root_volume.files[0].dest: '/etc/a\\nb' may not hold control characters (newlines, tabs) and is at most 4096 characters"]),
+    "ssh-key-two-lines": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  users: [{name: a, ssh_authorized_keys: [\"ssh-ed25519 AAAA a\\nssh-rsa EVIL\"]}]\n"},
+        ["recipe.yaml:3:43: root_volume.users[0].ssh_authorized_keys[0]: 'ssh-ed25519 AAAA a\\nssh-rsa EVIL' does not match the pattern ^(ssh-|ecdsa-|sk-)\\S+ \\S+( [^\\x00-\\x1f\\x7f]*)?$"]),
+    "size-too-small": (
+        {"recipe.yaml": "name: xyz\nroot_volume: {size: 1MiB}\n"},
+        ["recipe.yaml:2:21: root_volume.size: 1MiB leaves no room for the hybrid layout and a root filesystem: at least 195MiB"]),
+    "size-too-large": (
+        {"recipe.yaml": "name: xyz\nroot_volume: {size: 99999999T}\n"},
+        ["recipe.yaml:2:21: root_volume.size: at most 64TiB (an EBS volume's limit)"]),
+    "src-directory": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  files: [{dest: /a, src: files}]\n", "files/x": "x"},
+        ["recipe.yaml:3:27: root_volume.files[0].src: 'files' not a regular file (looked for files)"]),
+    "long-key-not-echoed": (
+        {"recipe.yaml": "name: xyz\n" + "k" * 100 + ": 1\n"},
+        ["recipe.yaml:2:1: " + "k" * 40 + "…: unknown key '" + "k" * 40 + "'… (known keys: name, description, arch, vars, extends, env, os, root_volume, apps, block_device_mappings, ami, outputs, audit)"]),
+    "huge-integer": (
+        {"recipe.yaml": "name: xyz\nroot_volume: {size: " + "9" * 5000 + "}\n"},
+        ["recipe.yaml: YAML value error: Exceeds the limit (4300 digits) for integer string conversion"]),
+    "deep-nesting": (
+        {"recipe.yaml": "name: xyz\nvars: {a: " + "[" * 3000 + "]" * 3000 + "}\n"},
+        ["recipe.yaml: YAML nested too deeply"]),
+    "nested-past-the-limit": (
+        {"recipe.yaml": "name: xyz\nvars: {a: " + "[" * 80 + "]" * 80 + "}\n"},
+        ["recipe.yaml:2:74: nested more than 64 levels deep"]),
+    "alias-bomb": (
+        {"recipe.yaml": "name: xyz\nvars:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"  {chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))},
+        ["recipe.yaml: the document expands to more than 100000 values or 16777216 characters (YAML aliases?)"]),
+    "template-recursion": (
+        {"recipe.yaml": "name: \"{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}\"\n"},
+        ["recipe.yaml:1:7: name: template error: recursion too deep"]),
+    "template-range": (
+        {"recipe.yaml": "name: \"{{ range(200000) | length }}\"\n"},
+        ["recipe.yaml:1:7: name: template error: Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000)."]),
+    "template-string-bomb": (
+        {"recipe.yaml": "name: \"{{ 'x' * 10**9 }}\"\n"},
+        ["recipe.yaml:1:7: name: the result is too large"]),
 }
 
 
@@ -230,6 +307,3 @@ def test_bad_recipe(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
-
-def test_table_is_large_enough() -> None:
-    assert len(CASES) >= 40

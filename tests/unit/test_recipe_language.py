@@ -55,11 +55,19 @@ def test_build_facts(tmp_path: Path) -> None:
 
 
 def test_env_function_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe lists what it reads (env:), the command line may allow more; the names
+    read, never the values, are recorded."""
     write(tmp_path, {"r.yaml": "name: \"v-{{ env('AMIFORGE_VERSION') }}-"
-                               "{{ env('AMIFORGE_NOPE', 'dflt') }}\"\n"})
+                               "{{ env('AMIFORGE_NOPE', 'dflt') }}\"\n"
+                               "env: [AMIFORGE_VERSION]\n"})
     monkeypatch.setenv("AMIFORGE_VERSION", "1.2")
     monkeypatch.delenv("AMIFORGE_NOPE", raising=False)
-    assert load_recipe(tmp_path / "r.yaml").recipe.name == "v-1.2-dflt"
+    loaded = load_recipe(tmp_path / "r.yaml",
+                         LoadOptions(allow_env=frozenset({"AMIFORGE_NOPE"})))
+    assert loaded.recipe.name == "v-1.2-dflt"
+    assert loaded.env_read == ("AMIFORGE_NOPE", "AMIFORGE_VERSION")
+    with pytest.raises(RecipeError, match=r"env\('AMIFORGE_NOPE'\) is not allowed"):
+        load_recipe(tmp_path / "r.yaml")
 
 
 def test_plain_environment_is_not_visible(tmp_path: Path,
