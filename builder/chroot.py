@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from builder import treepath
+from builder.aptauth import AUTH_FILE
 from builder.run import run
 
 # A constant host-side helper: positional arguments carry the root and the command. The
@@ -67,11 +68,12 @@ def run_in_root(root: Path, command: Sequence[str], capture: bool = False) -> st
 
 
 @contextlib.contextmanager
-def prepared_root(root: Path) -> Iterator[None]:
-    """For the duration: no service starts (policy-rc.d) and the host's resolver works.
+def prepared_root(root: Path, apt_auth: str | None = None) -> Iterator[None]:
+    """For the duration: no service starts (policy-rc.d), the host's resolver works, and
+    apt has the mirror's credentials (``apt_auth``).
 
-    Both are undone on the way out, even on error or interrupt, so the image keeps its
-    own /etc/resolv.conf and no build-time policy."""
+    All are undone on the way out, even on error or interrupt, so the image keeps its
+    own /etc/resolv.conf and no build-time policy or credentials."""
     policy, resolv, saved = "/usr/sbin/policy-rc.d", "/etc/resolv.conf", \
         "/etc/.resolv.conf.amiforge"
     treepath.write_file(root, policy, "#!/bin/sh\nexit 101\n", mode=0o755, replace_link=True)
@@ -82,8 +84,11 @@ def prepared_root(root: Path) -> Iterator[None]:
     try:
         if Path("/etc/resolv.conf").exists():
             treepath.copy_in(root, Path("/etc/resolv.conf"), resolv, 0o644)
+        if apt_auth:
+            treepath.write_file(root, AUTH_FILE, apt_auth, mode=0o600, replace_link=True)
         yield
     finally:  # the scripts may have changed the tree: resolve everything again
+        treepath.remove(root, AUTH_FILE)
         treepath.remove(root, policy)
         treepath.remove(root, resolv)
         if had_resolv:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from builder import ami, distros
+from builder.aptauth import split_credentials
 from builder.recipe.load import LoadedRecipe
 from builder.recipe.model import FileSpec, Recipe, Script, User
 from builder.recipe.sizes import ALIGN, BIOS_BOOT_SIZE, ESP_SIZE, MiB
@@ -62,6 +63,8 @@ class OSPlan:
     packages: tuple[str, ...]
     dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
     initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
+    # the mirror's credentials as an apt auth.conf entry: never shown, cached or imaged
+    apt_auth: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["os"]["apt_auth"]  # secret: not in plans, cache keys or manifests
         data["files"] = [f.model_dump(exclude_none=True) for f in self.files]
         data["users"] = [u.model_dump() for u in self.users]
         data["scripts"] = [s.model_dump(exclude_none=True) for s in self.scripts]
@@ -190,10 +194,12 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     disk_size = align_up(volume.size)
     seed = f"{recipe.name}\0{loaded.path.stem}"
     partitions = layout(seed, recipe.arch, volume.boot, disk_size, volume.filesystem)
+    mirror, apt_auth = split_credentials(recipe.os.mirror or distribution.default_mirror)
     os_plan = OSPlan(
         distribution=distribution.name,
         release=recipe.os.release,
-        mirror=recipe.os.mirror or distribution.default_mirror,
+        mirror=mirror,
+        apt_auth=apt_auth,
         components=tuple(recipe.os.components or distribution.default_components),
         architecture=distribution.debian_arch(recipe.arch),
         packages=packages_for(recipe, distribution),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import sh
 
+from builder.aptauth import redact
 from builder.errors import ToolFailed, ToolMissing
 
 log = logging.getLogger("amiforge.run")
@@ -28,7 +29,7 @@ TAIL_LINES = 200
 
 
 def _describe(argv: Sequence[str]) -> str:
-    return shlex.join(str(a) for a in argv)
+    return redact(shlex.join(str(a) for a in argv))
 
 
 def run(
@@ -52,7 +53,8 @@ def run(
             proc = subprocess.run(args, env=full_env, input=input, cwd=cwd,
                                   capture_output=True, check=False)
             if proc.returncode != 0:
-                raise ToolFailed(args, proc.returncode, proc.stderr.decode(errors="replace"))
+                raise ToolFailed(args, proc.returncode,
+                                 redact(proc.stderr.decode(errors="replace")))
             return proc.stdout.decode(errors="replace")
         return _run_streaming(args, full_env, input, cwd)
     except FileNotFoundError as exc:
@@ -75,7 +77,7 @@ def _run_streaming(args: list[str], env: Mapping[str, str], input: bytes | None,
                 line = raw.decode(errors="replace").rstrip("\n")
                 tail.append(line)
                 if echo:
-                    print(f"    {line}", file=sys.stderr, flush=True)
+                    print(f"    {redact(line)}", file=sys.stderr, flush=True)
             returncode = proc.wait()
         except BaseException:
             _stop(proc)
@@ -83,7 +85,7 @@ def _run_streaming(args: list[str], env: Mapping[str, str], input: bytes | None,
     if returncode == 127:
         raise ToolMissing([(args[0], "this build step", package_for(args[0]))])
     if returncode != 0:
-        raise ToolFailed(args, returncode, "\n".join(tail))
+        raise ToolFailed(args, returncode, redact("\n".join(tail)))
     return ""
 
 

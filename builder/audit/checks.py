@@ -167,10 +167,9 @@ def cloud_credentials(view: View, nodes: list[Node]) -> Iterator[Finding]:
 def aws_keys_in_files(view: View, nodes: list[Node]) -> Iterator[Finding]:
     """An AWS key anywhere in the folders a recipe writes to (not only credentials files)."""
     for node in nodes:
-        if node.is_file and node.path.startswith(AWS_KEY_FOLDERS) and node.size < (1 << 20):
-            if AWS_KEY.search(view.read(node.path) or b""):
-                yield Finding("cloud-credentials", ERROR, node.path,
-                              "an AWS access key in the image")
+        wanted = node.is_file and node.path.startswith(AWS_KEY_FOLDERS) and node.size < 1 << 20
+        if wanted and AWS_KEY.search(view.read(node.path) or b""):
+            yield Finding("cloud-credentials", ERROR, node.path, "an AWS access key in the image")
 
 
 def aws_keys_in_tags(tags: dict[str, str]) -> list[Finding]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from builder.aptauth import AUTH_FILE
 from builder.plan import OSPlan
 from builder.run import run
 from builder.templates import render_template
@@ -18,7 +19,7 @@ SEED_FILES = (
 
 
 def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
-                    seed: Path | None = None) -> list[str]:
+                    seed: Path | None = None, auth: Path | None = None) -> list[str]:
     """mmdebstrap's argument list; a pure function so tests can check it."""
     argv = [
         "mmdebstrap",
@@ -40,6 +41,11 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
                     " ".join(f'"$1"{shlex.quote(folder)}' for folder in folders))
         argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
                  for name, folder, _, _ in SEED_FILES]
+    if auth is not None:  # the mirror's credentials, for apt during the bootstrap only
+        folder = shlex.quote(AUTH_FILE.rsplit("/", 1)[0])
+        argv += [f"--setup-hook=mkdir -p \"$1\"{folder}",
+                 f"--setup-hook=upload {shlex.quote(str(auth))} {shlex.quote(AUTH_FILE)}",
+                 f"--customize-hook=rm -f \"$1\"{shlex.quote(AUTH_FILE)}"]
     if apt_cache is not None:
         # Keep downloaded .debs in a cache shared by builds (mmdebstrap's documented idiom).
         argv += [
@@ -56,7 +62,16 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     if apt_cache is not None:
         apt_cache.mkdir(parents=True, exist_ok=True)
     seed = write_seed_files(os_plan, target.parent / f"{target.name}-seed")
-    run(mmdebstrap_argv(os_plan, target, apt_cache, seed))
+    auth = None
+    if os_plan.apt_auth:
+        auth = seed / "apt-auth.conf"
+        auth.touch(mode=0o600)
+        auth.write_text(os_plan.apt_auth)
+    try:
+        run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth))
+    finally:
+        if auth is not None:
+            auth.unlink(missing_ok=True)
 
 
 def write_seed_files(os_plan: OSPlan, folder: Path) -> Path:

@@ -64,13 +64,13 @@ def tool_versions() -> dict[str, str]:
 def stage_inputs(plan: Plan, recipe_dir: Path) -> StageInputs:
     """Everything each stage's output depends on; a stage's key is the hash of this."""
     versions = tool_versions()
-    bootstrap = {"os": dataclasses.asdict(plan.os), "format": STAGE_FORMAT,
+    data = plan.to_dict()
+    bootstrap = {"os": data["os"], "format": STAGE_FORMAT,
                  "mmdebstrap": versions["mmdebstrap"],
                  "seed": _templates_digest(t for _, _, t, _ in SEED_FILES),
                  # a reproducible build clamps the bootstrapped tree's times (so that its
                  # configure layer holds only what configure changed)
                  "epoch": plan.source_date_epoch if plan.reproducible else None}
-    data = plan.to_dict()
     configure = {k: v for k, v in data.items() if k not in (
         "formats", "qcow2_compress", "ami", "register_image", "launch_permission", "backing",
         "os", "recipe_path", "description", "disk_size")}
@@ -154,7 +154,7 @@ def fill_bootstrap_tree(plan_os: Any, cache: StageCache, inputs: StageInputs, tr
         source = "built"
     else:
         copy_tree(base.path / "tree", tree)
-        _install_more(tree, inputs.bootstrap["os"]["packages"])
+        _install_more(tree, inputs.bootstrap["os"]["packages"], plan_os.apt_auth)
         source = "extended"
     if inputs.bootstrap["epoch"] is not None:
         clamp_times(tree, inputs.bootstrap["epoch"], atimes=False)
@@ -176,9 +176,9 @@ def _subset_entry(cache: StageCache, inputs: dict[str, Any]) -> Entry | None:
     return max(usable, key=lambda pair: pair[0])[1] if usable else None
 
 
-def _install_more(tree: Path, packages: list[str]) -> None:
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    with prepared_root(tree):
+def _install_more(tree: Path, packages: list[str], apt_auth: str | None) -> None:
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "--", *packages]
+    with prepared_root(tree, apt_auth):
         try:
             run_in_root(tree, install)
         except ToolFailed:  # the cached package lists may be stale: refresh once

@@ -20,7 +20,7 @@ HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
 
 def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
     write_system_files(plan, tree)
-    with prepared_root(tree):
+    with prepared_root(tree, plan.os.apt_auth):
         for user in plan.users:
             add_user(tree, user)
         for spec in plan.files:

@@ -95,7 +95,8 @@ def test_aws_keys_anywhere_a_recipe_writes(tmp_path: Path) -> None:
     /etc, /home, /root, /opt and /srv, not only in credentials files."""
     root = clean_tree(tmp_path)
     write(root, "/etc/app.conf", "key = AKIAIOSFODNN7EXAMPLE\n")
-    write(root, "/srv/deploy.env", "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
+    write(root, "/srv/deploy.env",
+          "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
     write(root, "/usr/share/doc/x/example", "AKIAIOSFODNN7EXAMPLE\n")  # not a recipe's folder
     assert {p for c, s, p in found(root) if c == "cloud-credentials"} == {
         "/etc/app.conf", "/srv/deploy.env"}
