@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.errors import InputError
 from builder.run import run
 
 META = "meta.json"
@@ -55,6 +57,7 @@ class Entry:
 class StageCache:
     def __init__(self, root: Path):
         self.root = root
+        check_private(root)
 
     def _stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
@@ -164,6 +167,25 @@ class StageCache:
                 return True
         except BlockingIOError:  # in use by a build
             return False
+
+
+def check_private(root: Path) -> None:
+    """Refuse a cache that someone else could have planted entries in: the folder (and its
+    first levels) must be ours and writable by no one else. Cached trees become images
+    and run as root in chroots, so another user's cache is another user's code."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    euid = os.geteuid()
+    for path in (root, *root.glob("*"), *root.glob("stages/*")):
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) and path.parent == root:
+            if stat.S_ISLNK(info.st_mode):
+                raise InputError(f"{path}: a symlink in the cache directory; refusing to use it")
+            continue
+        if info.st_uid != euid or info.st_mode & 0o022:
+            raise InputError(
+                f"{path}: the cache directory must be owned by you (uid {euid}) and writable "
+                f"by no one else (it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})"
+                "; fix it or pass another --cache-dir")
 
 
 def _disk_usage(path: Path) -> int:

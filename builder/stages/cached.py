@@ -149,11 +149,17 @@ def fill_bootstrap_tree(plan_os: Any, cache: StageCache, inputs: StageInputs, tr
     """Bootstrap into ``tree``: from a cached bootstrap that lacks only some packages,
     completed with apt ("extended"), or with mmdebstrap ("built")."""
     base = _subset_entry(cache, inputs.bootstrap)
+    with contextlib.ExitStack() as held:
+        if base is not None:  # held while copied, so that pruning cannot remove it midway
+            held.enter_context(cache.in_use("bootstrap", base.key))
+            if cache.lookup("bootstrap", base.key) is None:
+                base = None
+            else:
+                copy_tree(base.path / "tree", tree)
     if base is None:
         bootstrap(plan_os, tree, apt_cache)
         source = "built"
     else:
-        copy_tree(base.path / "tree", tree)
         _install_more(tree, inputs.bootstrap["os"]["packages"], plan_os.apt_auth)
         source = "extended"
     if inputs.bootstrap["epoch"] is not None:

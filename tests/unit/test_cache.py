@@ -103,3 +103,25 @@ def test_lock_files_use_flock(tmp_path: Path) -> None:
             if readers_may_share:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["writable by others", "owned by another user",
+                                 "stage folder writable by others"])
+def test_a_cache_others_could_write_is_refused(tmp_path: Path, how: str) -> None:
+    from builder.errors import InputError
+
+    root = tmp_path / "cache"
+    (root / "stages/bootstrap").mkdir(parents=True)
+    if how == "writable by others":
+        root.chmod(0o777)
+    elif how == "owned by another user":
+        os.chown(root, 65534, 65534)
+    else:
+        (root / "stages/bootstrap").chmod(0o757)
+    with pytest.raises(InputError, match="writable by no one else"):
+        StageCache(root)
+
+
+def test_a_new_cache_is_private(tmp_path: Path) -> None:
+    StageCache(tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
