@@ -47,7 +47,7 @@ from builder.stages.manifest import (
 from builder.stages.volumes import make_volume
 from builder.templates import render_template
 from builder.tools import check_tools
-from builder.workspace import output_directory, publish, workspace
+from builder.workspace import land, output_directory, signals_deferred, workspace
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
         formats = ("raw", *formats)
     cache = StageCache(options.cache_dir) if options.cache_dir else None
     inputs = stage_inputs(plan, loaded.base_dir)
-    with output_directory(options.output_dir) as out, workspace(out) as ws, \
-            contextlib.ExitStack() as in_use:
+    with output_directory(options.output_dir) as out, contextlib.ExitStack() as landing, \
+            workspace(out) as ws, contextlib.ExitStack() as in_use:
         disk = ws / "disk.raw"
         root = RootTree(ws / "tree", in_use.enter_context(contextlib.ExitStack()))
         filesystems = use_cached(cache, "filesystem", inputs, in_use)
@@ -131,7 +131,9 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                                                      "audit": audit,
                                                      "environment_read": list(loaded.env_read)})
         atomic_write_json(ws / "build-manifest.json", manifest)
-        publish({**{path: name for path, (_, name) in outputs.items()}, **bundle_files,
+        # from here on, an interrupt waits until the results landed and the workspace is gone
+        landing.enter_context(signals_deferred())
+        land({**{path: name for path, (_, name) in outputs.items()}, **bundle_files,
                  **{path: path.name for path in written},
                  ws / "build-manifest.json": "build-manifest.json"}, out)
     return BuildResult(output_dir=options.output_dir, manifest=manifest,

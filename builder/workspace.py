@@ -8,16 +8,21 @@ lock on the output directory refuses a second build of the same directory."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from builder.errors import InputError
+
+log = logging.getLogger("amiforge.workspace")
 
 WORKSPACE_PREFIX = ".amiforge-tmp-"
 
@@ -81,13 +86,51 @@ def remove_tree(path: Path, attempts: int = 20) -> None:
     shutil.rmtree(path)  # the last try reports what could not be removed
 
 
-def publish(files: dict[Path, str], output_dir: Path) -> None:
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM are noted, not acted on, for the duration: once results start to
+    land in the output directory, landing them and removing the workspace finish, and the
+    build has succeeded. Yields the signals that arrived."""
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda n, _frame: arrived.append(n))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield arrived
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if arrived:
+            log.warning("interrupted while the results were landing: finished landing them")
+
+
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def land(files: dict[Path, str], output_dir: Path) -> None:
     """Move finished files and folders (workspace path -> final name) into the output
-    directory. A previous output of the same name is first moved aside into the workspace,
-    which is removed afterwards: renaming over it would make ext4 write the new file out
-    at once (auto_da_alloc), a large part of a warm rebuild for multi-GiB images."""
+    directory. A previous output of the same name is swapped with the new one, so it ends
+    up in the workspace (removed afterwards) and there is no moment without either: and
+    renaming over it would make ext4 write the new file out at once (auto_da_alloc), a
+    large part of a warm rebuild for multi-GiB images."""
     for source, name in files.items():
         target = output_dir / name
-        if target.exists() or target.is_symlink():
+        if not (target.exists() or target.is_symlink()):
+            os.rename(source, target)
+        elif not _exchange(source, target):
             os.rename(target, source.parent / f".replaced-{name}")
-        os.rename(source, target)
+            os.rename(source, target)

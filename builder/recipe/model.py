@@ -162,7 +162,7 @@ class App(Strict):
 
 class VolumeContent(Strict):
     filesystem: Literal["ext4", "xfs"] = "ext4"
-    label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,12}$")]
+    label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,11}$")]
     mount_point: MountPoint | None = None
     files: list[FileSpec] = []
 

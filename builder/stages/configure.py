@@ -91,16 +91,25 @@ def _group_exists(tree: Path, name: str) -> bool:
                for line in treepath.read_text(tree, "/etc/group").splitlines())
 
 
+def useradd_argv(user: User) -> list[str]:
+    """useradd's argument list (a pure function: the fuzz tests check where values go)."""
+    argv = ["useradd", "--create-home", "--user-group", f"--shell={user.shell}"]
+    if user.groups:
+        argv.append(f"--groups={','.join(user.groups)}")
+    return [*argv, "--", user.name]
+
+
+def systemctl_argv(action: str, units: list[str]) -> list[str]:
+    return ["systemctl", action, "--", *units]
+
+
 def add_user(tree: Path, user: User) -> None:
     """Create the user with a locked password; install its SSH keys and sudo rule."""
     for group in user.groups:
         if not _group_exists(tree, group):
-            run_in_root(tree, ["groupadd", group])
-    argv = ["useradd", "--create-home", "--user-group", "--shell", user.shell]
-    if user.groups:
-        argv += ["--groups", ",".join(user.groups)]
-    run_in_root(tree, [*argv, user.name])
-    run_in_root(tree, ["passwd", "--lock", user.name])
+            run_in_root(tree, ["groupadd", "--", group])
+    run_in_root(tree, useradd_argv(user))
+    run_in_root(tree, ["passwd", "--lock", "--", user.name])
     uid, gid = _ids(tree, user.name)
     home = "/root" if user.name == "root" else f"/home/{user.name}"
     if user.ssh_authorized_keys:
@@ -132,9 +141,9 @@ def enable_services(plan: Plan, tree: Path) -> None:
     enable = ["systemd-networkd.service", "systemd-resolved.service", *plan.services_enable]
     if treepath.in_root(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}").exists():
         enable.append(HOST_KEY_UNIT)
-    run_in_root(tree, ["systemctl", "enable", "--", *enable])
+    run_in_root(tree, systemctl_argv("enable", enable))
     if plan.services_disable:
-        run_in_root(tree, ["systemctl", "disable", "--", *plan.services_disable])
+        run_in_root(tree, systemctl_argv("disable", list(plan.services_disable)))
 
 
 def run_script(tree: Path, index: int, text: str) -> None:
