@@ -18,11 +18,15 @@ _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 def split_credentials(url: str) -> tuple[str, str | None]:
     """(the URL without user and password, the auth.conf entry for them or None)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # the message would quote the URL, credentials and all
+        raise InputError("os.mirror: not a valid URL (host or port)") from None
     if parts.username is None and parts.password is None:
         return url, None
     host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = f"{host}:{port}" if port is not None else host
     public = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     login, password = unquote(parts.username or ""), unquote(parts.password or "")
     if re.search(r"[\s\x00-\x1f\x7f]", login + password):

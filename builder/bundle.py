@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from builder import __version__
 from builder.ami import BUNDLE_PREFIX
 from builder.errors import InputError
-from builder.fsutil import data_extents
+from builder.fsutil import data_extents, read_regular_file
 
 if TYPE_CHECKING:
     from builder.plan import Plan
@@ -76,10 +76,7 @@ class BundleKeys:
 
 
 def _read(path: Path, option: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{option} {path}: cannot read: {exc.strerror or exc}") from None
+    return read_regular_file(path, 1 << 20, f"{option} {path}", InputError)
 
 
 def _certificate(path: Path, option: str) -> x509.Certificate:
@@ -132,7 +129,12 @@ def _add_region(regions: list[tuple[int, int]], offset: int, length: int) -> Non
 
 
 def _octal(value: int, width: int) -> bytes:
-    return f"{value:0{width - 1}o}".encode() + b"\0"
+    """A tar number field: octal and NUL where it fits, else GNU tar's base-256 (a first
+    byte of 0x80, then big-endian binary), as GNU tar writes sizes and offsets of 8 GiB and
+    more in a 12-byte field."""
+    if value < 8 ** (width - 1):
+        return f"{value:0{width - 1}o}".encode() + b"\0"
+    return b"\x80" + value.to_bytes(width - 1, "big")
 
 
 def _sparse_entries(regions: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:

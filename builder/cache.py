@@ -173,7 +173,12 @@ def check_private(root: Path) -> None:
     """Refuse a cache that someone else could have planted entries in: the folder (and its
     first levels) must be ours and writable by no one else. Cached trees become images
     and run as root in chroots, so another user's cache is another user's code."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"{root}: the cache directory is not a folder") from None
+    except PermissionError as exc:
+        raise InputError(f"{root}: cannot create the cache directory: {exc.strerror}") from None
     euid = os.geteuid()
     for path in (root, *root.glob("*"), *root.glob("stages/*")):
         info = path.stat()  # a link (a shared apt-archives) is judged by what it points to

@@ -91,6 +91,7 @@ def prepared_root(root: Path, apt_auth: str | None = None) -> Iterator[None]:
         treepath.remove(root, AUTH_FILE)
         treepath.remove(root, policy)
         treepath.remove(root, resolv)
-        if had_resolv:
-            os.replace(treepath.in_root(root, saved, follow_last=False),
-                       treepath.in_root(root, resolv, follow_last=False))
+        if had_resolv:  # unless a script removed it: then the image has none, as it asked
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(treepath.in_root(root, saved, follow_last=False),
+                           treepath.in_root(root, resolv, follow_last=False))

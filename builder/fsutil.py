@@ -5,10 +5,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def read_regular_file(path: Path, limit: int, label: str,
+                      error: type[Exception] = OSError, follow_links: bool = True) -> bytes:
+    """The bytes of ``path``, refused (``error``, messages starting with ``label``) unless
+    it is a regular file of at most ``limit`` bytes: no FIFO that blocks, no /dev/zero
+    that never ends, no folder; without ``follow_links``, no symlink either."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"{label}: cannot read: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{label}: not a regular file")
+        if info.st_size > limit:
+            raise error(f"{label}: larger than {limit} bytes")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:

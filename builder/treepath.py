@@ -118,8 +118,13 @@ def copy_in(root: Path, source: Path, dest: str, mode: int,
 def read_text(root: Path, path: str) -> str:
     """A text file of the image (``/etc/passwd``), read inside the tree."""
     host = in_root(root, path)
-    fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BuildFailed(f"{path} in the image: cannot read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BuildFailed(f"{path} in the image is not a regular file")
         return handle.read().decode(errors="replace")
 
 

@@ -18,11 +18,11 @@ A bundle may come from a stranger, so nothing in it is trusted before it is chec
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import os
 import re
-import stat
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -38,12 +38,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from builder.bundle import BLOCK, PART_SIZE, load_private_key
 from builder.errors import InputError
+from builder.fsutil import read_regular_file
 
 READ = 1 << 20
 MAX_MANIFEST = 1 << 20
 MAX_IMAGE = 10 << 30           # AWS: instance-store root volumes are at most 10 GiB
 MAX_PARTS = MAX_IMAGE // PART_SIZE + 64
 MAX_TAR_OVERHEAD = 64 << 20    # headers and sparse maps around the image's data
+MAX_REGIONS = 1 << 20          # data regions of the sparse member (16 bytes each here)
+MAX_XML_DEPTH = 8              # manifest > image > parts > part > digest is 4
 
 _DECLARATION = re.compile(r'\A<\?xml version="1\.0"( encoding="UTF-8")?\?>\s*')
 _HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
@@ -89,18 +92,8 @@ class Manifest:
 
 # --- the manifest --------------------------------------------------------------------------
 
-def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"{path}: {what} is not a regular file")
-        if info.st_size > limit:
-            raise BundleError(f"{path}: {what} is larger than {limit} bytes")
-        return handle.read(limit + 1)
+def _read_bounded(path: Path, limit: int, what: str, follow_links: bool = False) -> bytes:
+    return read_regular_file(path, limit, f"{path}: {what}", BundleError, follow_links)
 
 
 def _element(text: str, path: Path) -> ElementTree.Element:
@@ -110,13 +103,20 @@ def _element(text: str, path: Path) -> ElementTree.Element:
         raise BundleError(f"{path}: not a well-formed manifest ({exc})") from None
 
 
-def _check_unique_children(element: ElementTree.Element, path: Path) -> None:
-    seen: set[str] = set()
-    for child in element:
-        if child.tag in seen and child.tag not in _REPEATED:
-            raise BundleError(f"{path}: the manifest repeats <{child.tag}>")
-        seen.add(child.tag)
-        _check_unique_children(child, path)
+def _check_unique_children(root: ElementTree.Element, path: Path) -> None:
+    """No element repeats where the format has one, and nothing is nested deeper than the
+    format nests (walked without recursion: the document is a stranger's)."""
+    pending = [(root, 0)]
+    while pending:
+        element, depth = pending.pop()
+        if depth > MAX_XML_DEPTH:
+            raise BundleError(f"{path}: the manifest is nested deeper than the format allows")
+        seen: set[str] = set()
+        for child in element:
+            if child.tag in seen and child.tag not in _REPEATED:
+                raise BundleError(f"{path}: the manifest repeats <{child.tag}>")
+            seen.add(child.tag)
+            pending.append((child, depth + 1))
 
 
 def _signed_region(text: str, path: Path) -> str:
@@ -136,7 +136,7 @@ def read_manifest(path: Path) -> SignedManifest:
     """The signed text and signature of a manifest whose structure is as ec2-bundle-image
     writes it; anything else (comments, DTDs, repeated or unknown elements) is refused."""
     try:
-        text = _read_bounded(path, MAX_MANIFEST, "the manifest").decode("utf-8")
+        text = _read_bounded(path, MAX_MANIFEST, "the manifest", True).decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{path}: the manifest is not UTF-8 text") from None
     body = _DECLARATION.sub("", text, count=1)
@@ -288,17 +288,41 @@ class _Reader:
 
 
 def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU tar's base-256, for 8 GiB and more
+        return int.from_bytes(field[1:], "big")
     text = field.rstrip(b"\0 ").strip()
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BundleError("the image archive has a malformed number in a header") from None
+    if not re.fullmatch(rb"[0-7]{1,12}", text):
+        raise BundleError("the image archive has a malformed number in a header")
+    return int(text, 8)
 
 
-def _sparse_member(reader: _Reader, max_size: int) -> tuple[int, list[tuple[int, int]]]:
-    """The member's size and data regions, checked: ascending, inside the file."""
+class _Regions:
+    """The sparse member's data regions as they are read: ascending, inside the file,
+    at most MAX_REGIONS of them, kept compactly."""
+
+    def __init__(self, size: int):
+        self.size, self.offsets, self.lengths = size, array.array("Q"), array.array("Q")
+
+    def add(self, entry: bytes) -> None:
+        offset, length = _octal(entry[:12]), _octal(entry[12:24])
+        if not length:
+            return
+        end = self.offsets[-1] + self.lengths[-1] if self.offsets else 0
+        if offset < end or offset + length > self.size:
+            raise BundleError("the image archive's sparse map is out of order or too large")
+        if len(self.offsets) >= MAX_REGIONS:
+            raise BundleError(f"the image archive has more than {MAX_REGIONS} data regions")
+        self.offsets.append(offset)
+        self.lengths.append(length)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.offsets, self.lengths, strict=True)
+
+
+def _sparse_member(reader: _Reader, max_size: int) -> tuple[int, _Regions]:
+    """The member's size and data regions, checked as they are read."""
     header = reader.read(BLOCK)
     if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
         raise BundleError("the image archive's header checksum is wrong")
@@ -307,24 +331,21 @@ def _sparse_member(reader: _Reader, max_size: int) -> tuple[int, list[tuple[int,
         raise BundleError("the image archive's member name is not a plain file name")
     if header[156:157] != b"S":
         raise BundleError("the image archive's member is not a GNU sparse file")
-    entries = [(_octal(header[386 + i * 24:398 + i * 24]),
-                _octal(header[398 + i * 24:410 + i * 24])) for i in range(4)]
-    extended, size = header[482], _octal(header[483:495])
-    while extended:
-        block = reader.read(BLOCK)
-        entries += [(_octal(block[i * 24:i * 24 + 12]), _octal(block[i * 24 + 12:i * 24 + 24]))
-                    for i in range(21)]
-        extended = block[504]
+    size = _octal(header[483:495])
     if size > max_size:
         raise BundleError(f"the image archive holds {size} bytes, the manifest says {max_size}")
-    regions, end = [], 0
-    for offset, length in entries:
-        if not length:
-            continue
-        if offset < end or offset + length > size:
-            raise BundleError("the image archive's sparse map is out of order or too large")
-        regions.append((offset, length))
-        end = offset + length
+    regions = _Regions(size)
+    for i in range(4):
+        regions.add(header[386 + i * 24:410 + i * 24])
+    extended, blocks = header[482], 0
+    while extended:
+        blocks += 1
+        if blocks > MAX_REGIONS // 21 + 1:
+            raise BundleError("the image archive's sparse map is longer than any image needs")
+        block = reader.read(BLOCK)
+        for i in range(21):
+            regions.add(block[i * 24:i * 24 + 24])
+        extended = block[504]
     return size, regions
 
 

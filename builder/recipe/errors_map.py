@@ -10,20 +10,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from builder.errors import Location, Problem
-from builder.recipe.yamlsource import SHOWN, key_mark_of, mark_of, shown
+from builder.recipe.yamlsource import dotted, key_mark_of, mark_of, shown
 
-
-def dotted(path: tuple[Any, ...]) -> str:
-    """``root_volume.files[0].dest``; keys are cut to their first 40 characters (a key may
-    come from a file that is not a recipe at all)."""
-    out = ""
-    for step in path:
-        if isinstance(step, int):
-            out += f"[{step}]"
-        else:
-            key = str(step)[:SHOWN] + ("…" if len(str(step)) > SHOWN else "")
-            out += f".{key}" if out else key
-    return out
+__all__ = ["dotted", "problems_from"]
 
 
 TYPE_NAMES = ((bool, "a boolean"), (dict, "a mapping"), (list, "a list"), (str, "a string"),

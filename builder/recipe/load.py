@@ -16,7 +16,13 @@ from builder.errors import InputError, Location, Problem, RecipeError
 from builder.recipe import rules
 from builder.recipe.errors_map import dotted, problems_from
 from builder.recipe.model import App, AppRef, FileSpec, Recipe
-from builder.recipe.templating import TemplateError, environment_access, render
+from builder.recipe.templating import (
+    OutOfTime,
+    TemplateError,
+    environment_access,
+    render,
+    rendering_budget,
+)
 from builder.recipe.yamlsource import (
     LocDict,
     LocList,
@@ -57,13 +63,18 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     data = _load_with_extends(path, sources, (), base_dir, options.allow_host_paths)
     build_time = build_epoch(options)
     variables = _variables(data, options, build_time)
-    with environment_access(options.allow_env | _env_names(data)) as env:
-        problems = _render_tree(data, variables, skip=("vars", "env"))
-        _check_paths(data, base_dir, options.allow_host_paths, problems)
-        recipe = _validate(Recipe, data, reported=problems)
-        _check_rules(recipe, data)
-        recipe = _render_recipe_templates(recipe, data, base_dir, variables)
-        recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
+    try:
+        with environment_access(options.allow_env | _env_names(data)) as env, \
+                rendering_budget():
+            problems = _render_tree(data, variables, skip=("vars", "env"))
+            _check_paths(data, base_dir, options.allow_host_paths, problems)
+            recipe = _validate(Recipe, data, reported=problems)
+            _check_rules(recipe, data)
+            recipe = _render_recipe_templates(recipe, data, base_dir, variables)
+            recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
+    except (OutOfTime, MemoryError) as exc:  # outside a single template's rendering
+        message = str(exc) if isinstance(exc, OutOfTime) else "the recipe needs too much memory"
+        raise RecipeError([Problem(Location(display_path(path)), "", message)]) from None
     return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
                         sources=tuple(sources), data=data, build_time=build_time,
                         reproducible=epoch_is_fixed(options), env_read=tuple(sorted(env.read)))

@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from builder.aptauth import split_credentials
+from builder.errors import InputError
 from builder.recipe.model import Recipe
 from builder.recipe.sizes import MAX_DISK, MIN_ROOT_PARTITION, format_size, layout_overhead
 
@@ -31,6 +33,7 @@ def image_gib(recipe: Recipe) -> int:
 
 def check(recipe: Recipe) -> Found:
     yield from size_rules(recipe)
+    yield from mirror_rules(recipe)
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
@@ -44,6 +47,15 @@ def size_rules(recipe: Recipe) -> Found:
                f"{volume.boot} layout and a root filesystem: at least {format_size(least)}")
     elif volume.size > MAX_DISK:
         yield ("root_volume", "size"), f"at most {format_size(MAX_DISK)} (an EBS volume's limit)"
+
+
+def mirror_rules(recipe: Recipe) -> Found:
+    if recipe.os.mirror is None:
+        return
+    try:
+        split_credentials(recipe.os.mirror)
+    except InputError as exc:
+        yield ("os", "mirror"), str(exc).removeprefix("os.mirror: ")
 
 
 def effective_boot_mode(recipe: Recipe) -> str:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import resource
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,9 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_RESULT = 1 << 20  # characters or items a * or ** may make
+MAX_RENDERED = 1 << 20  # characters one value may render to
+RENDER_SECONDS = 10  # for all the templates of one recipe
+RENDER_MEMORY = 256 << 20  # more address space the templates of one recipe may use
 
 
 class TemplateError(ValueError):
@@ -30,6 +36,45 @@ class TemplateError(ValueError):
 
 class _MissingEnv(Exception):
     pass
+
+
+class OutOfTime(TemplateError):
+    """The recipe's templates ran longer than RENDER_SECONDS."""
+
+
+def _out_of_time(signum: int, frame: object) -> None:
+    raise OutOfTime(f"the recipe's templates ran longer than {RENDER_SECONDS} s")
+
+
+def _address_space() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def rendering_budget(seconds: float | None = None, memory: int | None = None
+                     ) -> Iterator[None]:
+    """Bound what a recipe's templates can take: ``memory`` more address space (a filter
+    like ``center(10**9)`` fails with MemoryError instead of exhausting the host) and
+    ``seconds`` of time (nested loops), checked by SIGALRM where that can be used."""
+    seconds, memory = seconds or RENDER_SECONDS, memory or RENDER_MEMORY
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _address_space() + memory
+    for bound in (soft, hard):
+        if bound != resource.RLIM_INFINITY:
+            limit = min(limit, bound)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    timed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _out_of_time) if timed else None
+    if timed:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 class _EnvNotAllowed(Exception):
@@ -106,7 +151,7 @@ def render(text: str, variables: dict[str, Any]) -> str:
     if not needs_rendering(text):
         return text
     try:
-        return _ENVIRONMENT.from_string(text).render(variables)
+        result = _ENVIRONMENT.from_string(text).render(variables)
     except jinja2.UndefinedError as exc:
         raise TemplateError(f"undefined variable: {exc.message}") from None
     except jinja2.TemplateSyntaxError as exc:
@@ -125,5 +170,10 @@ def render(text: str, variables: dict[str, Any]) -> str:
         raise
     except RecursionError:
         raise TemplateError("template error: recursion too deep") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError, MemoryError) as exc:
+    except MemoryError:
+        raise TemplateError("template error: out of memory") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
         raise TemplateError(f"template error: {str(exc)[:200]}") from None
+    if len(result) > MAX_RENDERED:
+        raise TemplateError(f"renders to more than {MAX_RENDERED} characters")
+    return result

@@ -8,12 +8,14 @@ found later (schema, templating, AWS rules) can name file, line and column.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from builder.aptauth import redact
 from builder.errors import Location, Problem, RecipeError
 
 
@@ -46,8 +48,26 @@ SHOWN = 40                  # characters of a value or key an error message repe
 def shown(value: Any, limit: int = SHOWN) -> str:
     """A value as an error message quotes it: at most ``limit`` characters of it (a file
     that is not a recipe must not be echoed through error messages)."""
-    text = value if isinstance(value, str) else str(value)
+    text = redact(value if isinstance(value, str) else str(value))
     return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
+def _shorten_quoted(message: str) -> str:
+    """PyYAML's messages quote tokens (aliases, tags) whole: cut each to SHOWN."""
+    return re.sub(rf"'([^']{{{SHOWN + 1},}})'", lambda m: shown(m.group(1)), message)
+
+
+def dotted(path: tuple[Any, ...]) -> str:
+    """``root_volume.files[0].dest``; keys are cut to their first 40 characters (a key may
+    come from a file that is not a recipe at all)."""
+    out = ""
+    for step in path:
+        if isinstance(step, int):
+            out += f"[{step}]"
+        else:
+            key = str(step)[:SHOWN] + ("…" if len(str(step)) > SHOWN else "")
+            out += f".{key}" if out else key
+    return out
 
 
 def display_path(path: Path) -> str:
@@ -78,11 +98,12 @@ def _make_loader(name: str, problems: list[Problem]) -> type[yaml.SafeLoader]:
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
-                problems.append(Problem(at(key_node), "", f"key {key!r} is not a string"))
+                problems.append(Problem(at(key_node), "", f"key {shown(key)} is not a string"))
                 key = str(key)
             if key in data:
-                problems.append(Problem(at(key_node), key, "duplicate key (the mapping "
-                                        f"already has {key!r} at line {data.key_marks[key].line})"))
+                problems.append(Problem(at(key_node), dotted((key,)), "duplicate key (the "
+                                        f"mapping already has {shown(key)} at line "
+                                        f"{data.key_marks[key].line})"))
             data[key] = loader.construct_object(value_node, deep=True)
             data.key_marks[key] = at(key_node)
             data.value_marks[key] = at(value_node)
@@ -134,10 +155,11 @@ def loads_yaml(text: str, name: str) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(name, mark.line + 1, mark.column + 1) if mark else Location(name)
-        what = " ".join(part for part in (exc.context, exc.problem) if part)
+        what = _shorten_quoted(" ".join(part for part in (exc.context, exc.problem) if part))
         raise RecipeError([Problem(where, "", f"YAML syntax error: {what}")]) from None
     except yaml.YAMLError as exc:
-        raise RecipeError([Problem(Location(name), "", f"YAML error: {exc}")]) from None
+        raise RecipeError([Problem(Location(name), "",
+                                   f"YAML error: {_shorten_quoted(str(exc))[:200]}")]) from None
     except RecursionError:
         raise RecipeError([Problem(Location(name), "", "YAML nested too deeply")]) from None
     except ValueError as exc:  # e.g. an integer of thousands of digits

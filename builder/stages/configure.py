@@ -70,20 +70,19 @@ def _ids(tree: Path, owner: str) -> tuple[int, int]:
     return uid, gid
 
 
-def _lookup(tree: Path, table: str, name: str, what: str) -> int:
+def _lookup(tree: Path, table: str, name: str, what: str, column: int = 2) -> int:
+    """A numeric id from the image's /etc/passwd or /etc/group (as a script left them)."""
     for line in treepath.read_text(tree, table).splitlines():
         fields = line.split(":")
+        if fields[0] == name and len(fields) > column and fields[column].isdigit():
+            return int(fields[column])
         if fields[0] == name:
-            return int(fields[2])
+            raise BuildFailed(f"{table} in the image has a malformed entry for {name!r}")
     raise BuildFailed(f"{what} {name!r} does not exist in the image")
 
 
 def _primary_gid(tree: Path, user: str) -> int:
-    for line in treepath.read_text(tree, "/etc/passwd").splitlines():
-        fields = line.split(":")
-        if fields[0] == user:
-            return int(fields[3])
-    raise BuildFailed(f"user {user!r} does not exist in the image")
+    return _lookup(tree, "/etc/passwd", user, "user", column=3)
 
 
 def _group_exists(tree: Path, name: str) -> bool:

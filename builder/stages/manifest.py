@@ -3,26 +3,27 @@ partitions), how long each stage took, and which amiforge made it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
+from builder import __version__, treepath
 from builder.fsutil import allocated_bytes, atomic_write_json
 from builder.plan import Plan, sha256_file
-from builder.run import run
 from builder.stages.convert import image_info
 from builder.stages.disk import partitions_report
 
 
 def installed_packages(tree: Path) -> list[dict[str, str]]:
-    output = run(["dpkg-query", f"--admindir={tree / 'var/lib/dpkg'}", "-W", "-f",
-                  "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\n"],
-                 capture=True)
+    """The installed packages, from dpkg's status file read inside the tree (a host tool
+    given the tree's path would follow a script's ``var/lib/dpkg -> /proc/self/root/...``
+    link to the host's own database)."""
     packages = []
-    for line in output.splitlines():
-        name, version, arch, status = line.split("\t")
-        if status.startswith("ii"):
-            packages.append({"name": name, "version": version, "architecture": arch})
+    for paragraph in treepath.read_text(tree, "/var/lib/dpkg/status").split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): ?(.*)$", paragraph, re.M))
+        if fields.get("Status") == "install ok installed" and "Package" in fields:
+            packages.append({"name": fields["Package"], "version": fields.get("Version", ""),
+                             "architecture": fields.get("Architecture", "")})
     return sorted(packages, key=lambda p: p["name"])
 
 

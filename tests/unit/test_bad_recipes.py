@@ -281,6 +281,24 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "template-range": (
         {"recipe.yaml": "name: \"{{ range(200000) | length }}\"\n"},
         ["recipe.yaml:1:7: name: template error: Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000)."]),
+    "template-width-bomb": (
+        {"recipe.yaml": "name: xyz\ndescription: \"{{ 'x' | center(400000000) }}\"\n"},
+        ["recipe.yaml:2:14: description: template error: out of memory"]),
+    "template-concat-bomb": (
+        {"recipe.yaml": "name: xyz\ndescription: \"{% set a = 'x' * 1000000 %}{% set b = a~a~a~a~a~a~a~a %}{% set c = b~b~b~b~b~b~b~b %}{% set d = c~c~c~c~c~c~c~c %}{{ d | length }}\"\n"},
+        ["recipe.yaml:2:14: description: template error: out of memory"]),
+    "mirror-bad-port-with-credentials": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"http://user:s3cr3t@host:99999/debian\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: not a valid URL (host or port)"]),
+    "mirror-credentials-not-echoed": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"http://u:s3cr3t@host/deb ian\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: 'http://***@host/deb ian' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+    "long-alias-not-echoed": (
+        {"recipe.yaml": "name: xyz\ndescription: *" + "a" * 100 + "\n"},
+        ["recipe.yaml:2:14: YAML syntax error: found undefined alias '" + "a" * 40 + "'…"]),
+    "long-duplicate-key-not-echoed": (
+        {"recipe.yaml": "name: xyz\n" + "k" * 60 + ": 1\n" + "k" * 60 + ": 2\n"},
+        ["recipe.yaml:3:1: " + "k" * 40 + "…: duplicate key (the mapping already has '" + "k" * 40 + "'… at line 2)"]),
     "template-string-bomb": (
         {"recipe.yaml": "name: \"{{ 'x' * 10**9 }}\"\n"},
         ["recipe.yaml:1:7: name: the result is too large"]),

@@ -170,3 +170,18 @@ def test_missing_certificate_is_a_clear_error(keys, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="12 digits"):
         BundleKeys(keys[0].user_cert, keys[0].user_key, keys[0].ec2_cert, "123").check()
 
+
+
+def test_sizes_of_8_gib_and_more_use_gnu_base_256(tmp_path: Path) -> None:
+    """A 12-byte tar field holds 11 octal digits (< 8 GiB); instance-store images may be
+    10 GiB. GNU tar writes larger numbers in base-256: Python's tarfile reads them back."""
+    import tarfile
+
+    size = 10 << 30
+    headers = gnu_sparse_headers("disk.raw", size, [(0, 512), (size - 512, 512)])
+    assert len(headers) == 512
+    (tmp_path / "a.tar").write_bytes(headers + b"x" * 1024 + bytes(1024))
+    with tarfile.open(tmp_path / "a.tar") as archive:
+        (member,) = archive.getmembers()
+    assert member.size == size
+    assert [s for s in member.sparse if s[1]] == [(0, 512), (size - 512, 512)]

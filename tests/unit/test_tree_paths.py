@@ -111,3 +111,30 @@ def test_system_files_replace_links_in_the_tree(tree: Path, sentinel: Path) -> N
     assert snapshot(sentinel) == before
     assert (tree / "etc/hostname").read_text() == plan.hostname + "\n"
     assert (tree / "grub/grub.cfg").is_file()  # boot -> / re-rooted: the tree's own root
+
+
+def test_package_list_is_read_inside_the_tree(tree: Path) -> None:
+    """A script's `var/lib/dpkg -> /proc/self/root/var/lib/dpkg` must not make amiforge
+    list the build host's packages (a host tool given the tree's path would follow it)."""
+    from builder.stages.manifest import installed_packages
+
+    (tree / "var/lib").mkdir(parents=True)
+    (tree / "var/lib/dpkg").symlink_to("/proc/self/root/var/lib/dpkg")
+    with pytest.raises(BuildFailed, match="cannot read"):
+        installed_packages(tree)
+    (tree / "var/lib/dpkg").unlink()
+    (tree / "var/lib/dpkg").mkdir()
+    (tree / "var/lib/dpkg/status").write_text(
+        "Package: a\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.0\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nVersion: 2\n\n"
+        "Package: b\nStatus: install ok installed\nMulti-Arch: same\nArchitecture: arm64\n"
+        "Version: 2:3.4-1\nDescription: two\n lines\n")
+    assert installed_packages(tree) == [
+        {"name": "a", "version": "1.0", "architecture": "amd64"},
+        {"name": "b", "version": "2:3.4-1", "architecture": "arm64"}]
+
+
+def test_malformed_passwd_entry_is_a_build_error(tree: Path) -> None:
+    (tree / "etc/passwd").write_text("root:x:zero:0:root:/root:/bin/bash\n")
+    with pytest.raises(BuildFailed, match="malformed entry for 'root'"):
+        install_file(tree, FileSpec(dest="/etc/x", content="x"), tree)

@@ -117,7 +117,7 @@ def test_a_second_image_element_is_refused(genuine, keys, tmp_path, capsys) -> N
     (lambda t: t.replace("<filename>image.part.0</filename>",
                          "<filename>../../etc/passwd</filename>"), "filename is missing"),
     (lambda t: t.replace("<filename>image.part.0</filename>",
-                         "<filename>image.part.9</filename>"), "cannot read part 0"),
+                         "<filename>image.part.9</filename>"), "part 0: cannot read"),
     (lambda t: t.replace("<digest", "<digest", 1).replace('SHA1">', 'SHA1">zz', 1),
      "digest is missing or malformed"),
 ])
@@ -300,3 +300,54 @@ def test_fuzz_unbundle(genuine, keys, tmp_path_factory, mutation) -> None:
         assert code == 2
         assert outputs(out) == []
     shutil.rmtree(work)
+
+
+def test_deeply_nested_manifest_is_refused_before_the_signature(genuine, keys, tmp_path,
+                                                                 capsys) -> None:
+    _, bundle = genuine
+    manifest = copy_bundle(bundle, tmp_path / "b")
+    text = manifest.read_text().replace("<release>0</release>",
+                                        "<release>0</release>" + "<a>" * 5000 + "</a>" * 5000)
+    manifest.write_text(text)
+    assert unbundle_cli(manifest, keys[0].user_key, "-o", str(tmp_path / "x.raw")) == 2
+    assert "nested deeper" in capsys.readouterr().err
+
+
+def test_endless_sparse_map_is_refused_with_bounded_memory(tmp_path, keys, plan,
+                                                           capsys) -> None:
+    """Extension blocks that all say "another follows", 10 GiB declared: refused after the
+    longest map an image can need, without keeping what it read."""
+    header = bytearray(gnu_sparse_headers("disk.raw", 10 << 30, [(0, 512)]))
+    header[482] = 1
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
+    endless = bytearray(512)
+    endless[504] = 1
+    stream = gzip_of([bytes(header), *(bytes(endless) * 2048 for _ in range(64))])
+    manifest = custom_bundle(tmp_path / "b", keys, plan, stream, 10 << 30, "0" * 40)
+    assert unbundle_cli(manifest, keys[0].user_key, "-o", str(tmp_path / "x.raw")) == 2
+    assert "sparse map is longer than any image needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", [b"-600", b"0o10_000", b"1_7"])
+def test_tar_numbers_are_plain_octal(tmp_path, keys, plan, capsys, field) -> None:
+    tar = bytearray(gnu_sparse_headers("disk.raw", 4096, [(0, 512)]))
+    tar[398:410] = field.ljust(11, b"\0") + b"\0"
+    tar[148:156] = b" " * 8
+    tar[148:156] = f"{sum(tar[:512]):06o}".encode() + b"\0 "
+    data = bytes(tar) + b"x" * 512 + bytes(1024)
+    manifest = custom_bundle(tmp_path / "b", keys, plan, gzip_of([data]), 4096,
+                             hashlib.sha1(data).hexdigest())
+    assert unbundle_cli(manifest, keys[0].user_key, "-o", str(tmp_path / "x.raw")) == 2
+    assert "malformed number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["manifest-is-a-folder", "key-is-a-fifo"])
+def test_special_files_as_arguments(genuine, keys, tmp_path, capsys, what) -> None:
+    _, bundle = genuine
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    manifest, key = (tmp_path, keys[0].user_key) if what == "manifest-is-a-folder" else \
+        (bundle / "image.manifest.xml", fifo)
+    assert unbundle_cli(manifest, key, "-o", str(tmp_path / "x.raw")) == 2
+    assert "not a regular file" in capsys.readouterr().err
