@@ -14,7 +14,7 @@ APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-b
 	python3 python3-venv python3-pip openssh-client openssl ca-certificates \
 	python3-guestfs linux-image-amd64
 
-.PHONY: build test unit lint deps venv bench clean
+.PHONY: build test check unit lint deps venv bench clean
 
 build: deps venv
 	$(VENV)/bin/build $(RECIPE)
@@ -22,8 +22,11 @@ build: deps venv
 test: deps venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-unit: venv
-	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+# The fast tier: every test not marked integration or boot (seconds, no build).
+check: venv lint
+	$(VENV)/bin/pytest -m unit -q $(PYTEST_ARGS)
+
+unit: check
 
 lint: venv
 	$(VENV)/bin/ruff check builder tests bench

@@ -43,6 +43,7 @@ from builder.stages.manifest import (
     artifact_entry,
     build_manifest,
     installed_packages,
+    recipe_inputs,
 )
 from builder.stages.volumes import make_volume
 from builder.templates import render_template
@@ -97,9 +98,12 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 configure(plan, root.path, loaded.base_dir)
                 facts = {"packages": installed_packages(root.path),
                          "audit": [f.to_dict() for f in run_checks(TreeView(root.path))]}
-            findings, waivers = apply_waivers(
+            findings, waivers, unused = apply_waivers(
                 [*(Finding(**f) for f in facts["audit"]), *aws_keys_in_tags(plan.ami["tags"])],
                 plan.audit_allow)
+            for waiver in unused:
+                progress.say(f"warning: audit waiver {waiver['check']!r} matched nothing; "
+                             "remove it from audit.allow")
             fail_on_errors(findings)
         with progress.stage("filesystem") as stage:
             if filesystems:
@@ -125,11 +129,15 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
                 bundle_files = make_bundle(plan, disk, ws, options.bundle_keys)
         artifacts = hashes.entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
-        audit = {"findings": [f.to_dict() for f in findings], "waivers": waivers}
+        audit = {"findings": [f.to_dict() for f in findings], "waivers": waivers,
+                 "unused_waivers": unused}
         manifest = build_manifest(plan, loaded.path, artifacts, facts["packages"],
                                   progress.timings, {"stages": progress.report(),
                                                      "audit": audit,
-                                                     "environment_read": list(loaded.env_read)})
+                                                     "environment_read": list(loaded.env_read),
+                                                     "inputs": recipe_inputs(
+                                                         loaded.sources, plan,
+                                                         loaded.base_dir)})
         atomic_write_json(ws / "build-manifest.json", manifest)
         # from here on, an interrupt waits until the results landed and the workspace is gone
         landing.enter_context(signals_deferred())

@@ -40,7 +40,9 @@ def _common_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="build", description="Build machine images from YAML recipes.")
+    parser = _Parser(prog="build", description="Build machine images from YAML recipes.",
+                     epilog=_subcommands_help(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", type=Path, nargs="+", metavar="RECIPE",
                         help="the recipe(s) to build")
     parser.add_argument("-o", "--output-dir", type=Path,
@@ -51,7 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", help="comma-separated: raw,qcow2,vmdk,vhd "
                         "(default: the recipe's outputs.formats)")
     parser.add_argument("--cache-dir", type=Path, help="default: $XDG_CACHE_HOME/amiforge")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the download cache")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="use no stage cache and no package cache: every stage runs from "
+                        "scratch and nothing is kept for the next build")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the tools' output")
     parser.add_argument("--version", action="version", version=f"amiforge {__version__}")
@@ -62,6 +66,27 @@ def _build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--account-id", help="your 12-digit AWS account id")
     _common_recipe_args(parser)
     return parser
+
+
+SUBCOMMAND_HELP = (
+    ("validate RECIPE...", "check recipes and list every error (exit 0 or 2)"),
+    ("plan RECIPE [--json]", "print the fully resolved plan"),
+    ("schema [--app]", "print the JSON Schema of a recipe (or of an app file)"),
+    ("boot IMAGE", "boot an image under QEMU (TCG) and wait for a login prompt"),
+    ("audit IMAGE", "check any disk image for what must not ship in a shared AMI"),
+    ("cache [--prune]", "show or prune the stage cache"),
+    ("unbundle MANIFEST", "verify an instance-store bundle and restore its image"),
+    ("publish OUTPUT_DIR", "upload a build, register the AMI and share it (AWS)"),
+    ("share IMAGE_ID", "change who may launch an AMI (AWS)"),
+    ("copy IMAGE_ID", "copy an AMI to other regions (AWS)"),
+    ("deregister IMAGE_ID", "deregister an AMI, optionally with its snapshots (AWS)"),
+)
+
+
+def _subcommands_help() -> str:
+    width = max(len(usage) for usage, _ in SUBCOMMAND_HELP)
+    lines = [f"  build {usage:<{width}}  {text}" for usage, text in SUBCOMMAND_HELP]
+    return "other commands (`build COMMAND --help` for each):\n" + "\n".join(lines)
 
 
 def _bundle_keys(args: argparse.Namespace, loaded: Any) -> Any:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.run import stop
+from builder.run import start, stop
 
 
 @dataclass
@@ -38,8 +38,7 @@ def _relay(job: Job, stream: object) -> None:
 
 def _start(job: Job) -> threading.Thread:
     job.started = time.monotonic()
-    job.process = subprocess.Popen([sys.executable, "-m", "builder", *job.argv],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job.process = start([sys.executable, "-m", "builder", *job.argv])
     relay = threading.Thread(target=_relay, args=(job, job.process.stderr), daemon=True)
     relay.start()
     return relay

@@ -197,7 +197,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     mirror, apt_auth = split_credentials(recipe.os.mirror or distribution.default_mirror)
     os_plan = OSPlan(
         distribution=distribution.name,
-        release=recipe.os.release,
+        release=recipe.os.release or distribution.default_release,
         mirror=mirror,
         apt_auth=apt_auth,
         components=tuple(recipe.os.components or distribution.default_components),

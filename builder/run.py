@@ -155,5 +155,17 @@ def spawn(argv: Sequence[str | os.PathLike[str]], *, log_path: Path) -> subproce
             raise ToolMissing([(args[0], "booting images", package_for(args[0]))]) from exc
 
 
+def start(argv: Sequence[str | os.PathLike[str]]) -> subprocess.Popen[bytes]:
+    """Start a program whose stdout and stderr the caller reads as it runs (the builds of
+    a ``-j`` run)."""
+    args = [str(a) for a in argv]
+    log.debug("$ %s &", _describe(args))
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError as exc:
+        raise ToolMissing([(args[0], "this step", package_for(args[0]))]) from exc
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     _stop(proc)

@@ -14,6 +14,14 @@ RECIPES = ROOT / "recipes"
 FIXED_EPOCH = 1767225600  # 2026-01-01T00:00:00Z, for plans and reproducible builds
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers by marker: a test that is neither integration nor boot is a unit test
+    (`make check` runs those alone)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("integration", "boot")):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture
 def fixed_epoch(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", str(FIXED_EPOCH))

@@ -10,13 +10,17 @@ from builder.errors import BuildFailed
 
 
 def apply_waivers(findings: Sequence[Finding], allow: Sequence[Any]) -> tuple[
-        list[Finding], list[dict[str, str]]]:
-    """Findings the recipe waived become warnings; return them and the waivers used."""
+        list[Finding], list[dict[str, str]], list[dict[str, str]]]:
+    """Errors the recipe waived become "waived"; returns the findings, the waivers that
+    waived something, and those that matched nothing (a stale waiver is worth a warning:
+    it would silently waive a future finding)."""
     reasons = {w.check: w.reason for w in allow}
     kept = [Finding(f.check, "waived", f.path, f.message) if f.check in reasons and
             f.severity == ERROR else f for f in findings]
-    used = [{"check": c, "reason": r} for c, r in reasons.items()]
-    return kept, used
+    matched = {f.check for f in kept if f.severity == "waived"}
+    used = [{"check": c, "reason": r} for c, r in reasons.items() if c in matched]
+    unused = [{"check": c, "reason": r} for c, r in reasons.items() if c not in matched]
+    return kept, used, unused
 
 
 def errors(findings: Sequence[Finding]) -> list[Finding]:

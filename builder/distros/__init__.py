@@ -1,7 +1,7 @@
 """Distributions as small plugin classes, registered by subclassing (mkosi's idiom).
 
-A distribution knows its default mirror and components, its cloud kernel per
-architecture, the packages every image needs, and how to write its apt sources."""
+A distribution knows its default release, mirror and components, its cloud kernel per
+architecture, and the packages every image needs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ class Distribution:
     default_components: ClassVar[tuple[str, ...]] = ("main",)
     kernels: ClassVar[dict[str, str]]
     base_packages: ClassVar[tuple[str, ...]] = ("systemd-sysv", "udev", "systemd-resolved")
-    sources_template: ClassVar[str] = "apt-sources.j2"
     registry: ClassVar[dict[str, type[Distribution]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from builder import distros
 from builder.errors import InputError, Location, Problem, RecipeError
 from builder.recipe import rules
 from builder.recipe.errors_map import dotted, problems_from
@@ -47,9 +48,7 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path
     base_dir: Path
-    variables: dict[str, Any]
-    sources: tuple[Path, ...]
-    data: Any
+    sources: tuple[Path, ...]  # every recipe, app and template file read, once each
     build_time: int
     reproducible: bool = False
     env_read: tuple[str, ...] = ()
@@ -70,13 +69,13 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
             _check_paths(data, base_dir, options.allow_host_paths, problems)
             recipe = _validate(Recipe, data, reported=problems)
             _check_rules(recipe, data)
-            recipe = _render_recipe_templates(recipe, data, base_dir, variables)
+            recipe = _render_recipe_templates(recipe, data, base_dir, variables, sources)
             recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     except (OutOfTime, MemoryError) as exc:  # outside a single template's rendering
         message = str(exc) if isinstance(exc, OutOfTime) else "the recipe needs too much memory"
         raise RecipeError([Problem(Location(display_path(path)), "", message)]) from None
-    return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir, variables=variables,
-                        sources=tuple(sources), data=data, build_time=build_time,
+    return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir,
+                        sources=tuple(dict.fromkeys(sources)), build_time=build_time,
                         reproducible=epoch_is_fixed(options), env_read=tuple(sorted(env.read)))
 
 
@@ -190,13 +189,15 @@ def _variables(data: LocDict, options: LoadOptions, build_time: int) -> dict[str
 def _facts(data: LocDict, build_time: int) -> dict[str, Any]:
     when = datetime.datetime.fromtimestamp(build_time, datetime.UTC)
     os_data = data.get("os") if isinstance(data.get("os"), dict) else {}
+    distribution = distros.Distribution.registry.get(str(os_data.get("distribution")),
+                                                     distros.Debian)
     arch = data.get("arch", "x86_64")
     return {
         "build_date": when.strftime("%Y-%m-%d"),
         "build_id": when.strftime("%Y%m%d%H%M%S"),
         "arch": arch if isinstance(arch, str) else "x86_64",
-        "os": {"distribution": os_data.get("distribution", "debian"),
-               "release": os_data.get("release", "bookworm")},
+        "os": {"distribution": distribution.name,
+               "release": os_data.get("release") or distribution.default_release},
     }
 
 
@@ -306,7 +307,8 @@ def _check_rules(recipe: Recipe, data: Any) -> None:
 # --- file templates ----------------------------------------------------------------------
 
 def render_file_templates(files: list[FileSpec], data: Any, at: tuple[Any, ...],
-                          base_dir: Path, variables: dict[str, Any]) -> list[FileSpec]:
+                          base_dir: Path, variables: dict[str, Any],
+                          sources: list[Path]) -> list[FileSpec]:
     """Render ``template:`` sources with the variables in scope where they are declared
     (an app sees its own vars); the plan then carries the rendered content."""
     out, problems = [], []
@@ -315,6 +317,7 @@ def render_file_templates(files: list[FileSpec], data: Any, at: tuple[Any, ...],
             out.append(spec)
             continue
         where = (*at, index, "template")
+        sources.append((base_dir / spec.template).resolve())
         try:
             text = render((base_dir / spec.template).read_text(encoding="utf-8"), variables)
         except (TemplateError, OSError, UnicodeDecodeError) as exc:
@@ -328,16 +331,17 @@ def render_file_templates(files: list[FileSpec], data: Any, at: tuple[Any, ...],
 
 
 def _render_recipe_templates(recipe: Recipe, data: Any, base_dir: Path,
-                             variables: dict[str, Any]) -> Recipe:
+                             variables: dict[str, Any], sources: list[Path]) -> Recipe:
     volume = recipe.root_volume
     files = render_file_templates(volume.files, data, ("root_volume", "files"), base_dir,
-                                  variables)
+                                  variables, sources)
     mappings = []
     for index, mapping in enumerate(recipe.block_device_mappings):
         content = mapping.ebs.content if mapping.ebs else None
         if content is not None and mapping.ebs is not None:
             at = ("block_device_mappings", index, "ebs", "content", "files")
-            rendered = render_file_templates(content.files, data, at, base_dir, variables)
+            rendered = render_file_templates(content.files, data, at, base_dir, variables,
+                                             sources)
             mapping = mapping.model_copy(update={"ebs": mapping.ebs.model_copy(update={
                 "content": content.model_copy(update={"files": rendered})})})
         mappings.append(mapping)
@@ -418,7 +422,7 @@ def _load_app(path: Path, include_vars: dict[str, Any], base_dir: Path,
         nested["apps"] = data.pop("apps")
     app = _validate(App, data, reported=problems)
     app = app.model_copy(update={"files": render_file_templates(
-        app.files, data, ("files",), base_dir, app_vars)})
+        app.files, data, ("files",), base_dir, app_vars, sources)})
     refs = _validate(_NestedApps, nested).apps
     return [*_load_apps(refs, nested, ("apps",), base_dir, variables, options, sources,
                         chain), app]

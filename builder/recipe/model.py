@@ -86,7 +86,7 @@ class Strict(BaseModel):
 
 class OS(Strict):
     distribution: Literal["debian", "ubuntu"] = "debian"
-    release: Suite = "bookworm"
+    release: Suite | None = Field(None, description="default: the distribution's default")
     mirror: MirrorUrl | None = None
     components: list[Component] | None = None
     kernel: PackageName | None = Field(

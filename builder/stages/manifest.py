@@ -3,6 +3,7 @@ partitions), how long each stage took, and which amiforge made it."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ def artifact_entry(path: Path, fmt: str, final_name: str) -> dict[str, Any]:
     return {"path": final_name, "format": fmt, "virtual_size": info["virtual-size"],
             "file_size": path.stat().st_size, "allocated_size": allocated_bytes(path),
             "sha256": sha256_file(path)}
+
+
+def recipe_inputs(sources: tuple[Path, ...], plan: Plan, recipe_dir: Path
+                  ) -> list[dict[str, str]]:
+    """Every file the recipe pulled in (extended recipes, apps, templates, files) with its
+    sha256: what a reviewer needs to know exactly what went into the image."""
+    files = [*sources, *(recipe_dir / f.src for f in plan.files if f.src),
+             *(recipe_dir / f.src for v in plan.data_volumes for f in v.files if f.src)]
+    unique = dict.fromkeys(path.resolve() for path in files)
+    return [{"path": os.path.relpath(path, recipe_dir), "sha256": sha256_file(path)}
+            for path in unique]
 
 
 def build_manifest(plan: Plan, recipe_path: Path, artifacts: list[dict[str, Any]],

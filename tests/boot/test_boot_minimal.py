@@ -29,13 +29,16 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
     assert root_fs[0] == "ext4" and "rw" in root_fs[1].split(",")
 
 
-IDENTITIES: dict[str, tuple[str, str]] = {}
+@pytest.fixture(scope="module")
+def identities() -> dict[str, tuple[str, str]]:
+    """Firmware -> (SSH host key, machine id) of each VM booted below."""
+    return {}
 
 
 @pytest.mark.parametrize(("artifact", "firmware"), [("disk.raw", "bios"),
                                                      ("disk.qcow2", "uefi")])
-def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str,
-                                 firmware: str) -> None:
+def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str, firmware: str,
+                                 identities: dict[str, tuple[str, str]]) -> None:
     built = build_recipe(RECIPE)
     with VirtualMachine(built.artifact(artifact), firmware) as vm:
         seconds = vm.wait_for(timeout=300)
@@ -48,13 +51,13 @@ def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str,
         host_key = vm.ssh("admin", ssh_key, "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
         machine_id = vm.ssh("admin", ssh_key, "cat /etc/machine-id").strip()
         assert len(machine_id) == 32
-        IDENTITIES[firmware] = (host_key, machine_id)
+        identities[firmware] = (host_key, machine_id)
 
 
-def test_two_instances_of_one_image_have_their_own_identity() -> None:
+def test_two_instances_of_one_image_have_their_own_identity(
+        identities: dict[str, tuple[str, str]]) -> None:
     """disk.raw and disk.qcow2 hold the same image: the two VMs above made their own SSH
-    host keys and machine ids at first boot."""
-    if len(IDENTITIES) < 2:
-        pytest.skip("needs both boots above")
-    (key_a, id_a), (key_b, id_b) = IDENTITIES.values()
+    host keys and machine ids at first boot. (Run with the boots above; alone it fails.)"""
+    assert sorted(identities) == ["bios", "uefi"], "both boots above must have run first"
+    (key_a, id_a), (key_b, id_b) = identities.values()
     assert key_a != key_b and id_a != id_b

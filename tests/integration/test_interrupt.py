@@ -119,7 +119,8 @@ def test_audit_error_fails_the_build_unless_waived(tmp_path: Path, suite_cache: 
     assert manifest["audit"]["waivers"] == [
         {"check": "private-keys", "reason": "a throw-away demo key for the training image"}]
     assert any(f["severity"] == "waived" for f in manifest["audit"]["findings"])
-    assert sha256_file(tmp_path / "out/disk.raw")
+    raw = next(a for a in manifest["artifacts"] if a["path"] == "disk.raw")
+    assert sha256_file(tmp_path / "out/disk.raw") == raw["sha256"]
 
 
 def test_scripts_cannot_leave_processes_running(tmp_path: Path, suite_cache: Path) -> None:

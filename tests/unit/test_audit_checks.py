@@ -80,10 +80,12 @@ def test_each_planted_problem_is_found(tmp_path: Path) -> None:
 def test_waiver_turns_an_error_into_a_recorded_exception(tmp_path: Path) -> None:
     root = clean_tree(tmp_path)
     write(root, "/root/.bash_history", "x\n")
-    findings, used = apply_waivers(run_checks(TreeView(root)),
-                                   [Waiver(check="shell-history", reason="training image")])
+    findings, used, unused = apply_waivers(
+        run_checks(TreeView(root)), [Waiver(check="shell-history", reason="training image"),
+                                     Waiver(check="private-keys", reason="none any more")])
     assert errors(findings) == []
     assert used == [{"check": "shell-history", "reason": "training image"}]
+    assert unused == [{"check": "private-keys", "reason": "none any more"}]
 
 
 def test_recipe_check_names_are_the_audit_checks() -> None:

@@ -77,7 +77,21 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("amiforge ")
 
 
-def test_verbose_shows_our_messages_not_the_libraries_internals() -> None:
+@pytest.fixture
+def restored_logging():
+    """_logging configures the process's loggers: put them back for the other tests."""
+    import logging
+
+    names = ("", "amiforge", "amiforge.run", "sh.command", "botocore.hooks")
+    levels = {n: logging.getLogger(n).level for n in names}
+    handlers = list(logging.getLogger().handlers)
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+
+
+def test_verbose_shows_our_messages_not_the_libraries_internals(restored_logging) -> None:
     import logging
 
     from builder.cli import _logging
@@ -88,3 +102,13 @@ def test_verbose_shows_our_messages_not_the_libraries_internals() -> None:
     assert not logging.getLogger("botocore.hooks").isEnabledFor(logging.DEBUG)
     _logging(verbose=False)
     assert not logging.getLogger("amiforge.run").isEnabledFor(logging.INFO)
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    from builder.cli import SUBCOMMANDS, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert f"  build {name}" in out, name

@@ -141,3 +141,21 @@ def test_validate_all_shipped_recipes(capsys: pytest.CaptureFixture[str]) -> Non
     recipes = sorted(str(p) for p in (root / "recipes").glob("*.yaml"))
     assert len(recipes) >= 2
     assert main(["validate", *recipes]) == 0, capsys.readouterr().err
+
+
+def test_every_file_the_recipe_pulls_in_is_recorded() -> None:
+    """build-manifest.json's inputs: extended recipes, apps, templates and files, each
+    once with its sha256."""
+    from builder.plan import make_plan, sha256_file
+    from builder.stages.manifest import recipe_inputs
+    from tests.conftest import RECIPES
+
+    loaded = load_recipe(RECIPES / "debian-12-web.yaml")
+    inputs = recipe_inputs(loaded.sources, make_plan(loaded), loaded.base_dir)
+    paths = [i["path"] for i in inputs]
+    for expected in ("debian-12-web.yaml", "debian-12-minimal.yaml", "apps/nginx.yaml",
+                     "apps/files/index.html.j2", "files/motd"):
+        assert expected in paths, expected
+    assert len(paths) == len(set(paths))
+    motd = next(i for i in inputs if i["path"] == "files/motd")
+    assert motd["sha256"] == sha256_file(RECIPES / "files/motd")
