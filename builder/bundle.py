@@ -31,16 +31,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from builder import __version__
 from builder.ami import BUNDLE_PREFIX
 from builder.errors import InputError
-from builder.fsutil import data_extents, read_regular_file
+from builder.fsutil import read_regular_file
+from builder.sparsetar import gnu_sparse_headers, tar_stream
+
+__all__ = ["BundleKeys", "bundle_image", "gnu_sparse_headers"]
 
 if TYPE_CHECKING:
     from builder.plan import Plan
 
 MANIFEST_VERSION = "2007-10-10"
 PART_SIZE = 10 << 20
-BLOCK = 512
-ZERO_GRANULE = 4096
-CHUNK = 1 << 20
 WINDOW = 32 << 10
 # Measured on a Debian image (bench/): deflate level 8 with memLevel 6 (smaller blocks, so
 # Huffman tables adapt more often) is smaller than `gzip -9` and, on two threads, several
@@ -100,102 +100,6 @@ def load_private_key(path: Path, option: str = "--user-key") -> rsa.RSAPrivateKe
     if not isinstance(key, rsa.RSAPrivateKey):
         raise InputError(f"{option} {path}: the key must be RSA")
     return key
-
-
-# --- the sparse tar member ---------------------------------------------------------------
-
-def sparse_map(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of every region holding non-zero data, in 4 KiB granules."""
-    regions: list[tuple[int, int]] = []
-    zero = bytes(ZERO_GRANULE)
-    for start, length in data_extents(fd, size):
-        position = start
-        while position < start + length:
-            chunk = os.pread(fd, min(CHUNK, start + length - position), position)
-            if chunk.count(0) != len(chunk):
-                for i in range(0, len(chunk), ZERO_GRANULE):
-                    if chunk[i:i + ZERO_GRANULE] != zero[:len(chunk[i:i + ZERO_GRANULE])]:
-                        _add_region(regions, position + i,
-                                    min(ZERO_GRANULE, len(chunk) - i))
-            position += len(chunk)
-    return regions
-
-
-def _add_region(regions: list[tuple[int, int]], offset: int, length: int) -> None:
-    if regions and regions[-1][0] + regions[-1][1] == offset:
-        regions[-1] = (regions[-1][0], regions[-1][1] + length)
-    else:
-        regions.append((offset, length))
-
-
-def _octal(value: int, width: int) -> bytes:
-    """A tar number field: octal and NUL where it fits, else GNU tar's base-256 (a first
-    byte of 0x80, then big-endian binary), as GNU tar writes sizes and offsets of 8 GiB and
-    more in a 12-byte field."""
-    if value < 8 ** (width - 1):
-        return f"{value:0{width - 1}o}".encode() + b"\0"
-    return b"\x80" + value.to_bytes(width - 1, "big")
-
-
-def _sparse_entries(regions: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    entries = list(regions)
-    if not entries or entries[-1][0] + entries[-1][1] < size:
-        entries.append((size, 0))  # GNU tar's marker for a file that ends in a hole
-    return entries
-
-
-def gnu_sparse_headers(name: str, size: int, regions: list[tuple[int, int]],
-                       mtime: int = 0) -> bytes:
-    """An old-GNU sparse header ('S') plus extension blocks, as `tar -S` writes them."""
-    entries = _sparse_entries(regions, size)
-    stored = sum(length for _, length in regions)
-    header = bytearray(BLOCK)
-    header[0:len(name)] = name.encode()
-    header[100:108] = _octal(0o644, 8)
-    header[108:116] = _octal(0, 8)
-    header[116:124] = _octal(0, 8)
-    header[124:136] = _octal(stored, 12)
-    header[136:148] = _octal(mtime, 12)
-    header[156:157] = b"S"
-    header[257:265] = b"ustar  \0"
-    header[265:269] = b"root"
-    header[297:301] = b"root"
-    for i, (offset, length) in enumerate(entries[:4]):
-        header[386 + i * 24:398 + i * 24] = _octal(offset, 12)
-        header[398 + i * 24:410 + i * 24] = _octal(length, 12)
-    header[482] = 1 if len(entries) > 4 else 0
-    header[483:495] = _octal(size, 12)
-    header[148:156] = b" " * 8
-    header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
-    blocks = [bytes(header)]
-    rest = entries[4:]
-    while rest:
-        ext = bytearray(BLOCK)
-        for i, (offset, length) in enumerate(rest[:21]):
-            ext[i * 24:i * 24 + 12] = _octal(offset, 12)
-            ext[i * 24 + 12:i * 24 + 24] = _octal(length, 12)
-        rest = rest[21:]
-        ext[504] = 1 if rest else 0
-        blocks.append(bytes(ext))
-    return b"".join(blocks)
-
-
-def tar_stream(image: Path, member: str) -> Iterator[bytes]:
-    """The whole tar archive holding ``image`` as one sparse member, in pieces."""
-    with open(image, "rb") as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        regions = sparse_map(fd, size)
-        yield gnu_sparse_headers(member, size, regions)
-        stored = 0
-        for offset, length in regions:
-            for position in range(offset, offset + length, CHUNK):
-                chunk = os.pread(fd, min(CHUNK, offset + length - position), position)
-                stored += len(chunk)
-                yield chunk
-        if stored % BLOCK:
-            yield bytes(BLOCK - stored % BLOCK)
-        yield bytes(2 * BLOCK)
 
 
 # --- parallel gzip -----------------------------------------------------------------------

@@ -7,7 +7,9 @@ values and recipe templates go through the sandbox in :mod:`builder.recipe.templ
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,15 @@ def _environment() -> jinja2.Environment:
     )
     environment.filters.update(grub=grub_quote, fstab=fstab_escape)
     return environment
+
+
+def templates_digest(names: Iterable[str] | None = None) -> str:
+    """The hash of the named templates, or of all of them (part of stage keys)."""
+    paths = [templates_dir() / n for n in names] if names else templates_dir().glob("*")
+    hasher = hashlib.sha256()
+    for path in sorted(paths):
+        hasher.update(path.name.encode() + b"\0" + path.read_bytes())
+    return hasher.hexdigest()
 
 
 def render_template(name: str, **context: Any) -> str:

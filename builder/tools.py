@@ -1,13 +1,26 @@
-"""Programs a build needs, found up front and reported with their purpose and package."""
+"""Programs a build needs, found up front and reported with their purpose and package;
+their versions, for the keys of what they make."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
-from builder.errors import ToolMissing
+from builder.errors import ToolFailed, ToolMissing
 from builder.plan import Plan
-from builder.run import package_for
+from builder.run import package_for, run
+
+STAGE_FORMAT = 3  # bump when a stage's output changes for the same inputs
+
+
+@functools.cache
+def tool_version(*argv: str) -> str:
+    """The first line of a tool's version output: part of the key of what it makes."""
+    try:
+        return (run(list(argv), capture=True).strip().splitlines() or ["unknown"])[0]
+    except (ToolFailed, OSError):
+        return "unknown"
 
 BASE = {
     "mmdebstrap": "bootstrapping the root tree",

@@ -18,7 +18,6 @@ A bundle may come from a stranger, so nothing in it is trusted before it is chec
 
 from __future__ import annotations
 
-import array
 import contextlib
 import hashlib
 import os
@@ -36,16 +35,17 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from builder.bundle import BLOCK, PART_SIZE, load_private_key
+from builder.bundle import PART_SIZE, load_private_key
 from builder.errors import InputError
 from builder.fsutil import read_regular_file
+from builder.sparsetar import READ, BundleError, Reader, restore
 
-READ = 1 << 20
+__all__ = ["BundleError", "unbundle"]
+
 MAX_MANIFEST = 1 << 20
 MAX_IMAGE = 10 << 30           # AWS: instance-store root volumes are at most 10 GiB
 MAX_PARTS = MAX_IMAGE // PART_SIZE + 64
 MAX_TAR_OVERHEAD = 64 << 20    # headers and sparse maps around the image's data
-MAX_REGIONS = 1 << 20          # data regions of the sparse member (16 bytes each here)
 MAX_XML_DEPTH = 8              # manifest > image > parts > part > digest is 4
 
 _DECLARATION = re.compile(r'\A<\?xml version="1\.0"( encoding="UTF-8")?\?>\s*')
@@ -56,10 +56,6 @@ _FILE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
 # the manifest's top-level elements, in order; each exactly once
 _TOP = ("version", "bundler", "machine_configuration", "image", "signature")
 _REPEATED = {"part", "mapping", "product_code"}
-
-
-class BundleError(InputError):
-    """The bundle does not verify: a digest, the signature, or its structure."""
 
 
 @dataclass(frozen=True)
@@ -263,108 +259,6 @@ def _plain_stream(manifest: Manifest, key: bytes, iv: bytes,
     yield rest
 
 
-class _Reader:
-    """Exact-size reads from a stream of byte pieces (each at most READ bytes)."""
-
-    def __init__(self, pieces: Iterator[bytes]):
-        self._pieces = pieces
-        self._buffer = bytearray()
-
-    def read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            piece = next(self._pieces, None)
-            if piece is None:
-                raise BundleError("the image archive ends early")
-            self._buffer += piece
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return out
-
-    def only_zeros_left(self) -> bool:
-        if self._buffer.count(0) != len(self._buffer):
-            return False
-        self._buffer.clear()
-        return all(piece.count(0) == len(piece) for piece in self._pieces)
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU tar's base-256, for 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    text = field.rstrip(b"\0 ").strip()
-    if not text:
-        return 0
-    if not re.fullmatch(rb"[0-7]{1,12}", text):
-        raise BundleError("the image archive has a malformed number in a header")
-    return int(text, 8)
-
-
-class _Regions:
-    """The sparse member's data regions as they are read: ascending, inside the file,
-    at most MAX_REGIONS of them, kept compactly."""
-
-    def __init__(self, size: int):
-        self.size, self.offsets, self.lengths = size, array.array("Q"), array.array("Q")
-
-    def add(self, entry: bytes) -> None:
-        offset, length = _octal(entry[:12]), _octal(entry[12:24])
-        if not length:
-            return
-        end = self.offsets[-1] + self.lengths[-1] if self.offsets else 0
-        if offset < end or offset + length > self.size:
-            raise BundleError("the image archive's sparse map is out of order or too large")
-        if len(self.offsets) >= MAX_REGIONS:
-            raise BundleError(f"the image archive has more than {MAX_REGIONS} data regions")
-        self.offsets.append(offset)
-        self.lengths.append(length)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.offsets, self.lengths, strict=True)
-
-
-def _sparse_member(reader: _Reader, max_size: int) -> tuple[int, _Regions]:
-    """The member's size and data regions, checked as they are read."""
-    header = reader.read(BLOCK)
-    if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-        raise BundleError("the image archive's header checksum is wrong")
-    name = header[:100].split(b"\0")[0]
-    if not _FILE_NAME.match(name.decode("ascii", "replace")) or name in (b".", b".."):
-        raise BundleError("the image archive's member name is not a plain file name")
-    if header[156:157] != b"S":
-        raise BundleError("the image archive's member is not a GNU sparse file")
-    size = _octal(header[483:495])
-    if size > max_size:
-        raise BundleError(f"the image archive holds {size} bytes, the manifest says {max_size}")
-    regions = _Regions(size)
-    for i in range(4):
-        regions.add(header[386 + i * 24:410 + i * 24])
-    extended, blocks = header[482], 0
-    while extended:
-        blocks += 1
-        if blocks > MAX_REGIONS // 21 + 1:
-            raise BundleError("the image archive's sparse map is longer than any image needs")
-        block = reader.read(BLOCK)
-        for i in range(21):
-            regions.add(block[i * 24:i * 24 + 24])
-        extended = block[504]
-    return size, regions
-
-
-def _restore(reader: _Reader, handle: object, max_size: int) -> int:
-    size, regions = _sparse_member(reader, max_size)
-    out = handle  # a binary file opened for writing
-    stored = 0
-    for offset, length in regions:
-        out.seek(offset)  # type: ignore[attr-defined]
-        for position in range(0, length, READ):
-            out.write(reader.read(min(READ, length - position)))  # type: ignore[attr-defined]
-        stored += length
-    out.truncate(size)  # type: ignore[attr-defined]
-    reader.read(-stored % BLOCK)
-    if not reader.only_zeros_left():
-        raise BundleError("the image archive holds more than one member")
-    return size
-
-
 # --- the whole ---------------------------------------------------------------------------
 
 def default_output(manifest_path: Path) -> Path:
@@ -386,7 +280,7 @@ def unbundle(manifest_path: Path, user_key: Path, output: Path | None = None,
     aes_key = _decrypt_field(manifest.user_key, key, "key")
     aes_iv = _decrypt_field(manifest.user_iv, key, "iv")
     digest = hashlib.sha1()
-    reader = _Reader(_plain_stream(manifest, aes_key, aes_iv, digest))
+    reader = Reader(_plain_stream(manifest, aes_key, aes_iv, digest))
     try:
         fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
                                        dir=target.parent)
@@ -394,7 +288,7 @@ def unbundle(manifest_path: Path, user_key: Path, output: Path | None = None,
         raise InputError(f"{target}: cannot write there: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            size = _restore(reader, handle, manifest.size)
+            size = restore(reader, handle, manifest.size)
         if digest.hexdigest() != manifest.digest:
             raise BundleError("the image digest does not match the manifest")
         if size != manifest.size:

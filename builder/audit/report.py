@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-from builder.audit.checks import ERROR, Finding
+from builder.audit.checks import ERROR, Finding, aws_keys_in_tags
 from builder.errors import BuildFailed
+
+log = logging.getLogger("amiforge.audit")
 
 
 def apply_waivers(findings: Sequence[Finding], allow: Sequence[Any]) -> tuple[
@@ -43,3 +46,20 @@ def fail_on_errors(findings: Sequence[Finding]) -> None:
         detail = "; ".join(f"{f.check} {f.path}" for f in found[:5])
         raise BuildFailed(f"the image fails the shared-AMI audit ({len(found)} errors: "
                           f"{detail}); fix the recipe or waive a check with audit.allow")
+
+
+def audit_report(plan: Any, facts: dict[str, Any]) -> tuple[
+        list[Finding], list[dict[str, str]], list[dict[str, str]]]:
+    """The configured tree's findings (kept in the stage facts) and the AMI's tags, with
+    the recipe's waivers applied: (findings, waivers used, waivers that matched nothing)."""
+    found = [*(Finding(**f) for f in facts["audit"]), *aws_keys_in_tags(plan.ami["tags"])]
+    return apply_waivers(found, plan.audit_allow)
+
+
+def check_audit(plan: Any, facts: dict[str, Any]) -> None:
+    """Fail the build on an error the recipe did not waive; warn of stale waivers."""
+    findings, _, unused = audit_report(plan, facts)
+    for waiver in unused:
+        log.warning("warning: audit waiver %r matched nothing; remove it from audit.allow",
+                    waiver["check"])
+    fail_on_errors(findings)

@@ -16,7 +16,9 @@ from builder import distros
 from builder.errors import InputError, Location, Problem, RecipeError
 from builder.recipe import rules
 from builder.recipe.errors_map import dotted, problems_from
+from builder.recipe.extends import load_mapping, load_with_extends
 from builder.recipe.model import App, AppRef, FileSpec, Recipe
+from builder.recipe.paths import check_paths
 from builder.recipe.templating import (
     OutOfTime,
     TemplateError,
@@ -26,7 +28,6 @@ from builder.recipe.templating import (
 )
 from builder.recipe.yamlsource import (
     LocDict,
-    LocList,
     display_path,
     load_yaml,
     mark_of,
@@ -59,14 +60,14 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     path = Path(path)
     base_dir = path.resolve().parent
     sources: list[Path] = []
-    data = _load_with_extends(path, sources, (), base_dir, options.allow_host_paths)
+    data = load_with_extends(path, sources, (), base_dir, options.allow_host_paths)
     build_time = build_epoch(options)
     variables = _variables(data, options, build_time)
     try:
         with environment_access(options.allow_env | _env_names(data)) as env, \
                 rendering_budget():
             problems = _render_tree(data, variables, skip=("vars", "env"))
-            _check_paths(data, base_dir, options.allow_host_paths, problems)
+            check_paths(data, base_dir, options.allow_host_paths, problems)
             recipe = _validate(Recipe, data, reported=problems)
             _check_rules(recipe, data)
             recipe = _render_recipe_templates(recipe, data, base_dir, variables, sources)
@@ -102,69 +103,6 @@ def build_epoch(options: LoadOptions) -> int:
     if env and env.isdigit():
         return int(env)
     return int(datetime.datetime.now(datetime.UTC).timestamp())
-
-
-# --- extends ---------------------------------------------------------------------------
-
-def _load_mapping(path: Path, what: str) -> LocDict:
-    data = load_yaml(path, what=what)
-    if data is None:
-        data = LocDict(mark=Location(display_path(path), 1, 1))
-    if not isinstance(data, LocDict):
-        where = getattr(data, "mark", Location(display_path(path), 1, 1))
-        raise RecipeError([Problem(where, "", f"a {what} must be a YAML mapping of keys")])
-    return data
-
-
-def _load_with_extends(path: Path, sources: list[Path], chain: tuple[Path, ...],
-                       base_dir: Path, allow_host: bool) -> LocDict:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
-        raise RecipeError([Problem(Location(display_path(path)), "extends",
-                                   f"extends cycle: {cycle}")])
-    data = _load_mapping(path, "recipe" if not chain else "base recipe")
-    sources.append(resolved)
-    base_ref = data.pop("extends", None)
-    if base_ref is None:
-        return data
-    if not isinstance(base_ref, str):
-        raise RecipeError([Problem(data.value_marks["extends"], "extends",
-                                   "must be a path to a recipe file")])
-    base_path = resolved.parent / base_ref
-    refused = _outside(base_ref, base_path, base_dir, allow_host)
-    if refused:
-        raise RecipeError([Problem(data.value_marks["extends"], "extends", refused)])
-    if not base_path.is_file():
-        raise RecipeError([Problem(data.value_marks["extends"], "extends",
-                                   f"base recipe {shown(base_ref)} not found")])
-    base = _load_with_extends(base_path, sources, (*chain, resolved), base_dir, allow_host)
-    return merge(base, data)
-
-
-def merge(base: Any, override: Any) -> Any:
-    """Maps merge, lists append, a key set to null removes it."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        out = LocDict(mark=getattr(override, "mark", None))
-        for source in (base, override):
-            out.key_marks.update(getattr(source, "key_marks", {}))
-            out.value_marks.update(getattr(source, "value_marks", {}))
-        for key, value in base.items():
-            out[key] = value
-        for key, value in override.items():
-            if value is None:
-                out.pop(key, None)
-            elif key in out:
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = value
-        return out
-    if isinstance(base, list) and isinstance(override, list):
-        out_list = LocList([*base, *override], mark=getattr(override, "mark", None))
-        out_list.item_marks = [*getattr(base, "item_marks", []),
-                               *getattr(override, "item_marks", [])]
-        return out_list
-    return override
 
 
 # --- variables and templating ------------------------------------------------------------
@@ -224,77 +162,6 @@ def _render_tree(node: Any, variables: dict[str, Any], skip: tuple[str, ...] = (
         else:
             problems.extend(_render_tree(value, variables, (), here, root))
     return problems
-
-
-# --- paths -------------------------------------------------------------------------------
-
-def _file_entries(data: Any, prefix: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], Any]]:
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, list):
-        return []
-    return [((*prefix, "files", i), entry) for i, entry in enumerate(files)
-            if isinstance(entry, dict)]
-
-
-def _path_fields(data: Any) -> list[tuple[tuple[Any, ...], Any, str]]:
-    """(path to the mapping, the mapping, key) for every recipe value that names a file."""
-    out = []
-    root_volume = data.get("root_volume") if isinstance(data, dict) else None
-    entries = _file_entries(root_volume, ("root_volume",)) + _file_entries(data, ())
-    mappings = data.get("block_device_mappings") if isinstance(data, dict) else None
-    for i, bdm in enumerate(mappings if isinstance(mappings, list) else []):
-        ebs = bdm.get("ebs") if isinstance(bdm, dict) else None
-        content = ebs.get("content") if isinstance(ebs, dict) else None
-        entries += _file_entries(content, ("block_device_mappings", i, "ebs", "content"))
-    for where, entry in entries:
-        out += [(where, entry, key) for key in ("src", "template")]
-    apps = data.get("apps") if isinstance(data, dict) else None
-    for i, app in enumerate(apps if isinstance(apps, list) else []):
-        if isinstance(app, dict):
-            out.append((("apps", i), app, "include"))
-    bundle = (data.get("ami") or {}).get("bundle") if isinstance(data.get("ami"), dict) else None
-    if isinstance(bundle, dict):
-        out += [(("ami", "bundle"), bundle, key) for key in ("user_cert", "user_key", "ec2_cert")]
-    return out
-
-
-def _check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Problem]) -> None:
-    """Rewrite file references relative to ``base_dir`` and refuse escapes from it.
-
-    A reference is relative to the file that declares it (known from its location), so a
-    base recipe or an app in another folder works; the result is relative to the top
-    recipe's folder, which keeps plans free of machine-specific absolute paths.
-    """
-    for where, mapping, key in _path_fields(data):
-        value = mapping.get(key)
-        if not isinstance(value, str):
-            continue
-        mark = mapping.value_marks.get(key) if isinstance(mapping, LocDict) else None
-        declared_in = Path(mark.file).resolve().parent if mark else base_dir
-        target = (declared_in / value).resolve()
-        refused = _outside(value, target, base_dir, allow_host)
-        if refused:
-            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
-                                    refused))
-            continue
-        if not target.is_file():
-            what = "not a regular file" if target.exists() else "not found"
-            problems.append(Problem(mark or Location("<recipe>"), dotted((*where, key)),
-                                    f"{shown(value)} {what} (looked for "
-                                    f"{display_path(target)})"))
-            continue
-        inside = target == base_dir or base_dir in target.parents
-        mapping[key] = str(target) if not inside else os.path.relpath(target, base_dir)
-
-
-def _outside(value: str, target: Path, base_dir: Path, allow_host: bool) -> str | None:
-    """Why a referenced file may not be used (outside the recipe's folder), or None."""
-    inside = base_dir in target.resolve().parents
-    if allow_host or (inside and not Path(value).is_absolute()):
-        return None
-    kind = "an absolute host path" if Path(value).is_absolute() else \
-        "a path outside the recipe's folder"
-    return f"{shown(value)} is {kind} (pass --allow-host-paths to allow)"
 
 
 def _check_rules(recipe: Recipe, data: Any) -> None:
@@ -410,12 +277,12 @@ def _load_apps(refs: list[Any], data: Any, at: tuple[Any, ...], base_dir: Path,
 def _load_app(path: Path, include_vars: dict[str, Any], base_dir: Path,
               variables: dict[str, Any], options: LoadOptions, sources: list[Path],
               chain: tuple[Path, ...]) -> list[App]:
-    data = _load_mapping(path, "app")
+    data = load_mapping(path, "app")
     sources.append(path.resolve())
     defaults = data.get("vars") if isinstance(data.get("vars"), dict) else {}
     app_vars = {**defaults, **variables, **include_vars}
     problems = _render_tree(data, app_vars, skip=("vars",))
-    _check_paths(data, base_dir, options.allow_host_paths, problems)
+    check_paths(data, base_dir, options.allow_host_paths, problems)
     nested = LocDict(mark=data.mark)
     if "apps" in data:
         nested.value_marks["apps"] = data.value_marks["apps"]

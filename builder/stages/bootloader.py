@@ -13,7 +13,9 @@ from pathlib import Path
 
 from builder.errors import BuildFailed
 from builder.fsutil import read_at, write_at
+from builder.plan import Plan
 from builder.run import run
+from builder.templates import render_template
 
 GRUB_LIB = Path("/usr/lib/grub")
 SECTOR = 512
@@ -76,3 +78,20 @@ def install_bios(disk: Path, core_img: Path, partition_start: int, partition_siz
                       read_at(disk, 0, SECTOR), core_lba)
     write_at(disk, partition_start, core)
     write_at(disk, 0, boot)
+
+
+def early_config(plan: Plan, work: Path) -> Path:
+    """GRUB's embedded config (find the root filesystem), shared by the BIOS and EFI
+    images of one build."""
+    path = work / "grub-early.cfg"
+    if not path.exists():
+        path.write_text(render_template("grub-early.cfg.j2", plan=plan))
+    return path
+
+
+def make_bios_core(plan: Plan, work: Path) -> Path | None:
+    if plan.partition("bios-boot") is None:
+        return None
+    core = work / "core.img"
+    build_bios_core(core, early_config(plan, work))
+    return core

@@ -1,14 +1,23 @@
-"""Stage 1: bootstrap the root tree with mmdebstrap (the package set is final here)."""
+"""Stage 1: bootstrap the root tree with mmdebstrap (the package set is final here), or
+complete a cached bootstrap that lacks only some packages with apt."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
+from typing import Any
 
 from builder.aptauth import AUTH_FILE
-from builder.plan import OSPlan
+from builder.cache import Entry, StageCache, copy_tree
+from builder.chroot import prepared_root, run_in_root
+from builder.errors import ToolFailed
+from builder.pipeline.runner import Context
+from builder.plan import OSPlan, Plan
 from builder.run import run
-from builder.templates import render_template
+from builder.stages.filesystem import clamp_times
+from builder.templates import render_template, templates_digest
+from builder.tools import STAGE_FORMAT, tool_version
 
 # Files in place before the kernel package is installed, so that its initramfs is made
 # once, small: (file name, directory in the tree, template, mode).
@@ -81,3 +90,65 @@ def write_seed_files(os_plan: OSPlan, folder: Path) -> Path:
         path.write_text(render_template(template, modules=os_plan.initramfs_modules))
         path.chmod(mode)
     return folder
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
+    """What the bootstrapped tree depends on (its cache key)."""
+    return {"os": plan.to_dict()["os"], "format": STAGE_FORMAT,
+            "mmdebstrap": tool_version("mmdebstrap", "--version"),
+            "seed": templates_digest(t for _, _, t, _ in SEED_FILES),
+            # a reproducible build clamps the bootstrapped tree's times (so that its
+            # configure layer holds only what configure changed)
+            "epoch": plan.source_date_epoch if plan.reproducible else None}
+
+
+def run_stage(ctx: Context) -> None:
+    """Bootstrap into ``ctx.output``: from a cached bootstrap that lacks only some
+    packages, completed with apt ("extended"), or with mmdebstrap."""
+    plan, cache, tree = ctx.plan, ctx.cache, ctx.output
+    if cache is None:
+        bootstrap(plan.os, tree, None)
+        return
+    base = _subset_entry(cache, ctx.inputs)
+    with contextlib.ExitStack() as held:
+        if base is not None:  # held while copied, so that pruning cannot remove it midway
+            held.enter_context(cache.in_use("bootstrap", base.key))
+            if cache.lookup("bootstrap", base.key) is None:
+                base = None
+            else:
+                copy_tree(base.path / "tree", tree)
+    if base is None:
+        bootstrap(plan.os, tree, cache.root / "apt-archives")
+    else:
+        _install_more(tree, list(plan.os.packages), plan.os.apt_auth)
+        ctx.source = "extended"
+    if plan.reproducible:
+        clamp_times(tree, plan.source_date_epoch, atimes=False)
+
+
+def _subset_entry(cache: StageCache, inputs: dict[str, Any]) -> Entry | None:
+    """The cached bootstrap with the most packages, made the same way, lacking only some."""
+    wanted = set(inputs["os"]["packages"])
+
+    def same_except_packages(other: dict[str, Any]) -> bool:
+        strip = lambda d: {**d, "os": {**d["os"], "packages": None}}  # noqa: E731
+        return strip(other) == strip(inputs)
+
+    candidates = [e for e in cache.entries() if e.stage == "bootstrap"]
+    usable = [(len(m["os"]["packages"]), e) for e in candidates
+              if same_except_packages(m := e.meta["inputs"])
+              and set(m["os"]["packages"]) < wanted]
+    return max(usable, key=lambda pair: pair[0])[1] if usable else None
+
+
+def _install_more(tree: Path, packages: list[str], apt_auth: str | None) -> None:
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "--", *packages]
+    with prepared_root(tree, apt_auth):
+        try:
+            run_in_root(tree, install)
+        except ToolFailed:  # the cached package lists may be stale: refresh once
+            run_in_root(tree, ["apt-get", "update"])
+            run_in_root(tree, install)
+        run_in_root(tree, ["apt-get", "clean"])

@@ -5,17 +5,49 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from builder import treepath
+from builder import __version__, treepath
+from builder.audit.checks import run_checks
+from builder.audit.views import TreeView
 from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
-from builder.plan import Plan
+from builder.pipeline.runner import Context
+from builder.plan import Plan, sha256_file
 from builder.recipe.model import FileSpec, User
 from builder.run import run
 from builder.stages.filesystem import clamp_times
-from builder.templates import render_template
+from builder.stages.manifest import installed_packages
+from builder.templates import render_template, templates_digest
+from builder.tools import STAGE_FORMAT
 
 HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
+
+
+# Plan fields the configured tree does not depend on.
+NOT_CONFIGURE = ("formats", "qcow2_compress", "ami", "register_image", "launch_permission",
+                 "backing", "os", "recipe_path", "description", "disk_size")
+
+
+def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
+    """What the configured tree depends on (besides the bootstrapped tree it starts from):
+    the plan, amiforge's templates and the recipe's files."""
+    data = {k: v for k, v in plan.to_dict().items() if k not in NOT_CONFIGURE}
+    if not plan.reproducible:  # the build time only matters when it is fixed
+        data.pop("source_date_epoch")
+    recipe_dir = extras["recipe_dir"]
+    sources = sorted({f.src for f in plan.files if f.src} |
+                     {f.src for v in plan.data_volumes for f in v.files if f.src})
+    return {**data, "templates": templates_digest(),
+            "sources": {s: sha256_file(recipe_dir / s) for s in sources},
+            "amiforge": __version__, "format": STAGE_FORMAT}
+
+
+def run_stage(ctx: Context) -> dict[str, Any]:
+    """Configure the tree; the facts later stages need: its packages and audit findings."""
+    configure(ctx.plan, ctx.output, ctx.extras["recipe_dir"])
+    return {"packages": installed_packages(ctx.output),
+            "audit": [f.to_dict() for f in run_checks(TreeView(ctx.output))]}
 
 
 def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:

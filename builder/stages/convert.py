@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from builder.fsutil import copy_sparse, create_sparse
+from builder.pipeline.runner import Context
+from builder.plan import Plan
 from builder.run import qemu_img
 
 # qemu-img's format name and options for each output format amiforge offers.
@@ -30,3 +33,32 @@ def convert(source: Path, target: Path, fmt: str, compress: bool = False) -> Non
 
 def image_info(path: Path) -> dict[str, object]:
     return json.loads(qemu_img("info", "--output=json", str(path)))
+
+
+def run_stage(ctx: Context) -> dict[str, object]:
+    """Every requested format of the disk and of each data volume; the facts name each
+    output file (workspace path -> format and final name)."""
+    disk = ctx.input("disk") / "disk.raw"
+    images = [disk, *(ctx.input("filesystem") / v.image for v in ctx.plan.data_volumes)]
+    outputs = convert_all(ctx.plan, images, disk, ctx.output, ctx.extras["formats"])
+    return {"outputs": {str(path): list(value) for path, value in outputs.items()}}
+
+
+def convert_all(plan: Plan, images: list[Path], disk: Path, folder: Path,
+                formats: tuple[str, ...]) -> dict[Path, tuple[str, str]]:
+    """Output path -> (format, final file name) for every image and requested format."""
+    outputs: dict[Path, tuple[str, str]] = {}
+    for image in images:
+        stem = image.name.removesuffix(".raw")
+        for fmt in formats:
+            name = f"{stem}.{EXTENSIONS[fmt]}"
+            target = folder / name
+            if fmt == "raw" and image == disk:  # made by this build: lands as it is
+                target = disk
+            elif fmt == "raw":  # a stored image: the output gets its own copy
+                create_sparse(target, image.stat().st_size)
+                copy_sparse(image, target)
+            else:
+                convert(image, target, fmt, compress=plan.qcow2_compress)
+            outputs[target] = (fmt, name)
+    return outputs

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from builder.errors import BuildFailed
 from builder.fsutil import copy_sparse, create_sparse
+from builder.pipeline.runner import Context
 from builder.plan import Partition, Plan, fixed_uuid
 from builder.run import run
-from builder.stages.bootloader import install_bios
+from builder.stages.bootloader import install_bios, make_bios_core
 
 SECTOR = 512
 
@@ -64,3 +65,13 @@ def _report(part: Partition) -> dict[str, object]:
     return {"number": part.number, "name": part.name, "type_guid": part.type_guid,
             "uuid": part.uuid, "start": part.start, "size": part.size,
             "filesystem": part.filesystem, "filesystem_uuid": part.fs_uuid}
+
+
+def run_stage(ctx: Context) -> None:
+    """disk.raw from the filesystem images; its sha256 starts at once, in a thread (it is
+    a large part of a warm rebuild and can run while qemu-img converts)."""
+    images = ctx.input("filesystem")
+    disk = ctx.output / "disk.raw"
+    assemble_disk(ctx.plan, disk, {"root": images / "root.img", "esp": images / "esp.img"},
+                  make_bios_core(ctx.plan, ctx.workspace))
+    ctx.extras["hashes"].add(disk, "raw", disk.name)

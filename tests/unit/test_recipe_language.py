@@ -9,7 +9,8 @@ import pytest
 
 from builder.cli import main
 from builder.errors import RecipeError
-from builder.recipe.load import LoadOptions, load_recipe, merge
+from builder.recipe.extends import merge
+from builder.recipe.load import LoadOptions, load_recipe
 from builder.recipe.yamlsource import loads_yaml
 
 

@@ -1,0 +1,100 @@
+"""`build publish`, `share`, `copy`, `deregister`: the AMI lifecycle on AWS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from builder.commands.args import Parser
+from builder.errors import InputError
+
+EXIT_OK = 0
+
+
+def _aws_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--region", help="default: boto3's (AWS_REGION, profile, ...)")
+    parser.add_argument("--endpoint-url", help="another endpoint, e.g. a local moto server")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the API calls it would make and make none")
+
+
+def _aws(args: argparse.Namespace) -> Any:
+    from builder.aws.session import Aws
+
+    region = args.region or _default_region()
+    return Aws(region=region, endpoint_url=args.endpoint_url, dry_run=args.dry_run)
+
+
+def _default_region() -> str:
+    import boto3
+
+    region = boto3.session.Session().region_name
+    if not region:
+        raise InputError("no AWS region: pass --region or set AWS_REGION")
+    return region
+
+
+def cmd_publish(argv: Sequence[str]) -> int:
+    from builder.aws.lifecycle import publish
+
+    parser = Parser(prog="build publish", description="Upload a build's images (EBS "
+                     "snapshots or an S3 bundle), register the AMI and share it.")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--bucket", help="S3 bucket for instance-store bundles")
+    parser.add_argument("--workers", type=int, default=16, help="parallel block uploads")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1")
+    state = publish(args.output_dir, _aws(args), args.bucket, args.workers)
+    if not args.dry_run:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_share(argv: Sequence[str]) -> int:
+    from builder.aws.lifecycle import share
+
+    parser = Parser(prog="build share", description="Change who may launch an AMI.")
+    parser.add_argument("image_id")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--account", action="append", default=[], help="a 12-digit account id")
+    who.add_argument("--public", action="store_true")
+    who.add_argument("--private", action="store_true", help="remove every launch permission")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    bad = [a for a in args.account if not (len(a) == 12 and a.isdigit())]
+    if bad:
+        raise InputError(f"--account {bad[0]!r}: an AWS account id is 12 digits")
+    share(args.image_id, _aws(args), args.account, args.public, args.private)
+    return EXIT_OK
+
+
+def cmd_copy(argv: Sequence[str]) -> int:
+    from builder.aws.lifecycle import copy_image
+
+    parser = Parser(prog="build copy", description="Copy an AMI to other regions, with its "
+                     "tags and launch permissions.")
+    parser.add_argument("image_id")
+    parser.add_argument("--to-region", action="append", required=True, dest="regions")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    copies = copy_image(args.image_id, _aws(args), args.regions)
+    if copies:
+        print(json.dumps(copies, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def cmd_deregister(argv: Sequence[str]) -> int:
+    from builder.aws.lifecycle import deregister
+
+    parser = Parser(prog="build deregister", description="Deregister an AMI.")
+    parser.add_argument("image_id")
+    parser.add_argument("--delete-snapshots", action="store_true")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    deregister(args.image_id, _aws(args), args.delete_snapshots)
+    return EXIT_OK

@@ -1,0 +1,111 @@
+"""`build boot`, `build unbundle`, `build cache`, `build audit`: commands on images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.commands.args import Parser
+from builder.errors import InputError
+
+EXIT_OK = 0
+
+
+def cmd_boot(argv: Sequence[str]) -> int:
+    from builder.vm import LOGIN_PROMPT, VirtualMachine
+
+    parser = Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
+                     "throw-away overlay and wait for a login prompt on the serial console.")
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--pattern", default=LOGIN_PROMPT)
+    parser.add_argument("--console", action="store_true", help="print the console log")
+    args = parser.parse_args(argv)
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: image not found")
+    with VirtualMachine(args.image, args.firmware) as vm:
+        try:
+            seconds = vm.wait_for(args.pattern, args.timeout)
+        finally:
+            if args.console:
+                print(vm.console())
+    print(f"BOOT OK {seconds:.1f}")
+    return EXIT_OK
+
+
+def cmd_unbundle(argv: Sequence[str]) -> int:
+    from builder.unbundle import unbundle
+
+    parser = Parser(prog="build unbundle", description="Verify an instance-store bundle "
+                     "and restore its image byte for byte.")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--user-key", type=Path, required=True)
+    parser.add_argument("-o", "--output", type=Path,
+                        help="default: the bundle's prefix + .raw in the current folder")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+    target = unbundle(args.manifest, args.user_key, args.output, args.force)
+    print(f"{target}: restored, signature and digests verified")
+    return EXIT_OK
+
+
+def cmd_cache(argv: Sequence[str]) -> int:
+    from builder.build import default_cache_dir
+    from builder.cache import StageCache
+    from builder.recipe.sizes import SizeError, parse_size
+
+    parser = Parser(prog="build cache", description="Show or prune the stage cache.")
+    parser.add_argument("--cache-dir", type=Path, help="default: $XDG_CACHE_HOME/amiforge")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove least recently used entries not in use by a build")
+    parser.add_argument("--max-size", default="0",
+                        help="with --prune: keep at most this much (e.g. 20GiB; default 0)")
+    args = parser.parse_args(argv)
+    cache = StageCache(args.cache_dir or default_cache_dir())
+    try:
+        limit = parse_size(args.max_size) if args.max_size != "0" else 0
+    except SizeError as exc:
+        raise InputError(f"--max-size: {exc}") from None
+    if args.prune:
+        removed = cache.prune(limit)
+        print(f"removed {len(removed)} entries; {cache.size() / 2**30:.2f} GiB left")
+        return EXIT_OK
+    for entry in cache.entries():
+        print(f"{entry.stage:<11} {entry.key}")
+    print(f"{len(cache.entries())} entries, {cache.size() / 2**30:.2f} GiB in {cache.root}")
+    return EXIT_OK
+
+
+EXIT_AUDIT_ERRORS = 3
+
+
+def cmd_audit(argv: Sequence[str]) -> int:
+    from builder.audit.checks import run_checks
+    from builder.audit.report import errors, table
+    from builder.audit.views import GuestView
+    from builder.vm import image_format
+
+    parser = Parser(prog="build audit", description="Check a disk image (raw, qcow2, vmdk; "
+                     "built by amiforge or not) for what must not ship in a shared AMI. "
+                     "Exit 0 when clean, 3 when there are errors.")
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--json", action="store_true", help="findings as JSON on stdout")
+    args = parser.parse_args(argv)
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: image not found")
+    try:
+        view = GuestView(args.image, image_format(args.image))
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"{args.image}: cannot inspect the image: {exc}") from None
+    try:
+        findings = run_checks(view)
+    finally:
+        view.close()
+    if args.json:
+        print(json.dumps({"image": str(args.image), "findings": [f.to_dict() for f in findings],
+                          "errors": len(errors(findings))}, indent=2, sort_keys=True))
+    else:
+        print(table(findings))
+    return EXIT_AUDIT_ERRORS if errors(findings) else EXIT_OK

@@ -1,0 +1,55 @@
+"""Stage 3: the filesystem images made from the configured tree: root.img, esp.img (if
+the plan has an ESP) and one whole-disk image per data volume."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.pipeline.runner import Context
+from builder.plan import Plan
+from builder.stages import bootloader, filesystem
+from builder.stages.volumes import make_volume
+from builder.tools import STAGE_FORMAT, tool_version
+
+
+def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
+    data = plan.to_dict()
+    return {"partitions": data["partitions"], "data_volumes": data["data_volumes"],
+            "arch": plan.arch, "epoch": plan.source_date_epoch if plan.reproducible else None,
+            "amiforge": __version__, "format": STAGE_FORMAT,
+            "mke2fs": tool_version("mke2fs", "-V"),
+            "grub": tool_version("grub-mkimage", "--version")}
+
+
+def run_stage(ctx: Context) -> None:
+    make_filesystems(ctx.plan, ctx.input("configure"), ctx.output, ctx.workspace,
+                     ctx.extras["recipe_dir"])
+
+
+def make_filesystems(plan: Plan, tree: Path, folder: Path, work: Path,
+                     recipe_dir: Path) -> None:
+    """The ESP and the volumes do not depend on the root filesystem: they are made
+    alongside it."""
+    root = plan.root
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        others = pool.submit(make_esp_and_volumes, plan, tree, folder, work, recipe_dir)
+        filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
+                             plan.root_label, plan.source_date_epoch, plan.reproducible)
+        others.result()
+
+
+def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path,
+                         recipe_dir: Path) -> None:
+    esp = plan.partition("esp")
+    if esp is not None:
+        efi = work / "grub.efi"
+        bootloader.build_efi_image(plan.arch, efi, bootloader.early_config(plan, work))
+        _, removable = bootloader.EFI_REMOVABLE[plan.arch]
+        filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
+                            {f"/{removable}": efi}, plan.source_date_epoch)
+    for volume in plan.data_volumes:
+        make_volume(volume, folder / volume.image, work, recipe_dir, tree,
+                    plan.source_date_epoch, plan.reproducible)
