@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder.fsutil import allocated_bytes  # noqa: E402
+from builder.host.fsutil import allocated_bytes  # noqa: E402
 from builder.plan import make_plan  # noqa: E402
 from builder.recipe.load import load_recipe  # noqa: E402
 from builder.vm import VirtualMachine  # noqa: E402

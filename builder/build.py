@@ -13,16 +13,16 @@ from typing import Any
 
 from builder.audit.report import audit_report, check_audit
 from builder.bundle import BundleKeys
-from builder.cache import StageCache
-from builder.fsutil import atomic_write_json
+from builder.host.fsutil import atomic_write_json
+from builder.host.workspace import land, output_directory, signals_deferred, workspace
+from builder.pipeline.cache import StageCache
+from builder.pipeline.progress import Progress
 from builder.pipeline.runner import Runner, Stage
 from builder.plan import Plan
-from builder.progress import Progress
 from builder.recipe.load import LoadedRecipe
 from builder.stages import bootstrap, bundle, configure, convert, disk, fsimages
 from builder.stages.manifest import ami_manifests, artifact_entry, build_manifest, recipe_inputs
 from builder.tools import check_tools
-from builder.workspace import land, output_directory, signals_deferred, workspace
 
 STAGES = (
     Stage("bootstrap", bootstrap.run_stage, inputs=bootstrap.inputs, tree=True,

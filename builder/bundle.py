@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from builder import __version__
 from builder.ami import BUNDLE_PREFIX
 from builder.errors import InputError
-from builder.fsutil import read_regular_file
+from builder.host.fsutil import read_regular_file
 from builder.sparsetar import gnu_sparse_headers, tar_stream
 
 __all__ = ["BundleKeys", "bundle_image", "gnu_sparse_headers"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.run import start, stop
+from builder.host.run import start, stop
 
 
 @dataclass

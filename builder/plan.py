@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from builder import ami, distros
-from builder.aptauth import split_credentials
+from builder.host.aptauth import split_credentials
 from builder.recipe.load import LoadedRecipe
 from builder.recipe.model import FileSpec, Recipe, Script, User
 from builder.recipe.sizes import ALIGN, BIOS_BOOT_SIZE, ESP_SIZE, MiB
@@ -252,7 +252,7 @@ def data_volumes(recipe: Recipe, seed: str) -> list[DataVolume]:
 
 def sha256_file(path: Any, chunk: int = 4 * MiB) -> str:
     """sha256 of a file; holes of sparse files are hashed from memory, not read."""
-    from builder.fsutil import data_extents
+    from builder.host.fsutil import data_extents
 
     digest = hashlib.sha256()
     zeros = memoryview(bytes(chunk))

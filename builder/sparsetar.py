@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from builder.errors import InputError
-from builder.fsutil import data_extents
+from builder.host.fsutil import data_extents
 
 BLOCK = 512
 ZERO_GRANULE = 4096

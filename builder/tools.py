@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from builder.errors import ToolFailed, ToolMissing
+from builder.host.run import package_for, run
 from builder.plan import Plan
-from builder.run import package_for, run
 
 STAGE_FORMAT = 3  # bump when a stage's output changes for the same inputs
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from builder.bundle import PART_SIZE, load_private_key
 from builder.errors import InputError
-from builder.fsutil import read_regular_file
+from builder.host.fsutil import read_regular_file
 from builder.sparsetar import READ, BundleError, Reader, restore
 
 __all__ = ["BundleError", "unbundle"]

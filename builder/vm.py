@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from builder.errors import BuildFailed, ToolFailed
-from builder.run import qemu_img, run, spawn, stop
+from builder.host.run import qemu_img, run, spawn, stop
 from builder.stages.convert import image_info
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

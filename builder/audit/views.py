@@ -43,7 +43,7 @@ class TreeView:
     def _host(self, path: str) -> Path:
         """Folders on the way are resolved inside the tree (an image's ``root -> /root``
         link must not make the audit read the host's files); the last component is not."""
-        from builder.treepath import in_root
+        from builder.host.treepath import in_root
 
         return in_root(self.root, path, follow_last=False)
 

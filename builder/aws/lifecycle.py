@@ -16,7 +16,7 @@ from builder.ami import is_placeholder
 from builder.aws.session import Aws
 from builder.aws.snapshots import upload_image
 from builder.errors import BuildFailed, InputError
-from builder.fsutil import atomic_write_json
+from builder.host.fsutil import atomic_write_json
 from builder.plan import sha256_file
 
 STATE = "publish.json"

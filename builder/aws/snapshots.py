@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.fsutil import data_extents
+from builder.host.fsutil import data_extents
 
 BLOCK = 512 << 10
 GiB = 1 << 30

@@ -53,7 +53,7 @@ def cmd_unbundle(argv: Sequence[str]) -> int:
 
 def cmd_cache(argv: Sequence[str]) -> int:
     from builder.build import default_cache_dir
-    from builder.cache import StageCache
+    from builder.pipeline.cache import StageCache
     from builder.recipe.sizes import SizeError, parse_size
 
     parser = Parser(prog="build cache", description="Show or prune the stage cache.")

@@ -140,13 +140,13 @@ def _formats(value: str | None) -> tuple[str, ...] | None:
 
 def cmd_build(argv: Sequence[str]) -> int:
     from builder.build import BuildOptions, build_image, default_cache_dir
-    from builder.progress import Progress
+    from builder.pipeline.progress import Progress
 
     args = _build_parser().parse_args(argv)
     configure_logging(args.verbose)
     if len(args.recipes) > 1:
         return _build_many(args)
-    from builder.overlay import enter_private_mount_namespace
+    from builder.host.overlay import enter_private_mount_namespace
 
     enter_private_mount_namespace()  # before any thread: layered trees mount in it
     args.recipe = args.recipes[0]

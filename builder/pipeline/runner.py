@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.cache import StageCache, digest, place
 from builder.errors import BuildFailed
+from builder.pipeline.cache import StageCache, digest, place
+from builder.pipeline.progress import Progress
 from builder.pipeline.trees import Output, Trees
 from builder.plan import Plan
-from builder.progress import Progress
 
 log = logging.getLogger("amiforge.cache")
 FACTS = "facts.json"

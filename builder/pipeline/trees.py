@@ -9,9 +9,9 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import overlay
-from builder.cache import copy_tree
 from builder.errors import BuildFailed
+from builder.host import overlay
+from builder.pipeline.cache import copy_tree
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from builder.aptauth import split_credentials
 from builder.errors import InputError
+from builder.host.aptauth import split_credentials
 from builder.recipe.model import Recipe
 from builder.recipe.sizes import MAX_DISK, MIN_ROOT_PARTITION, format_size, layout_overhead
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from builder.aptauth import redact
 from builder.errors import Location, Problem, RecipeError
+from builder.host.aptauth import redact
 
 
 class LocDict(dict):

@@ -12,9 +12,9 @@ import struct
 from pathlib import Path
 
 from builder.errors import BuildFailed
-from builder.fsutil import read_at, write_at
+from builder.host.fsutil import read_at, write_at
+from builder.host.run import run
 from builder.plan import Plan
-from builder.run import run
 from builder.templates import render_template
 
 GRUB_LIB = Path("/usr/lib/grub")

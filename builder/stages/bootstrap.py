@@ -8,13 +8,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from builder.aptauth import AUTH_FILE
-from builder.cache import Entry, StageCache, copy_tree
-from builder.chroot import prepared_root, run_in_root
 from builder.errors import ToolFailed
+from builder.host.aptauth import AUTH_FILE
+from builder.host.chroot import prepared_root, run_in_root
+from builder.host.run import run
+from builder.pipeline.cache import Entry, StageCache, copy_tree
 from builder.pipeline.runner import Context
 from builder.plan import OSPlan, Plan
-from builder.run import run
 from builder.stages.filesystem import clamp_times
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT, tool_version

@@ -7,15 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, treepath
+from builder import __version__
 from builder.audit.checks import run_checks
 from builder.audit.views import TreeView
-from builder.chroot import prepared_root, run_in_root
 from builder.errors import BuildFailed
+from builder.host import treepath
+from builder.host.chroot import prepared_root, run_in_root
+from builder.host.run import run
 from builder.pipeline.runner import Context
 from builder.plan import Plan, sha256_file
 from builder.recipe.model import FileSpec, User
-from builder.run import run
 from builder.stages.filesystem import clamp_times
 from builder.stages.manifest import installed_packages
 from builder.templates import render_template, templates_digest

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.fsutil import copy_sparse, create_sparse
+from builder.host.fsutil import copy_sparse, create_sparse
+from builder.host.run import qemu_img
 from builder.pipeline.runner import Context
 from builder.plan import Plan
-from builder.run import qemu_img
 
 # qemu-img's format name and options for each output format amiforge offers.
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {

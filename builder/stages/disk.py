@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 from builder.errors import BuildFailed
-from builder.fsutil import copy_sparse, create_sparse
+from builder.host.fsutil import copy_sparse, create_sparse
+from builder.host.run import run
 from builder.pipeline.runner import Context
 from builder.plan import Partition, Plan, fixed_uuid
-from builder.run import run
 from builder.stages.bootloader import install_bios, make_bios_core
 
 SECTOR = 512

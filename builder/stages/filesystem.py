@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from builder.errors import BuildFailed
-from builder.fsutil import create_sparse
-from builder.run import run
+from builder.host.fsutil import create_sparse
+from builder.host.run import run
 
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 

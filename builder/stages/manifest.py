@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, treepath
-from builder.fsutil import allocated_bytes, atomic_write_json
+from builder import __version__
+from builder.host import treepath
+from builder.host.fsutil import allocated_bytes, atomic_write_json
 from builder.plan import Plan, sha256_file
 from builder.stages.convert import image_info
 from builder.stages.disk import partitions_report

@@ -8,9 +8,9 @@ import stat
 from pathlib import Path
 
 from builder.errors import BuildFailed
-from builder.fsutil import create_sparse
+from builder.host.fsutil import create_sparse
+from builder.host.run import run
 from builder.plan import DataVolume
-from builder.run import run
 from builder.stages.configure import install_file
 from builder.stages.filesystem import clamp_times, make_ext4, mkfs_xfs_argv
 

@@ -5,8 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from builder.chroot import chroot_argv
-from builder.fsutil import allocated_bytes
+from builder.host.chroot import chroot_argv
+from builder.host.fsutil import allocated_bytes
 from builder.plan import OSPlan
 from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
 from builder.stages.convert import convert_args

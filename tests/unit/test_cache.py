@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import StageCache, digest
+from builder.pipeline.cache import StageCache, digest
 
 
 def make(cache: StageCache, stage: str, key: str, size: int = 1000, inputs: dict | None = None):

@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.chroot import chroot_argv
 from builder.cli import main
+from builder.host.chroot import chroot_argv
 from builder.plan import make_plan
 from builder.recipe.load import LoadOptions, load_recipe
 from builder.stages.bootloader import EFI_MODULES, grub_mkimage_argv

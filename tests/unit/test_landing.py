@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from builder.workspace import land, signals_deferred
+from builder.host.workspace import land, signals_deferred
 
 
 def test_signals_are_deferred_while_landing() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import aptauth
-from builder.chroot import prepared_root
+from builder.host import aptauth
+from builder.host.chroot import prepared_root
+from builder.host.run import run
 from builder.plan import make_plan
 from builder.recipe.load import load_recipe
-from builder.run import run
 from builder.stages.bootstrap import mmdebstrap_argv
 from builder.templates import render_template
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder import overlay
+from builder.host import overlay
 
 
 def test_options_put_the_first_lower_layer_on_top() -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from builder.build import STAGES
-from builder.cache import StageCache
+from builder.pipeline.cache import StageCache
+from builder.pipeline.progress import Progress
 from builder.pipeline.runner import Context, Runner, Stage
 from builder.plan import make_plan
-from builder.progress import Progress
 from builder.recipe.load import LoadOptions, load_recipe
 from tests.conftest import FIXED_EPOCH, RECIPES, copy_recipes
 
@@ -21,7 +21,7 @@ KEPT = ("bootstrap", "configure", "filesystem")
 
 
 def keys(plan: Any, recipe_dir: Path) -> dict[str, str]:
-    from builder.cache import digest
+    from builder.pipeline.cache import digest
 
     inputs = Runner.stage_inputs(STAGES, plan, {"recipe_dir": recipe_dir})
     return {name: digest(value) for name, value in inputs.items()}

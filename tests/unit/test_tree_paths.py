@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import treepath
 from builder.errors import BuildFailed
+from builder.host import treepath
 from builder.recipe.model import FileSpec
 from builder.stages.configure import install_file, scrub, write_system_files
 

@@ -12,9 +12,9 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from builder import treepath
-from builder.aptauth import AUTH_FILE
-from builder.run import run
+from builder.host import treepath
+from builder.host.aptauth import AUTH_FILE
+from builder.host.run import run
 
 # A constant host-side helper: positional arguments carry the root and the command. The
 # tree gets a private, minimal /dev (the nodes a package script or a recipe script needs),

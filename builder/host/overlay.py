@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from builder.errors import ToolFailed
-from builder.run import run
+from builder.host.run import run
 
 log = logging.getLogger("amiforge.overlay")
 CLONE_NEWNS = 0x00020000

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import sh
 
-from builder.aptauth import redact
 from builder.errors import ToolFailed, ToolMissing
+from builder.host.aptauth import redact
 
 log = logging.getLogger("amiforge.run")
 

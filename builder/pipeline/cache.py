@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import InputError
-from builder.run import run
+from builder.host.run import run
 
 META = "meta.json"
 KEY_LENGTH = 24
