@@ -90,7 +90,7 @@ def block_device_mappings(recipe: Recipe, snapshots: dict[str, str] | None = Non
             snapshot = None
             if volume is not None:
                 snapshot = (snapshots or {}).get(mapping.device) or \
-                    SNAPSHOT_PLACEHOLDER.format(image=volume.image)
+                    snapshot_placeholder(volume.image)
             size = volume.volume_size_gib if volume else mapping.ebs.volume_size
             entry["Ebs"] = _ebs_shape(mapping.ebs, size, snapshot)
         elif mapping.virtual_name is not None:
@@ -157,3 +157,14 @@ def launch_permission_input(recipe: Recipe, image_id: str = IMAGE_ID_PLACEHOLDER
 
 def is_placeholder(value: str) -> bool:
     return bool(re.match(r"^REPLACE_WITH_", value))
+
+
+def snapshot_placeholder(image: str) -> str:
+    """What register-image.json holds for a snapshot only an upload can make."""
+    return SNAPSHOT_PLACEHOLDER.format(image=image)
+
+
+def placeholder_image(value: str) -> str | None:
+    """The image file a snapshot placeholder names (None: not a snapshot placeholder)."""
+    prefix, _, _ = SNAPSHOT_PLACEHOLDER.partition("{image}")
+    return value.removeprefix(prefix) if value.startswith(prefix) else None

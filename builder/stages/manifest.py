@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder.ami import placeholder_image
 from builder.host import treepath
 from builder.host.fsutil import allocated_bytes, atomic_write_json
 from builder.plan import Plan, sha256_file
@@ -74,8 +75,8 @@ def ami_manifests(plan: Plan, ws: Path, artifacts: list[dict[str, Any]]) -> list
         snapshots = []
         for mapping in plan.register_image.get("BlockDeviceMappings", []):
             snapshot = mapping.get("Ebs", {}).get("SnapshotId", "")
-            image = snapshot.removeprefix("REPLACE_WITH_SNAPSHOT_ID_OF_")
-            if snapshot and image in raw:
+            image = placeholder_image(snapshot)
+            if image in raw:
                 snapshots.append({"device": mapping["DeviceName"], "placeholder": snapshot,
                                   "image": image, "size": raw[image]["virtual_size"],
                                   "sha256": raw[image]["sha256"],

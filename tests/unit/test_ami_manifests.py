@@ -104,3 +104,11 @@ def test_public_and_organizations(tmp_path: Path) -> None:
         {"Group": "all"},
         {"OrganizationArn": "arn:aws:organizations::123456789012:organization/o-abc"}]
     assert validate("ModifyImageAttribute", permission) == ""
+
+
+def test_snapshot_placeholders_round_trip() -> None:
+    from builder.ami import is_placeholder, placeholder_image, snapshot_placeholder
+
+    value = snapshot_placeholder("volume-sdf.raw")
+    assert is_placeholder(value) and placeholder_image(value) == "volume-sdf.raw"
+    assert placeholder_image("snap-0123456789abcdef0") is None
