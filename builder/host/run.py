@@ -108,17 +108,34 @@ def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
 
 def qemu_img(*args: str | os.PathLike[str]) -> str:
     """Run ``qemu-img`` through the ``sh`` package and return its stdout."""
-    strs = [str(a) for a in args]
-    log.debug("$ %s", _describe(["qemu-img", *strs]))
+    return run_sh("qemu-img", [str(a) for a in args], "disk image conversion")
+
+
+def run_sh(program: str, args: list[str], purpose: str) -> str:
+    """A program run through ``sh``, with ``run()``'s behaviour: logged, errors as
+    ToolFailed with the tail of its output, and on an interrupt or error the program is
+    stopped with everything it started (its own session)."""
+    log.debug("$ %s", _describe([program, *args]))
     try:
-        cmd = sh.Command("qemu-img")
+        cmd = sh.Command(program)
     except sh.CommandNotFound as exc:
-        raise ToolMissing([("qemu-img", "disk image conversion", "qemu-utils")]) from exc
+        raise ToolMissing([(program, purpose, package_for(program))]) from exc
+    running = cmd(*args, _env={**os.environ, "LC_ALL": "C.UTF-8"}, _bg=True,
+                  _bg_exc=False, _new_session=True)
     try:
-        return str(cmd(*strs, _env={**os.environ, "LC_ALL": "C.UTF-8"}))
+        running.wait()
     except sh.ErrorReturnCode as exc:
-        output = (exc.stderr or b"").decode(errors="replace")
-        raise ToolFailed(["qemu-img", *strs], exc.exit_code, output) from exc
+        output = redact((exc.stderr or b"").decode(errors="replace"))
+        raise ToolFailed([program, *args], exc.exit_code, output) from exc
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            running.process.signal_group(signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            running.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            running.process.signal_group(signal.SIGKILL)
+        raise
+    return str(running)
 
 
 PACKAGES = {

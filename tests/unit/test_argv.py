@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from builder.host.chroot import chroot_argv
 from builder.host.fsutil import allocated_bytes
 from builder.plan import OSPlan
@@ -110,3 +112,47 @@ def test_ext4_image_needs_no_lazy_init_in_the_guest(tmp_path: Path) -> None:
     groups = re.findall(r"^Group \d+: .*$", report, re.MULTILINE)
     assert groups and all("ITABLE_ZEROED" in group for group in groups)
     assert allocated_bytes(image) < 8 << 20
+
+
+def test_sh_programs_are_stopped_with_their_children_on_interrupt(tmp_path) -> None:
+    """qemu-img runs through `sh`: an interrupt stops it and what it started, as run()
+    does for every other program."""
+    import os
+    import signal
+    import time
+
+    from builder.host.run import run_sh
+
+    marker = f"amiforge-sh-test-{os.getpid()}"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sh("sh", ["-c", f"sleep 300 & exec -a {marker} sleep 300"], "testing")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(0.5)
+    alive = [p for p in os.listdir("/proc") if p.isdigit() and
+             marker.encode() in _cmdline(p)]
+    assert alive == []
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def test_sh_program_failure_is_a_tool_error() -> None:
+    from builder.errors import ToolFailed
+    from builder.host.run import qemu_img
+
+    with pytest.raises(ToolFailed, match="qemu-img failed"):
+        qemu_img("info", "/nonexistent/image.raw")
