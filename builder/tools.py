@@ -19,7 +19,7 @@ def tool_version(*argv: str) -> str:
     """The first line of a tool's version output: part of the key of what it makes."""
     try:
         return (run(list(argv), capture=True).strip().splitlines() or ["unknown"])[0]
-    except (ToolFailed, OSError):
+    except (ToolFailed, ToolMissing, OSError):
         return "unknown"
 
 BASE = {

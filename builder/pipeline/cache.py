@@ -25,6 +25,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,8 @@ class StageCache:
         try:
             yield tmp
             (tmp / META).write_text(json.dumps(
-                {"stage": stage, "key": key, "created": time.time(), "inputs": inputs},
+                {"stage": stage, "key": key, "created": time.time(), "inputs": inputs,
+                 "id": uuid.uuid4().hex},  # this entry, not another made from the same key
                 indent=2, sort_keys=True, default=str))
             try:
                 os.rename(tmp, stage_dir / key)
@@ -116,8 +118,28 @@ class StageCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def entry_id(self, stage: str, key: str) -> str | None:
+        """The id of the entry stored under ``key`` now (None: there is none)."""
+        try:
+            return json.loads((self.path(stage, key) / META).read_text()).get("id")
+        except (OSError, ValueError):
+            return None
+
+    def discard(self, stage: str, key: str) -> None:
+        """Remove an entry nobody can use (a layered tree whose base is gone)."""
+        trash = self._stage_dir(stage) / f".tmp-discard-{key}-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path(stage, key), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
     def why_missed(self, stage: str, inputs: dict[str, Any]) -> str:
         """Which inputs differ from the newest entry of this stage (for ``-v``)."""
+        try:
+            return self._why_missed(stage, inputs)
+        except (OSError, ValueError):  # a prune removed entries meanwhile
+            return "cannot tell (the cache changed meanwhile)"
+
+    def _why_missed(self, stage: str, inputs: dict[str, Any]) -> str:
         entries = [p for p in self._stage_dir(stage).glob("*") if (p / META).is_file()]
         if not entries:
             return "no cached entry for this stage yet"
@@ -125,7 +147,7 @@ class StageCache:
         previous = json.loads((newest / META).read_text()).get("inputs", {})
         changed = sorted(k for k in set(previous) | set(inputs)
                          if digest(previous.get(k)) != digest(inputs.get(k)))
-        return "changed: " + (", ".join(changed) or "nothing (entry was removed)")
+        return "changed: " + (", ".join(changed) or "nothing (the entry cannot be used here)")
 
     def entries(self) -> list[Entry]:
         out = []
@@ -144,9 +166,10 @@ class StageCache:
         interrupted builds go too."""
         removed = []
         for stale in (self.root / "stages").glob("*/.tmp-*"):
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        entries = sorted(self.entries(), key=lambda e: e.path.stat().st_mtime)
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+        entries = sorted(self.entries(), key=_mtime)
         sizes = {e.path: _disk_usage(e.path) for e in entries}
         total = sum(sizes.values())
         for entry in entries:
@@ -167,6 +190,13 @@ class StageCache:
                 return True
         except BlockingIOError:  # in use by a build
             return False
+
+
+def _mtime(entry: Entry) -> float:
+    try:
+        return entry.path.stat().st_mtime
+    except FileNotFoundError:  # removed by another prune meanwhile
+        return 0.0
 
 
 def check_private(root: Path) -> None:

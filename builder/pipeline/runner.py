@@ -119,8 +119,8 @@ class Runner:
                     line.source = "cache"
                 else:
                     line.source = self._make(stage, plan, inputs, result, extras)
-            if stage.check is not None:
-                stage.check(plan, result.facts)
+                if stage.check is not None:  # inside: a failure shows on this stage's line
+                    stage.check(plan, result.facts)
         return result
 
     def _newest_stored(self, stages: Sequence[Stage], keys: dict[str, str]) -> int:
@@ -142,7 +142,16 @@ class Runner:
         base = _base_of(entry.path)
         if base is None:
             return True
-        return self.trees.layers_usable(self.cache.root) and self._usable(*base)
+        stage, base_key, base_id = base
+        return (self.trees.layers_usable(self.cache.root) and self._usable(stage, base_key)
+                and self.cache.entry_id(stage, base_key) == base_id)
+
+    def _stale(self, name: str, key: str) -> bool:
+        """A layered entry whose base entry is gone or was made again: no build can use it
+        (a build using it would hold its base), so it may be replaced."""
+        assert self.cache is not None
+        base = _base_of(self.cache.path(name, key))
+        return base is not None and self.cache.entry_id(base[0], base[1]) != base[2]
 
     def _reuse(self, stage: Stage, key: str) -> dict[str, Any]:
         assert self.cache is not None
@@ -170,8 +179,11 @@ class Runner:
                 if self._usable(stage.name, key):  # another build made it meanwhile
                     result.facts.update(self._reuse(stage, key))
                     return "cache"
-                log.info("    %s not cached: %s", stage.name,
-                         self.cache.why_missed(stage.name, inputs[stage.name]))
+                if self._stale(stage.name, key):
+                    self.cache.discard(stage.name, key)
+                if log.isEnabledFor(logging.INFO):
+                    log.info("    %s not cached: %s", stage.name,
+                             self.cache.why_missed(stage.name, inputs[stage.name]))
             output, upper = self._prepare(stage)
             ctx = Context(plan, self.workspace, output, result.facts, extras,
                           inputs.get(stage.name, {}), self.cache, self)
@@ -205,14 +217,17 @@ class Runner:
     def _store(self, stage: Stage, key: str, inputs: dict[str, Any],
                facts: dict[str, Any]) -> None:
         assert self.cache is not None
+        if self.cache.lookup(stage.name, key) is not None:
+            return  # stored, but not usable here (layers where overlays cannot be used): keep ours
         output = self.outputs[stage.name]
         with self.cache.new_entry(stage.name, key, inputs) as entry:
             if stage.tree:
                 self.trees.release()
                 place(output.path, entry / ("upper" if output.lower else "tree"), "move")
                 if output.lower is not None:
-                    base = _stage_of(self.cache.root, output.lower)
-                    (entry / BASE).write_text(json.dumps(base))
+                    stage_name, base_key = _stage_of(self.cache.root, output.lower)
+                    base_id = self.cache.entry_id(stage_name, base_key)
+                    (entry / BASE).write_text(json.dumps([stage_name, base_key, base_id]))
             else:
                 for child in output.path.iterdir():
                     place(child, entry / child.name, "move")
@@ -235,12 +250,13 @@ def _none(ctx: Context) -> None:
     return None
 
 
-def _base_of(entry: Path) -> tuple[str, str] | None:
-    base = entry / BASE
-    if not base.is_file():
+def _base_of(entry: Path) -> tuple[str, str, str | None] | None:
+    """(stage, key, entry id) of the entry a layered tree entry lies over."""
+    try:
+        stage, key, base_id = json.loads((entry / BASE).read_text())
+    except (OSError, ValueError):
         return None
-    stage, key = json.loads(base.read_text())
-    return stage, key
+    return stage, key, base_id
 
 
 def _stage_of(cache_root: Path, output: Output) -> tuple[str, str]:

@@ -46,6 +46,9 @@ class Trees:
             return upper
         if len(layers) > 1:
             raise BuildFailed("cannot mount a layered tree here; run with --no-cache")
+        for folder in (target, upper, work):  # made empty for a mount that then failed
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
         copy_tree(layers[0], target)
         return None
 

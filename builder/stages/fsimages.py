@@ -21,7 +21,10 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
             "arch": plan.arch, "epoch": plan.source_date_epoch if plan.reproducible else None,
             "amiforge": __version__, "format": STAGE_FORMAT,
             "mke2fs": tool_version("mke2fs", "-V"),
-            "grub": tool_version("grub-mkimage", "--version")}
+            "grub": tool_version("grub-mkimage", "--version"),
+            "mkfs.xfs": tool_version("mkfs.xfs", "-V"),
+            "mkfs.fat": tool_version("mkfs.fat", "--help"),
+            "mtools": tool_version("mcopy", "-V")}
 
 
 def run_stage(ctx: Context) -> None:

@@ -162,3 +162,45 @@ def test_shipped_recipes_declare_their_stages() -> None:
     plan = make_plan(load_recipe(RECIPES / "debian-12-minimal.yaml"))
     names = [s.name for s in STAGES if s.when(plan)]
     assert names == ["bootstrap", "configure", "filesystem", "disk", "convert"]
+
+
+def test_a_layered_entry_whose_base_was_made_again_is_stale(tmp_path: Path) -> None:
+    """A layered entry names the very base entry it lies over (its id), not only the
+    base's key: over a bootstrap made again under the same key it must not be reused."""
+    import json
+
+    cache = StageCache(tmp_path / "cache")
+    with cache.new_entry("bootstrap", "k1", {}) as entry:
+        (entry / "tree").mkdir()
+    first_id = cache.entry_id("bootstrap", "k1")
+    with cache.new_entry("configure", "k2", {}) as entry:
+        (entry / "upper").mkdir()
+        (entry / "base.json").write_text(json.dumps(["bootstrap", "k1", first_id]))
+    with contextlib.ExitStack() as held:
+        runner = Runner(cache, tmp_path, Progress(quiet=True), held)
+        assert not runner._stale("configure", "k2")
+        cache.discard("bootstrap", "k1")  # pruned, then made again: another id
+        with cache.new_entry("bootstrap", "k1", {}) as entry:
+            (entry / "tree").mkdir()
+        assert runner._stale("configure", "k2")
+        assert not runner._usable("configure", "k2")
+
+
+def test_copy_fallback_after_a_failed_mount_copies_the_tree_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.host import overlay
+    from builder.pipeline.trees import Trees
+
+    def refused(stack, target, lowers, upper=None, work=None):  # mkdir, then mount fails
+        for folder in (target, upper, work):
+            folder.mkdir(parents=True, exist_ok=True)
+        return False
+
+    monkeypatch.setattr(overlay, "try_mount", refused)
+    base = tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc/hostname").write_text("x\n")
+    with contextlib.ExitStack() as held:
+        target = tmp_path / "ws/configure-tree"
+        assert Trees(tmp_path / "ws", held).writable(target, [base]) is None
+    assert (target / "etc/hostname").read_text() == "x\n"
