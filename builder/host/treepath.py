@@ -21,8 +21,10 @@ import stat
 from pathlib import Path
 
 from builder.errors import BuildFailed
+from builder.host.fsutil import read_regular_file
 
 MAX_LINKS = 40  # as the kernel's path walk
+MAX_TEXT = 256 << 20  # a dpkg status file of a large image is a few MiB
 
 
 def in_root(root: Path, path: str, *, follow_last: bool = True) -> Path:
@@ -117,15 +119,9 @@ def copy_in(root: Path, source: Path, dest: str, mode: int,
 
 def read_text(root: Path, path: str) -> str:
     """A text file of the image (``/etc/passwd``), read inside the tree."""
-    host = in_root(root, path)
-    try:
-        fd = os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise BuildFailed(f"{path} in the image: cannot read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BuildFailed(f"{path} in the image is not a regular file")
-        return handle.read().decode(errors="replace")
+    data = read_regular_file(in_root(root, path), MAX_TEXT, f"{path} in the image",
+                             BuildFailed, follow_links=False)
+    return data.decode(errors="replace")
 
 
 def remove(root: Path, path: str) -> None:

@@ -61,7 +61,6 @@ class Context:
     plan: Plan
     workspace: Path
     output: Path
-    facts: dict[str, Any]
     extras: dict[str, Any]
     inputs: dict[str, Any]
     cache: StageCache | None
@@ -162,13 +161,16 @@ class Runner:
     def _stored_output(self, stage: Stage, key: str) -> Output:
         assert self.cache is not None
         path = self.cache.path(stage.name, key)
-        if not stage.tree:
-            return Output(path)
-        base = _base_of(path)
+        return self._stored_tree(path) if stage.tree else Output(path)
+
+    def _stored_tree(self, entry: Path) -> Output:
+        """A stored tree: whole, or an upper layer over the tree of its base entry."""
+        assert self.cache is not None
+        base = _base_of(entry)
         if base is None:
-            return Output(path / "tree", tree=True)
-        lower = self._stored_output(Stage(base[0], _none, tree=True), base[1])
-        return Output(path / "upper", lower=lower, tree=True)
+            return Output(entry / "tree", tree=True)
+        lower = self._stored_tree(self.cache.path(base[0], base[1]))
+        return Output(entry / "upper", lower=lower, tree=True)
 
     def _make(self, stage: Stage, plan: Plan, inputs: dict[str, dict[str, Any]],
               result: Result, extras: dict[str, Any]) -> str:
@@ -185,7 +187,7 @@ class Runner:
                     log.info("    %s not cached: %s", stage.name,
                              self.cache.why_missed(stage.name, inputs[stage.name]))
             output, upper = self._prepare(stage)
-            ctx = Context(plan, self.workspace, output, result.facts, extras,
+            ctx = Context(plan, self.workspace, output, extras,
                           inputs.get(stage.name, {}), self.cache, self)
             result.facts.update(stage.run(ctx) or {})
             self.outputs[stage.name] = Output(upper or output, tree=stage.tree,
@@ -244,10 +246,6 @@ class Runner:
         if output.lower is None:
             return output.path
         return self.trees.readonly(self.workspace / f"{name}-view", output.layers())
-
-
-def _none(ctx: Context) -> None:
-    return None
 
 
 def _base_of(entry: Path) -> tuple[str, str, str | None] | None:
