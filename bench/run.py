@@ -142,7 +142,7 @@ def upload_speed(work: Path) -> dict[str, float]:
 BUNDLE_SNIPPET = """
 import sys
 from pathlib import Path
-from builder.bundle import BundleKeys, bundle_image
+from builder.outputs.bundle import BundleKeys, bundle_image
 from builder.plan import make_plan
 from builder.recipe.load import load_recipe
 keys = Path(sys.argv[2])

@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from builder.audit.report import audit_report, check_audit
-from builder.bundle import BundleKeys
 from builder.host.fsutil import atomic_write_json
 from builder.host.workspace import land, output_directory, signals_deferred, workspace
+from builder.outputs.bundle import BundleKeys
+from builder.outputs.manifest import ami_manifests, artifact_entry, build_manifest
 from builder.pipeline.cache import StageCache
 from builder.pipeline.progress import Progress
 from builder.pipeline.runner import Runner, Stage
 from builder.plan import Plan
-from builder.recipe.load import LoadedRecipe
 from builder.stages import bootstrap, bundle, configure, convert, disk, fsimages
-from builder.stages.manifest import ami_manifests, artifact_entry, build_manifest, recipe_inputs
 from builder.tools import check_tools
 
 STAGES = (
@@ -58,8 +57,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "amiforge"
 
 
-def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
-                progress: Progress) -> BuildResult:
+def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildResult:
     check_tools(plan, {v.filesystem for v in plan.data_volumes})
     formats = options.formats or plan.formats
     if "raw" not in formats:  # the raw image is what becomes a snapshot or a bundle
@@ -68,21 +66,17 @@ def build_image(loaded: LoadedRecipe, plan: Plan, options: BuildOptions,
     with output_directory(options.output_dir) as out, contextlib.ExitStack() as landing, \
             workspace(out) as ws, contextlib.ExitStack() as held:
         hashes = held.enter_context(ArtifactHashes())
-        extras = {"recipe_dir": loaded.base_dir, "formats": formats, "hashes": hashes,
-                  "bundle_keys": options.bundle_keys}
+        extras = {"formats": formats, "hashes": hashes, "bundle_keys": options.bundle_keys}
         facts = Runner(cache, ws, progress, held).run(STAGES, plan, extras).facts
         outputs = {Path(p): (fmt, name) for p, (fmt, name) in facts["outputs"].items()}
         artifacts = hashes.entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
         findings, waivers, unused = audit_report(plan, facts)
-        manifest = build_manifest(plan, loaded.path, artifacts, facts["packages"],
-                                  progress.timings, {
-                                      "stages": progress.report(),
-                                      "audit": {"findings": [f.to_dict() for f in findings],
-                                                "waivers": waivers, "unused_waivers": unused},
-                                      "environment_read": list(loaded.env_read),
-                                      "inputs": recipe_inputs(loaded.sources, plan,
-                                                              loaded.base_dir)})
+        manifest = build_manifest(plan, artifacts, facts["packages"], progress.timings, {
+            "stages": progress.report(),
+            "audit": {"findings": [f.to_dict() for f in findings], "waivers": waivers,
+                      "unused_waivers": unused},
+            "environment_read": list(plan.environment_read)})
         atomic_write_json(ws / "build-manifest.json", manifest)
         # from here on, an interrupt waits until the results landed and the workspace is gone
         landing.enter_context(signals_deferred())

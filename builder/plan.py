@@ -7,10 +7,15 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
-from builder import ami, distros
+from pydantic import BaseModel
+
+from builder import distros
+from builder.amiplan import AmiPlan, DataVolume, ami_plan
 from builder.host.aptauth import split_credentials
 from builder.recipe.load import LoadedRecipe
 from builder.recipe.model import FileSpec, Recipe, Script, User
@@ -64,21 +69,19 @@ class OSPlan:
     dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
     initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
     # the mirror's credentials as an apt auth.conf entry: never shown, cached or imaged
-    apt_auth: str | None = field(default=None, repr=False, compare=False)
+    apt_auth: str | None = field(default=None, repr=False, compare=False,
+                                 metadata={"private": True})
 
 
 @dataclass(frozen=True)
-class DataVolume:
-    """An extra EBS volume with content: a whole-disk filesystem image of its own."""
+class Source:
+    """A file the recipe pulled in (the recipe itself, what it extends, apps, templates,
+    files): its name relative to the recipe's folder, its absolute path, its sha256.
+    Printed plans and cache keys see the name and the sha256, never the machine's path."""
 
-    device: str
-    image: str
-    size: int
-    filesystem: str
-    label: str
-    mount_point: str
-    fs_uuid: str
-    files: tuple[FileSpec, ...]
+    name: str
+    path: str = field(metadata={"private": True})
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Plan:
     description: str
     arch: str
     recipe_path: str
+    sources: tuple[Source, ...]
     source_date_epoch: int
     hostname: str
     os: OSPlan
@@ -103,13 +107,10 @@ class Plan:
     scripts: tuple[Script, ...]
     formats: tuple[str, ...]
     qcow2_compress: bool
+    ami: AmiPlan
     reproducible: bool = False
-    data_volumes: tuple[DataVolume, ...] = ()
-    backing: str = "ebs"
-    ami: dict[str, Any] = field(default_factory=dict)
-    register_image: dict[str, Any] = field(default_factory=dict)
-    launch_permission: dict[str, Any] | None = None
     audit_allow: tuple[Any, ...] = ()
+    environment_read: tuple[str, ...] = ()
 
     @property
     def root(self) -> Partition:
@@ -118,24 +119,36 @@ class Plan:
     def partition(self, name: str) -> Partition | None:
         return next((p for p in self.partitions if p.name == name), None)
 
+    @property
+    def data_volumes(self) -> tuple[DataVolume, ...]:
+        return self.ami.data_volumes
+
+    def source(self, name: str) -> Source:
+        """A file the recipe names (``files[].src``)."""
+        return next(s for s in self.sources if s.name == name)
+
+    def digests(self, files: Iterable[FileSpec]) -> dict[str, str]:
+        """name -> sha256 of the files ``files`` copy from the recipe's folder: what a
+        stage installing them depends on."""
+        return {s.src: self.source(s.src).sha256 for s in files if s.src is not None}
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["os"]["apt_auth"]  # secret: not in plans, cache keys or manifests
-        data["files"] = [f.model_dump(exclude_none=True) for f in self.files]
-        data["users"] = [u.model_dump() for u in self.users]
-        data["scripts"] = [s.model_dump(exclude_none=True) for s in self.scripts]
-        data["audit_allow"] = [w.model_dump() for w in self.audit_allow]
-        data["data_volumes"] = [
-            {**asdict(v), "files": [f.model_dump(exclude_none=True) for f in v.files]}
-            for v in self.data_volumes]
-        return _sorted(data)
+        return plain(self)  # type: ignore[no-any-return]
 
 
-def _sorted(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """JSON-ready data of a plan part, keys sorted; fields marked private (the mirror's
+    credentials, machine paths) are left out of plans, cache keys and manifests."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name))
+                for f in sorted(fields(value), key=lambda f: f.name)
+                if not f.metadata.get("private")}
+    if isinstance(value, BaseModel):
+        return plain(value.model_dump(exclude_none=True))
     if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
+        return {k: plain(value[k]) for k in sorted(value)}
     if isinstance(value, list | tuple):
-        return [_sorted(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -210,6 +223,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         description=recipe.description,
         arch=recipe.arch,
         recipe_path=loaded.path.name,
+        sources=sources_of(loaded, recipe),
         source_date_epoch=loaded.build_time,
         reproducible=loaded.reproducible,
         hostname=volume.hostname,
@@ -227,27 +241,27 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         scripts=tuple(volume.scripts),
         formats=tuple(dict.fromkeys(recipe.outputs.formats)),
         qcow2_compress=recipe.outputs.qcow2.compress,
-        data_volumes=tuple(data_volumes(recipe, seed)),
-        backing=recipe.ami.backing,
-        ami=recipe.ami.model_dump(exclude={"bundle"}),
-        register_image=ami.register_image_input(recipe),
-        launch_permission=ami.launch_permission_input(recipe),
+        ami=ami_plan(recipe, lambda purpose: fixed_uuid(seed, purpose)),
         audit_allow=tuple(recipe.audit.allow),
+        environment_read=loaded.env_read,
     )
 
 
-def data_volumes(recipe: Recipe, seed: str) -> list[DataVolume]:
-    out = []
-    for mapping in recipe.block_device_mappings:
-        content = mapping.ebs.content if mapping.ebs else None
-        if mapping.root or content is None or mapping.ebs is None:
-            continue
-        out.append(DataVolume(
-            device=mapping.device, image=ami.volume_image_name(mapping.device),
-            size=int(mapping.ebs.volume_size or 1) * GiB, filesystem=content.filesystem,
-            label=content.label, mount_point=content.mount_point or f"/mnt/{content.label}",
-            fs_uuid=fixed_uuid(seed, f"volume:{mapping.device}"), files=tuple(content.files)))
-    return out
+def sources_of(loaded: LoadedRecipe, recipe: Recipe) -> tuple[Source, ...]:
+    """Every file the recipe pulled in, the recipe first, each hashed once. A name is
+    relative to the recipe's folder, as ``files[].src`` is (absolute when outside it)."""
+    volumes = [m.ebs.content for m in recipe.block_device_mappings
+               if m.ebs is not None and m.ebs.content is not None]
+    named = [f.src for f in [*recipe.root_volume.files, *(f for v in volumes for f in v.files)]
+             if f.src]
+    paths = [*loaded.sources, *(loaded.base_dir / name for name in named)]
+    unique = dict.fromkeys(path.resolve() for path in paths)
+    return tuple(Source(_name(path, loaded.base_dir), str(path), sha256_file(path))
+                 for path in unique)
+
+
+def _name(path: Path, base_dir: Path) -> str:
+    return os.path.relpath(path, base_dir) if base_dir in path.parents else str(path)
 
 
 def sha256_file(path: Any, chunk: int = 4 * MiB) -> str:

@@ -52,7 +52,7 @@ def audit_report(plan: Any, facts: dict[str, Any]) -> tuple[
         list[Finding], list[dict[str, str]], list[dict[str, str]]]:
     """The configured tree's findings (kept in the stage facts) and the AMI's tags, with
     the recipe's waivers applied: (findings, waivers used, waivers that matched nothing)."""
-    found = [*(Finding(**f) for f in facts["audit"]), *aws_keys_in_tags(plan.ami["tags"])]
+    found = [*(Finding(**f) for f in facts["audit"]), *aws_keys_in_tags(plan.ami.tags)]
     return apply_waivers(found, plan.audit_allow)
 
 

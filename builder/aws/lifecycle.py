@@ -12,11 +12,11 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from builder.ami import is_placeholder
 from builder.aws.session import Aws
 from builder.aws.snapshots import upload_image
 from builder.errors import BuildFailed, InputError
 from builder.host.fsutil import atomic_write_json
+from builder.outputs.ami import is_placeholder
 from builder.plan import sha256_file
 
 STATE = "publish.json"

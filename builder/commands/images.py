@@ -36,7 +36,7 @@ def cmd_boot(argv: Sequence[str]) -> int:
 
 
 def cmd_unbundle(argv: Sequence[str]) -> int:
-    from builder.unbundle import unbundle
+    from builder.outputs.unbundle import unbundle
 
     parser = Parser(prog="build unbundle", description="Verify an instance-store bundle "
                      "and restore its image byte for byte.")

@@ -83,7 +83,7 @@ def _subcommands_help() -> str:
 
 def _bundle_keys(args: argparse.Namespace, loaded: Any) -> Any:
     """Bundle keys from the command line, else from ami.bundle (relative to the recipe)."""
-    from builder.bundle import BundleKeys
+    from builder.outputs.bundle import BundleKeys
 
     recipe_bundle = loaded.recipe.ami.bundle
     if loaded.recipe.ami.backing != "instance-store":
@@ -159,7 +159,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     progress = Progress()
     progress.say(f"==> building {plan.name} from {args.recipe} into {output_dir}/")
     options = BuildOptions(output_dir, cache_dir, formats, keys)
-    result = build_image(loaded, plan, options, progress)
+    result = build_image(plan, options, progress)
     total = sum(result.timings.values())
     progress.say(f"==> done in {total:.1f}s: " + ", ".join(
         f"{output_dir}/{a['path']}" for a in result.manifest["artifacts"]))

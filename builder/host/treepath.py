@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import hashlib
 import os
 import shutil
 import stat
@@ -106,11 +107,19 @@ def write_file(root: Path, dest: str, data: bytes | str, mode: int = 0o644,
 
 
 def copy_in(root: Path, source: Path, dest: str, mode: int,
-            owner: tuple[int, int] | None = None) -> Path:
-    """Copy a host file (already checked by the recipe loader) to ``dest`` in ``root``."""
+            owner: tuple[int, int] | None = None, sha256: str | None = None) -> Path:
+    """Copy a host file (already checked by the recipe loader) to ``dest`` in ``root``.
+    With ``sha256`` (the digest the plan and the cache key hold), the bytes copied must be
+    those bytes: a file changed since the plan was made fails the build."""
     fd, host = _open_new(root, dest, mode)
+    digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-        shutil.copyfileobj(src, out, 1 << 20)
+        while block := src.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise BuildFailed(f"{source} changed while the image was being built "
+                              f"(sha256 {digest.hexdigest()[:12]}..., planned {sha256[:12]}...)")
         os.fchmod(out.fileno(), mode)
         if owner is not None:
             os.fchown(out.fileno(), *owner)

@@ -35,6 +35,7 @@ from builder.errors import InputError
 from builder.host.run import run
 
 META = "meta.json"
+BASE = "base.json"  # a layered tree entry names the entry it was layered over
 KEY_LENGTH = 24
 
 
@@ -125,6 +126,12 @@ class StageCache:
         except (OSError, ValueError):
             return None
 
+    def orphaned(self, stage: str, key: str) -> bool:
+        """A layered entry whose base entry is gone or was made again: no build can use it
+        (a build using it would hold its base)."""
+        base = base_of(self.path(stage, key))
+        return base is not None and self.entry_id(base[0], base[1]) != base[2]
+
     def discard(self, stage: str, key: str) -> None:
         """Remove an entry nobody can use (a layered tree whose base is gone)."""
         trash = self._stage_dir(stage) / f".tmp-discard-{key}-{uuid.uuid4().hex[:8]}"
@@ -178,6 +185,16 @@ class StageCache:
             if self._remove_unless_locked(entry):
                 total -= sizes[entry.path]
                 removed.append(entry)
+        return removed + self._prune_orphans()
+
+    def _prune_orphans(self) -> list[Entry]:
+        """Layered entries whose base went (pruned now or earlier), down the chain."""
+        removed: list[Entry] = []
+        while orphans := [e for e in self.entries() if self.orphaned(e.stage, e.key)]:
+            gone = [e for e in orphans if self._remove_unless_locked(e)]
+            removed += gone
+            if not gone:  # the rest are in use
+                break
         return removed
 
     def _remove_unless_locked(self, entry: Entry) -> bool:
@@ -190,6 +207,16 @@ class StageCache:
                 return True
         except BlockingIOError:  # in use by a build
             return False
+
+
+def base_of(entry: Path) -> tuple[str, str, str | None] | None:
+    """(stage, key, entry id) of the entry a layered tree entry lies over (None: the entry
+    holds a whole tree)."""
+    try:
+        stage, key, base_id = json.loads((entry / BASE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stage, key, base_id
 
 
 def _mtime(entry: Entry) -> float:

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildFailed
-from builder.pipeline.cache import StageCache, digest, place
+from builder.pipeline.cache import BASE, StageCache, base_of, digest, place
 from builder.pipeline.progress import Progress
 from builder.pipeline.trees import Output, Trees
 from builder.plan import Plan
 
 log = logging.getLogger("amiforge.cache")
 FACTS = "facts.json"
-BASE = "base.json"  # a layered tree entry names the entry it was layered over
 
 
 def _always(plan: Plan) -> bool:
@@ -138,7 +137,7 @@ class Runner:
         entry = self.cache.lookup(name, key)
         if entry is None:
             return False
-        base = _base_of(entry.path)
+        base = base_of(entry.path)
         if base is None:
             return True
         stage, base_key, base_id = base
@@ -149,8 +148,7 @@ class Runner:
         """A layered entry whose base entry is gone or was made again: no build can use it
         (a build using it would hold its base), so it may be replaced."""
         assert self.cache is not None
-        base = _base_of(self.cache.path(name, key))
-        return base is not None and self.cache.entry_id(base[0], base[1]) != base[2]
+        return self.cache.orphaned(name, key)
 
     def _reuse(self, stage: Stage, key: str) -> dict[str, Any]:
         assert self.cache is not None
@@ -166,7 +164,7 @@ class Runner:
     def _stored_tree(self, entry: Path) -> Output:
         """A stored tree: whole, or an upper layer over the tree of its base entry."""
         assert self.cache is not None
-        base = _base_of(entry)
+        base = base_of(entry)
         if base is None:
             return Output(entry / "tree", tree=True)
         lower = self._stored_tree(self.cache.path(base[0], base[1]))
@@ -246,15 +244,6 @@ class Runner:
         if output.lower is None:
             return output.path
         return self.trees.readonly(self.workspace / f"{name}-view", output.layers())
-
-
-def _base_of(entry: Path) -> tuple[str, str, str | None] | None:
-    """(stage, key, entry id) of the entry a layered tree entry lies over."""
-    try:
-        stage, key, base_id = json.loads((entry / BASE).read_text())
-    except (OSError, ValueError):
-        return None
-    return stage, key, base_id
 
 
 def _stage_of(cache_root: Path, output: Output) -> tuple[str, str]:

@@ -1,2 +1,1 @@
-"""Build stages: each a small unit with a clear input and output, read in order by
-:func:`builder.build.build_image`."""
+"""Build stages, one module each, put in order by builder.build.STAGES."""

@@ -12,10 +12,10 @@ from builder.errors import ToolFailed
 from builder.host.aptauth import AUTH_FILE
 from builder.host.chroot import prepared_root, run_in_root
 from builder.host.run import run
+from builder.image.filesystem import clamp_times
 from builder.pipeline.cache import Entry, StageCache, copy_tree
 from builder.pipeline.runner import Context
 from builder.plan import OSPlan, Plan
-from builder.stages.filesystem import clamp_times
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT, tool_version
 

@@ -1,15 +1,15 @@
-"""Stage 6 (instance-store backing): the bundle of the raw disk (see builder.bundle)."""
+"""Stage 6 (instance-store backing): the bundle of the raw disk (see builder.outputs.bundle)."""
 
 from __future__ import annotations
 
-from builder.bundle import bundle_image
 from builder.errors import InputError
+from builder.outputs.bundle import bundle_image
 from builder.pipeline.runner import Context
 from builder.plan import Plan
 
 
 def wanted(plan: Plan) -> bool:
-    return plan.backing == "instance-store"
+    return plan.ami.instance_store
 
 
 def run_stage(ctx: Context) -> None:

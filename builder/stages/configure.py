@@ -14,11 +14,11 @@ from builder.errors import BuildFailed
 from builder.host import treepath
 from builder.host.chroot import prepared_root, run_in_root
 from builder.host.run import run
+from builder.image.filesystem import clamp_times
+from builder.outputs.manifest import installed_packages
 from builder.pipeline.runner import Context
-from builder.plan import Plan, sha256_file
+from builder.plan import Plan
 from builder.recipe.model import FileSpec, User
-from builder.stages.filesystem import clamp_times
-from builder.stages.manifest import installed_packages
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT
 
@@ -26,8 +26,8 @@ HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
 
 
 # Plan fields the configured tree does not depend on.
-NOT_CONFIGURE = ("formats", "qcow2_compress", "ami", "register_image", "launch_permission",
-                 "backing", "os", "recipe_path", "description", "disk_size",
+NOT_CONFIGURE = ("formats", "qcow2_compress", "ami", "os", "recipe_path", "description",
+                 "disk_size", "sources", "environment_read",
                  "audit_allow")  # waivers are applied when the build checks the facts
 
 
@@ -37,28 +37,26 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in plan.to_dict().items() if k not in NOT_CONFIGURE}
     if not plan.reproducible:  # the build time only matters when it is fixed
         data.pop("source_date_epoch")
-    recipe_dir = extras["recipe_dir"]
-    sources = sorted({f.src for f in plan.files if f.src} |
-                     {f.src for v in plan.data_volumes for f in v.files if f.src})
-    return {**data, "templates": templates_digest(),
-            "sources": {s: sha256_file(recipe_dir / s) for s in sources},
-            "amiforge": __version__, "format": STAGE_FORMAT}
+    mounts = [(v.label, v.mount_point, v.filesystem) for v in plan.data_volumes]  # fstab
+    return {**data, "mounts": mounts, "templates": templates_digest(),
+            "sources": plan.digests(plan.files), "amiforge": __version__,
+            "format": STAGE_FORMAT}
 
 
 def run_stage(ctx: Context) -> dict[str, Any]:
     """Configure the tree; the facts later stages need: its packages and audit findings."""
-    configure(ctx.plan, ctx.output, ctx.extras["recipe_dir"])
+    configure(ctx.plan, ctx.output)
     return {"packages": installed_packages(ctx.output),
             "audit": [f.to_dict() for f in run_checks(TreeView(ctx.output))]}
 
 
-def configure(plan: Plan, tree: Path, recipe_dir: Path) -> None:
+def configure(plan: Plan, tree: Path) -> None:
     write_system_files(plan, tree)
     with prepared_root(tree, plan.os.apt_auth):
         for user in plan.users:
             add_user(tree, user)
         for spec in plan.files:
-            install_file(tree, spec, recipe_dir)
+            install_file(tree, spec, plan)
         enable_services(plan, tree)
         for index, script in enumerate(plan.scripts):
             run_script(tree, index, script.run)
@@ -156,7 +154,7 @@ def add_user(tree: Path, user: User) -> None:
                render_template("sudoers.j2", user=user), mode=0o440)
 
 
-def install_file(tree: Path, spec: FileSpec, recipe_dir: Path,
+def install_file(tree: Path, spec: FileSpec, plan: Plan,
                  accounts: Path | None = None) -> None:
     """Write one recipe file into ``tree``; owners are looked up in the ``accounts`` tree's
     /etc/passwd and /etc/group (default: ``tree`` itself)."""
@@ -165,7 +163,9 @@ def install_file(tree: Path, spec: FileSpec, recipe_dir: Path,
         if spec.content is not None:
             treepath.write_file(tree, spec.dest, spec.content, mode, owner)
         else:  # templates were rendered into content when the recipe was loaded
-            treepath.copy_in(tree, recipe_dir / str(spec.src), spec.dest, mode, owner)
+            source = plan.source(str(spec.src))
+            treepath.copy_in(tree, Path(source.path), spec.dest, mode, owner,
+                             sha256=source.sha256)
     except BuildFailed as exc:
         raise BuildFailed(f"files: {exc}") from None
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from builder.errors import BuildFailed
 from builder.host.fsutil import copy_sparse, create_sparse
 from builder.host.run import run
+from builder.image.bootloader import install_bios, make_bios_core
 from builder.pipeline.runner import Context
 from builder.plan import Partition, Plan, fixed_uuid
-from builder.stages.bootloader import install_bios, make_bios_core
 
 SECTOR = 512
 

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder.image import bootloader, filesystem
+from builder.image.datavolume import make_volume
 from builder.pipeline.runner import Context
-from builder.plan import Plan
-from builder.stages import bootloader, filesystem
-from builder.stages.volumes import make_volume
+from builder.plan import Plan, plain
 from builder.tools import STAGE_FORMAT, tool_version
 
 
 def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
-    data = plan.to_dict()
-    return {"partitions": data["partitions"], "data_volumes": data["data_volumes"],
+    return {"partitions": plain(plan.partitions), "data_volumes": plain(plan.data_volumes),
+            "sources": plan.digests(f for v in plan.data_volumes for f in v.files),
             "arch": plan.arch, "epoch": plan.source_date_epoch if plan.reproducible else None,
             "amiforge": __version__, "format": STAGE_FORMAT,
             "mke2fs": tool_version("mke2fs", "-V"),
@@ -28,24 +28,21 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stage(ctx: Context) -> None:
-    make_filesystems(ctx.plan, ctx.input("configure"), ctx.output, ctx.workspace,
-                     ctx.extras["recipe_dir"])
+    make_filesystems(ctx.plan, ctx.input("configure"), ctx.output, ctx.workspace)
 
 
-def make_filesystems(plan: Plan, tree: Path, folder: Path, work: Path,
-                     recipe_dir: Path) -> None:
+def make_filesystems(plan: Plan, tree: Path, folder: Path, work: Path) -> None:
     """The ESP and the volumes do not depend on the root filesystem: they are made
     alongside it."""
     root = plan.root
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        others = pool.submit(make_esp_and_volumes, plan, tree, folder, work, recipe_dir)
+        others = pool.submit(make_esp_and_volumes, plan, tree, folder, work)
         filesystem.make_ext4(folder / "root.img", root.size, tree, str(root.fs_uuid),
                              plan.root_label, plan.source_date_epoch, plan.reproducible)
         others.result()
 
 
-def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path,
-                         recipe_dir: Path) -> None:
+def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path) -> None:
     esp = plan.partition("esp")
     if esp is not None:
         efi = work / "grub.efi"
@@ -54,5 +51,4 @@ def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path,
         filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
                             {f"/{removable}": efi}, plan.source_date_epoch)
     for volume in plan.data_volumes:
-        make_volume(volume, folder / volume.image, work, recipe_dir, tree,
-                    plan.source_date_epoch, plan.reproducible)
+        make_volume(plan, volume, folder / volume.image, work, tree)

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from builder.bundle import BundleKeys
+from builder.outputs.bundle import BundleKeys
 from builder.plan import make_plan
 from builder.recipe.load import LoadOptions, load_recipe
 from tests.conftest import FIXED_EPOCH, RECIPES

@@ -12,7 +12,7 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from builder.ami import is_placeholder
+from builder.outputs.ami import is_placeholder, launch_permission_input, register_image_input
 from builder.plan import make_plan
 from builder.recipe.load import LoadOptions, load_recipe
 from tests.conftest import FIXED_EPOCH, RECIPES
@@ -24,6 +24,10 @@ EC2 = botocore.session.get_session().get_service_model("ec2")
 
 def plan_of(recipe: str):
     return make_plan(load_recipe(RECIPES / recipe, LoadOptions(source_date_epoch=FIXED_EPOCH)))
+
+
+def requests_of(plan) -> tuple[dict, dict | None]:
+    return register_image_input(plan.ami, plan.arch), launch_permission_input(plan.ami)
 
 
 def with_snapshot_ids(request: dict) -> dict:
@@ -44,16 +48,16 @@ def validate(operation: str, params: dict) -> str:
 
 @pytest.mark.parametrize("recipe", SHIPPED)
 def test_register_image_passes_botocore_validation(recipe: str) -> None:
-    plan = plan_of(recipe)
-    assert validate("RegisterImage", with_snapshot_ids(plan.register_image)) == ""
-    if plan.launch_permission is not None:
-        assert validate("ModifyImageAttribute", plan.launch_permission) == ""
+    register, permission = requests_of(plan_of(recipe))
+    assert validate("RegisterImage", with_snapshot_ids(register)) == ""
+    if permission is not None:
+        assert validate("ModifyImageAttribute", permission) == ""
 
 
 @pytest.mark.parametrize("recipe", SHIPPED)
 def test_register_image_matches_golden(recipe: str) -> None:
-    plan = plan_of(recipe)
-    data = {"register_image": plan.register_image, "launch_permission": plan.launch_permission}
+    register, permission = requests_of(plan_of(recipe))
+    data = {"register_image": register, "launch_permission": permission}
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     golden = GOLDEN / (Path(recipe).stem + ".json")
     if os.environ.get("UPDATE_GOLDEN"):
@@ -63,7 +67,7 @@ def test_register_image_matches_golden(recipe: str) -> None:
 
 
 def test_ebs_recipe_shape() -> None:
-    request = plan_of("debian-12-ebs.yaml").register_image
+    request = requests_of(plan_of("debian-12-ebs.yaml"))[0]
     assert request["Architecture"] == "x86_64"
     assert request["VirtualizationType"] == "hvm"
     assert request["RootDeviceName"] == "/dev/xvda"
@@ -79,7 +83,7 @@ def test_ebs_recipe_shape() -> None:
 
 
 def test_instance_store_shape() -> None:
-    request = plan_of("debian-12-instance-store.yaml").register_image
+    request = requests_of(plan_of("debian-12-instance-store.yaml"))[0]
     assert request["RootDeviceName"] == "/dev/sda1"
     assert request["BootMode"] == "legacy-bios"
     assert request["ImageLocation"].endswith("image.manifest.xml")
@@ -88,27 +92,53 @@ def test_instance_store_shape() -> None:
 
 def test_default_root_mapping_is_as_large_as_the_image(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("name: xyz\nroot_volume: {size: 3GiB}\n")
-    plan = make_plan(load_recipe(tmp_path / "r.yaml"))
-    [root] = plan.register_image["BlockDeviceMappings"]
+    register, permission = requests_of(make_plan(load_recipe(tmp_path / "r.yaml")))
+    [root] = register["BlockDeviceMappings"]
     assert root["DeviceName"] == "/dev/xvda"
     assert root["Ebs"]["VolumeSize"] == 3 and root["Ebs"]["VolumeType"] == "gp3"
-    assert plan.launch_permission is None
+    assert permission is None
 
 
 def test_public_and_organizations(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(
         "name: xyz\nami:\n  launch_permissions:\n    public: true\n"
         "    organization_arns: ['arn:aws:organizations::123456789012:organization/o-abc']\n")
-    permission = make_plan(load_recipe(tmp_path / "r.yaml")).launch_permission
+    _, permission = requests_of(make_plan(load_recipe(tmp_path / "r.yaml")))
     assert permission["LaunchPermission"]["Add"] == [
         {"Group": "all"},
         {"OrganizationArn": "arn:aws:organizations::123456789012:organization/o-abc"}]
     assert validate("ModifyImageAttribute", permission) == ""
 
 
-def test_snapshot_placeholders_round_trip() -> None:
-    from builder.ami import is_placeholder, placeholder_image, snapshot_placeholder
+def test_snapshots_and_register_image_name_the_same_images() -> None:
+    """One typed plan makes both: every snapshot placeholder RegisterImage holds is a row of
+    snapshots.json, with the volume size RegisterImage asks for."""
+    from builder.outputs.ami import snapshots_input
 
-    value = snapshot_placeholder("volume-sdf.raw")
-    assert is_placeholder(value) and placeholder_image(value) == "volume-sdf.raw"
-    assert placeholder_image("snap-0123456789abcdef0") is None
+    plan = plan_of("debian-12-ebs.yaml")
+    register, _ = requests_of(plan)
+    raw = {name: {"virtual_size": 1 << 30, "sha256": "0" * 64}
+           for name in ("disk.raw", "volume-sdf.raw")}
+    rows = snapshots_input(plan.ami, raw)["snapshots"]
+    placeholders = {m["Ebs"]["SnapshotId"]: m for m in register["BlockDeviceMappings"]
+                    if is_placeholder(m.get("Ebs", {}).get("SnapshotId", ""))}
+    assert sorted(r["placeholder"] for r in rows) == sorted(placeholders)
+    for row in rows:
+        mapping = placeholders[row["placeholder"]]
+        assert (row["device"], row["volume_size_gib"]) == (
+            mapping["DeviceName"], mapping["Ebs"]["VolumeSize"])
+    assert [r["image"] for r in rows] == ["disk.raw", "volume-sdf.raw"]
+
+
+def test_bundle_mapping_lists_the_instance_store_volumes_in_bundle_order(
+        tmp_path: Path) -> None:
+    from builder.outputs.ami import bundle_mappings
+
+    (tmp_path / "r.yaml").write_text(
+        "name: xyz\nami: {backing: instance-store}\nblock_device_mappings:\n"
+        "  - {device: /dev/sdc, virtual_name: ephemeral10}\n"
+        "  - {device: /dev/sdb, virtual_name: ephemeral2}\n")
+    plan = make_plan(load_recipe(tmp_path / "r.yaml"))
+    assert bundle_mappings(plan.ami) == [("ami", "sda1"), ("root", "/dev/sda1"),
+                                         ("ephemeral2", "sdb"), ("ephemeral10", "sdc")]
+    assert plan.ami.snapshot_devices == ()

@@ -9,10 +9,10 @@ import pytest
 
 from builder.host.chroot import chroot_argv
 from builder.host.fsutil import allocated_bytes
+from builder.image.filesystem import fat_volume_id, make_ext4, mkfs_ext4_argv, mkfs_xfs_argv
 from builder.plan import OSPlan
 from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
 from builder.stages.convert import convert_args
-from builder.stages.filesystem import fat_volume_id, make_ext4, mkfs_ext4_argv, mkfs_xfs_argv
 from builder.vm import qemu_argv
 
 OS = OSPlan(distribution="debian", release="bookworm", mirror="http://deb.debian.org/debian",

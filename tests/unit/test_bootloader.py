@@ -1,6 +1,6 @@
 import struct
 
-from builder.stages.bootloader import SECTOR, patch_boot, patch_core
+from builder.image.bootloader import SECTOR, patch_boot, patch_core
 
 
 def test_patch_core_points_blocklist_at_following_sectors() -> None:

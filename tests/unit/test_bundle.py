@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from builder.bundle import BundleKeys, bundle_image, gnu_sparse_headers
 from builder.errors import InputError
-from builder.unbundle import BundleError, unbundle
+from builder.outputs.bundle import BundleKeys, bundle_image, gnu_sparse_headers
+from builder.outputs.unbundle import BundleError, unbundle
 from tests.unit.conftest import key_pair
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "bundle" / "image.manifest.xml"

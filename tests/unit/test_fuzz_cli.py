@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from builder.cli import main
 from builder.host.chroot import chroot_argv
+from builder.image.bootloader import EFI_MODULES, grub_mkimage_argv
+from builder.image.filesystem import mkfs_ext4_argv, mkfs_xfs_argv
 from builder.plan import make_plan
 from builder.recipe.load import LoadOptions, load_recipe
-from builder.stages.bootloader import EFI_MODULES, grub_mkimage_argv
 from builder.stages.bootstrap import mmdebstrap_argv
 from builder.stages.configure import systemctl_argv, useradd_argv
 from builder.stages.convert import convert_args
-from builder.stages.filesystem import mkfs_ext4_argv, mkfs_xfs_argv
 from tests.conftest import ROOT
 
 HOSTILE = ["-x", "--customize-hook=touch /pwned", "--root=/", "a\nb", "it's", "$(id)", "{{",

@@ -20,10 +20,10 @@ from tests.conftest import FIXED_EPOCH, RECIPES, copy_recipes
 KEPT = ("bootstrap", "configure", "filesystem")
 
 
-def keys(plan: Any, recipe_dir: Path) -> dict[str, str]:
+def keys(plan: Any) -> dict[str, str]:
     from builder.pipeline.cache import digest
 
-    inputs = Runner.stage_inputs(STAGES, plan, {"recipe_dir": recipe_dir})
+    inputs = Runner.stage_inputs(STAGES, plan, {})
     return {name: digest(value) for name, value in inputs.items()}
 
 
@@ -39,6 +39,16 @@ def _users(plan: Any) -> Any:
     return dataclasses.replace(plan, users=plan.users[:-1])
 
 
+def _ami(plan: Any, **changes: Any) -> Any:
+    return dataclasses.replace(plan, ami=dataclasses.replace(plan.ami, **changes))
+
+
+def _data_volume(plan: Any, **changes: Any) -> Any:
+    devices = tuple(dataclasses.replace(d, volume=dataclasses.replace(d.volume, **changes))
+                    if d.volume else d for d in plan.ami.block_devices)
+    return _ami(plan, block_devices=devices)
+
+
 # change -> the stages whose stored output it must invalidate (every other must survive)
 CHANGES = {
     "a package": (lambda p: dataclasses.replace(p, os=dataclasses.replace(
@@ -50,12 +60,20 @@ CHANGES = {
     "a user": (_users, ("configure", "filesystem")),
     "the kernel command line": (lambda p: dataclasses.replace(
         p, kernel_cmdline=(*p.kernel_cmdline, "quiet")), ("configure", "filesystem")),
-    "a data volume": (lambda p: dataclasses.replace(p, data_volumes=(dataclasses.replace(
-        p.data_volumes[0], label="other"),)), ("configure", "filesystem")),
+    "a data volume's label": (lambda p: _data_volume(p, label="other"),
+                              ("configure", "filesystem")),
+    "a data volume's size": (lambda p: _data_volume(p, size=2 << 30), ("filesystem",)),
+    "a data volume's snapshot settings": (lambda p: _ami(p, block_devices=tuple(
+        dataclasses.replace(d, ebs=dataclasses.replace(d.ebs, volume_type="io2"))
+        if d.ebs else d for d in p.ami.block_devices)), ()),
     "the output formats": (lambda p: dataclasses.replace(p, formats=("raw",)), ()),
     "qcow2 compression": (lambda p: dataclasses.replace(p, qcow2_compress=True), ()),
-    "the AMI's tags": (lambda p: dataclasses.replace(p, ami={**p.ami, "tags": {"a": "b"}}),
-                       ()),
+    "the AMI's tags": (lambda p: _ami(p, tags={"a": "b"}), ()),
+    "the AMI's boot mode": (lambda p: _ami(p, boot_mode="uefi"), ()),
+    "the recipe's own text": (lambda p: dataclasses.replace(p, sources=(dataclasses.replace(
+        p.sources[0], sha256="0" * 64), *p.sources[1:])), ()),
+    "the environment names read": (lambda p: dataclasses.replace(
+        p, environment_read=("HOME",)), ()),
     "the description": (lambda p: dataclasses.replace(p, description="other"), ()),
     "the build time, reproducible": (lambda p: dataclasses.replace(
         p, source_date_epoch=p.source_date_epoch + 1), KEPT),
@@ -64,31 +82,37 @@ CHANGES = {
 
 @pytest.mark.parametrize("change", sorted(CHANGES), ids=sorted(CHANGES))
 def test_what_a_plan_change_invalidates(base, change: str) -> None:
-    plan, recipes = base
+    plan, _ = base
     mutate, invalidated = CHANGES[change]
-    before, after = keys(plan, recipes), keys(mutate(plan), recipes)
+    before, after = keys(plan), keys(mutate(plan))
     changed = tuple(s for s in KEPT if before[s] != after[s])
     assert changed == invalidated
 
 
 def test_the_build_time_of_an_unreproducible_build_invalidates_nothing(base) -> None:
-    plan, recipes = base
+    plan, _ = base
     plan = dataclasses.replace(plan, reproducible=False)
     later = dataclasses.replace(plan, source_date_epoch=plan.source_date_epoch + 60)
-    assert keys(plan, recipes) == keys(later, recipes)
+    assert keys(plan) == keys(later)
 
 
-def test_a_recipe_file_invalidates_configure_and_later(base) -> None:
+@pytest.mark.parametrize(("source", "invalidated"), [
+    ("files/motd", ["configure", "filesystem"]),          # copied into the root tree
+    ("files/data/README", ["filesystem"]),                # copied onto the data volume
+    ("debian-12-minimal.yaml", []),                       # what it says is in the plan
+])
+def test_a_recipe_file_invalidates_the_stages_that_copy_it(
+        base, source: str, invalidated: list[str]) -> None:
     plan, recipes = base
-    before = keys(plan, recipes)
-    source = next(f.src for v in plan.data_volumes for f in v.files if f.src)
     original = (recipes / source).read_text()
-    (recipes / source).write_text(original + "changed\n")
+    (recipes / source).write_text(original + "\n# changed\n")
     try:
-        after = keys(plan, recipes)
+        changed = make_plan(load_recipe(recipes / "debian-12-ebs.yaml",
+                                        LoadOptions(source_date_epoch=FIXED_EPOCH)))
     finally:
         (recipes / source).write_text(original)
-    assert [s for s in KEPT if before[s] != after[s]] == ["configure", "filesystem"]
+    before, after = keys(plan), keys(changed)
+    assert [s for s in KEPT if before[s] != after[s]] == invalidated
 
 
 # --- the runner, with small stages of files ----------------------------------------------
@@ -204,3 +228,25 @@ def test_copy_fallback_after_a_failed_mount_copies_the_tree_itself(
         target = tmp_path / "ws/configure-tree"
         assert Trees(tmp_path / "ws", held).writable(target, [base]) is None
     assert (target / "etc/hostname").read_text() == "x\n"
+
+
+def test_prune_removes_the_layered_entries_of_a_pruned_base(tmp_path: Path) -> None:
+    """A configure layer over a pruned bootstrap can never be used again: prune takes it
+    too (and what lay over it), so `cache prune` frees what it says."""
+    import json
+
+    cache = StageCache(tmp_path / "cache")
+    with cache.new_entry("bootstrap", "b1", {}) as entry:
+        (entry / "tree").mkdir()
+    with cache.new_entry("configure", "c1", {}) as entry:
+        (entry / "base.json").write_text(json.dumps(
+            ["bootstrap", "b1", cache.entry_id("bootstrap", "b1")]))
+    with cache.new_entry("filesystem", "f1", {}) as entry:
+        (entry / "root.img").write_bytes(b"x")
+    with cache.new_entry("other", "o1", {}) as entry:
+        (entry / "base.json").write_text(json.dumps(
+            ["configure", "c1", cache.entry_id("configure", "c1")]))
+    cache.discard("bootstrap", "b1")
+    removed = {(e.stage, e.key) for e in cache.prune(max_size=1 << 40)}
+    assert removed == {("configure", "c1"), ("other", "o1")}
+    assert [(e.stage, e.key) for e in cache.entries()] == [("filesystem", "f1")]

@@ -70,7 +70,7 @@ def test_recipe_file_through_var_run_stays_in_the_tree(tree: Path, sentinel: Pat
     (tree / "var/run").symlink_to(str(sentinel))  # as Debian's var/run -> /run
     before = snapshot(sentinel)
     install_file(tree, FileSpec(dest="/var/run/keep/file", content="from the recipe\n",
-                                mode="0600"), tree)
+                                mode="0600"), None)
     assert snapshot(sentinel) == before
     written = tree / str(sentinel).lstrip("/") / "keep/file"
     assert written.read_text() == "from the recipe\n"
@@ -81,7 +81,7 @@ def test_recipe_file_onto_a_link_is_refused(tree: Path, sentinel: Path) -> None:
     (tree / "etc/motd").symlink_to(str(sentinel / "keep/file"))
     before = snapshot(sentinel)
     with pytest.raises(BuildFailed, match="symlink"):
-        install_file(tree, FileSpec(dest="/etc/motd", content="x"), tree)
+        install_file(tree, FileSpec(dest="/etc/motd", content="x"), None)
     assert snapshot(sentinel) == before
 
 
@@ -116,7 +116,7 @@ def test_system_files_replace_links_in_the_tree(tree: Path, sentinel: Path) -> N
 def test_package_list_is_read_inside_the_tree(tree: Path) -> None:
     """A script's `var/lib/dpkg -> /proc/self/root/var/lib/dpkg` must not make amiforge
     list the build host's packages (a host tool given the tree's path would follow it)."""
-    from builder.stages.manifest import installed_packages
+    from builder.outputs.manifest import installed_packages
 
     (tree / "var/lib").mkdir(parents=True)
     (tree / "var/lib/dpkg").symlink_to("/proc/self/root/var/lib/dpkg")
@@ -137,4 +137,19 @@ def test_package_list_is_read_inside_the_tree(tree: Path) -> None:
 def test_malformed_passwd_entry_is_a_build_error(tree: Path) -> None:
     (tree / "etc/passwd").write_text("root:x:zero:0:root:/root:/bin/bash\n")
     with pytest.raises(BuildFailed, match="malformed entry for 'root'"):
-        install_file(tree, FileSpec(dest="/etc/x", content="x"), tree)
+        install_file(tree, FileSpec(dest="/etc/x", content="x"), None)
+
+
+def test_a_source_changed_since_the_plan_fails_the_copy(tmp_path: Path) -> None:
+    """The plan and the cache key hold a source's sha256; the bytes copied must be those."""
+    import hashlib
+
+    tree, source = tmp_path / "tree", tmp_path / "motd"
+    tree.mkdir()
+    source.write_text("planned\n")
+    planned = hashlib.sha256(b"planned\n").hexdigest()
+    treepath.copy_in(tree, source, "/etc/motd", 0o644, sha256=planned)
+    assert (tree / "etc/motd").read_text() == "planned\n"
+    source.write_text("swapped after the plan\n")
+    with pytest.raises(BuildFailed, match="changed while the image was being built"):
+        treepath.copy_in(tree, source, "/etc/issue", 0o644, sha256=planned)

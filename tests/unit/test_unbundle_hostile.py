@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.bundle import (
+from builder.cli import main
+from builder.outputs.bundle import (
     bundle_image,
     encrypt_key_material,
     gnu_sparse_headers,
@@ -27,7 +28,6 @@ from builder.bundle import (
     manifest_xml,
     sign,
 )
-from builder.cli import main
 from tests.unit.test_bundle import IV, KEY
 
 SIGNED = re.compile(r"<machine_configuration>.*</image>", re.S)

@@ -1,4 +1,4 @@
-"""Stage 3: filesystem images made from a tree, with no mounts: ``mkfs.ext4 -d``,
+"""Filesystem images made from a tree, with no mounts: ``mkfs.ext4 -d``,
 ``mkfs.xfs -p`` and mtools for FAT."""
 
 from __future__ import annotations

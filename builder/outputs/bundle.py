@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from builder import __version__
-from builder.ami import BUNDLE_PREFIX
 from builder.errors import InputError
 from builder.host.fsutil import read_regular_file
-from builder.sparsetar import gnu_sparse_headers, tar_stream
+from builder.outputs.ami import BUNDLE_PREFIX, bundle_mappings
+from builder.outputs.sparsetar import gnu_sparse_headers, tar_stream
 
 __all__ = ["BundleKeys", "bundle_image", "gnu_sparse_headers"]
 
@@ -223,25 +223,9 @@ class BundleResult:
     bundled_size: int
 
 
-def _mappings(plan: Plan) -> list[tuple[str, str]]:
-    mappings = [("ami", "sda1"), ("root", "/dev/sda1")]
-    for entry in plan.register_image.get("BlockDeviceMappings", []):
-        if "VirtualName" in entry:
-            mappings.append((entry["VirtualName"], entry["DeviceName"].removeprefix("/dev/")))
-    return sorted(mappings, key=lambda mapping: _virtual_rank(mapping[0]))
-
-
-def _virtual_rank(virtual: str) -> tuple[int, int]:
-    """ami, root, ephemeral0..23 (by number), swap: the order ec2-bundle-image writes."""
-    fixed = {"ami": (0, 0), "root": (1, 0), "swap": (3, 0)}
-    if virtual in fixed:
-        return fixed[virtual]
-    return (2, int(virtual.removeprefix("ephemeral")))
-
-
 def machine_configuration_xml(plan: Plan) -> str:
     mappings = "".join(f"<mapping><virtual>{v}</virtual><device>{d}</device></mapping>"
-                       for v, d in _mappings(plan))
+                       for v, d in bundle_mappings(plan.ami))
     return (f"<machine_configuration><architecture>{plan.arch}</architecture>"
             f"<block_device_mapping>{mappings}</block_device_mapping>"
             "</machine_configuration>")

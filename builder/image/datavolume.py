@@ -7,20 +7,22 @@ import os
 import stat
 from pathlib import Path
 
+from builder.amiplan import DataVolume
 from builder.errors import BuildFailed
 from builder.host.fsutil import create_sparse
 from builder.host.run import run
-from builder.plan import DataVolume
+from builder.image.filesystem import clamp_times, make_ext4, mkfs_xfs_argv
+from builder.plan import Plan
 from builder.stages.configure import install_file
-from builder.stages.filesystem import clamp_times, make_ext4, mkfs_xfs_argv
 
 
-def make_volume(volume: DataVolume, image: Path, work: Path, recipe_dir: Path,
-                root_tree: Path, epoch: int, reproducible: bool = False) -> None:
+def make_volume(plan: Plan, volume: DataVolume, image: Path, work: Path,
+                root_tree: Path) -> None:
+    epoch, reproducible = plan.source_date_epoch, plan.reproducible
     tree = work / f"{image.stem}-tree"
     tree.mkdir()
     for spec in volume.files:
-        install_file(tree, spec, recipe_dir, accounts=root_tree)
+        install_file(tree, spec, plan, accounts=root_tree)
     if reproducible:
         clamp_times(tree, epoch)
     if volume.filesystem == "ext4":

@@ -1,6 +1,6 @@
 """Read an instance-store bundle back: verify the manifest's signature and every digest,
 decrypt, decompress, and restore the image byte for byte (sparse). The inverse of
-:mod:`builder.bundle`.
+:mod:`builder.outputs.bundle`.
 
 A bundle may come from a stranger, so nothing in it is trusted before it is checked:
 
@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from builder.bundle import PART_SIZE, load_private_key
 from builder.errors import InputError
 from builder.host.fsutil import read_regular_file
-from builder.sparsetar import READ, BundleError, Reader, restore
+from builder.outputs.bundle import PART_SIZE, load_private_key
+from builder.outputs.sparsetar import READ, BundleError, Reader, restore
 
 __all__ = ["BundleError", "unbundle"]
 

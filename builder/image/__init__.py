@@ -1,0 +1,1 @@
+"""Making images from trees: filesystems, the bootloader, data volumes."""
