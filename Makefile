@@ -24,7 +24,7 @@ test: deps venv lint
 
 # The fast tier: every test not marked integration or boot (seconds, no build).
 check: venv lint
-	$(VENV)/bin/pytest -m unit -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m unit -q -n 2 $(PYTEST_ARGS)
 
 unit: check
 

@@ -139,3 +139,31 @@ def copy_recipes(target: Path) -> Path:
 
     shutil.copytree(RECIPES, target)
     return target
+
+
+# --- AWS: a moto server on 127.0.0.1, never AWS ------------------------------------------
+
+@pytest.fixture(scope="session")
+def moto_url():
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from builder.vm import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
