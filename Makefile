@@ -3,7 +3,7 @@
 
 SHELL := /bin/bash
 VENV := .venv
-RECIPE ?= recipes/debian-12-minimal.yaml
+RECIPE ?= recipes/debian-13-minimal.yaml
 PYTEST_ARGS ?=
 
 # Debian packages amiforge and its tests use. The venv is made from Debian's python3 with

@@ -1,6 +1,6 @@
 """Benchmarks: amiforge's stages against the plain tools doing the same work, one run.
 
-    .venv/bin/python bench/run.py [--recipe recipes/debian-12-minimal.yaml] [--skip-boot]
+    .venv/bin/python bench/run.py [--recipe recipes/debian-13-minimal.yaml] [--skip-boot]
 
 Prints a table and writes bench/results/<timestamp>.json. Figures are ratios measured in
 the same run on the same machine; the machines are noisy, so compare ratios, not seconds.
@@ -40,10 +40,12 @@ def mmdebstrap_alone(recipe: Path, work: Path) -> float:
     """mmdebstrap with the same package set and the same options amiforge passes."""
     plan = make_plan(load_recipe(recipe))
     os_plan = plan.os
+    components = " ".join(os_plan.components)
     argv = ["mmdebstrap", "--mode=unshare", "--variant=minbase",
             f"--include={','.join(os_plan.packages)}",
             *(f"--dpkgopt={o}" for o in os_plan.dpkg_options),
-            os_plan.release, str(work / "tree"), os_plan.mirror]
+            os_plan.release, str(work / "tree"),
+            *(f"deb {uri} {suite} {components}" for uri, suite in os_plan.sources)]
     return timed(argv)
 
 
@@ -58,7 +60,7 @@ def rebuilds(work: Path, cold_s: float, cache: Path) -> dict[str, float]:
     added (on a copy of the recipes)."""
     recipes = work / "recipes"
     shutil.copytree(ROOT / "recipes", recipes)
-    recipe = recipes / "debian-12-minimal.yaml"
+    recipe = recipes / "debian-13-minimal.yaml"
     build(recipe, work / "warm", cache)  # same inputs as the cold build: fills nothing new
     (recipes / "files/motd").write_text("changed for the benchmark\n")
     one_file_s, _ = build(recipe, work / "warm", cache)
@@ -194,7 +196,7 @@ SECTIONS = ("build", "rebuild", "bundle", "boot", "upload")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/debian-12-minimal.yaml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/debian-13-minimal.yaml")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.archive import suite_dates
 from builder.audit.report import audit_report, check_audit
 from builder.host.fsutil import atomic_write_json
 from builder.host.workspace import land, output_directory, signals_deferred, workspace
@@ -66,7 +67,8 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
     with output_directory(options.output_dir) as out, contextlib.ExitStack() as landing, \
             workspace(out) as ws, contextlib.ExitStack() as held:
         hashes = held.enter_context(ArtifactHashes())
-        extras = {"formats": formats, "hashes": hashes, "bundle_keys": options.bundle_keys}
+        extras = {"formats": formats, "hashes": hashes, "bundle_keys": options.bundle_keys,
+                  "archive": suite_dates(plan.os)}
         facts = Runner(cache, ws, progress, held).run(STAGES, plan, extras).facts
         outputs = {Path(p): (fmt, name) for p, (fmt, name) in facts["outputs"].items()}
         artifacts = hashes.entries(outputs)
@@ -76,7 +78,8 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
             "stages": progress.report(),
             "audit": {"findings": [f.to_dict() for f in findings], "waivers": waivers,
                       "unused_waivers": unused},
-            "environment_read": list(plan.environment_read)})
+            "environment_read": list(plan.environment_read),
+            "archive": facts.get("archive")})
         atomic_write_json(ws / "build-manifest.json", manifest)
         # from here on, an interrupt waits until the results landed and the workspace is gone
         landing.enter_context(signals_deferred())

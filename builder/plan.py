@@ -63,14 +63,23 @@ class OSPlan:
     distribution: str
     release: str
     mirror: str
+    security_mirror: str
+    suites: tuple[str, ...]
     components: tuple[str, ...]
     architecture: str
     packages: tuple[str, ...]
     dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
     initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
-    # the mirror's credentials as an apt auth.conf entry: never shown, cached or imaged
+    # the mirrors' credentials as apt auth.conf entries: never shown, cached or imaged
     apt_auth: str | None = field(default=None, repr=False, compare=False,
                                  metadata={"private": True})
+
+    @property
+    def sources(self) -> tuple[tuple[str, str], ...]:
+        """(URI, suite) of every apt source: a ``*-security`` suite comes from the security
+        archive, every other from the mirror."""
+        return tuple((self.security_mirror if suite.endswith("-security") else self.mirror,
+                      suite) for suite in self.suites)
 
 
 @dataclass(frozen=True)
@@ -207,12 +216,17 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     disk_size = align_up(volume.size)
     seed = f"{recipe.name}\0{loaded.path.stem}"
     partitions = layout(seed, recipe.arch, volume.boot, disk_size, volume.filesystem)
+    release = distribution.release(recipe.os.release)
     mirror, apt_auth = split_credentials(recipe.os.mirror or distribution.default_mirror)
+    security, security_auth = split_credentials(recipe.os.security_mirror or
+                                                distribution.security_mirror)
     os_plan = OSPlan(
         distribution=distribution.name,
-        release=recipe.os.release or distribution.default_release,
+        release=release.codename,
         mirror=mirror,
-        apt_auth=apt_auth,
+        security_mirror=security,
+        suites=tuple(dict.fromkeys(recipe.os.suites or release.default_suites())),
+        apt_auth="".join(a for a in (apt_auth, security_auth) if a) or None,
         components=tuple(recipe.os.components or distribution.default_components),
         architecture=distribution.debian_arch(recipe.arch),
         packages=packages_for(recipe, distribution),

@@ -1,17 +1,33 @@
 """Distributions as small plugin classes, registered by subclassing (mkosi's idiom).
 
-A distribution knows its default release, mirror and components, its cloud kernel per
-architecture, and the packages every image needs."""
+A distribution knows its releases (the one table of per-release facts), its default
+release, mirrors and components, its cloud kernel per architecture, and the packages every
+image needs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Release:
+    codename: str
+    version: str
+    security_suite: str   # the suite on the security archive
+
+    def default_suites(self) -> tuple[str, ...]:
+        """The release, its point-release updates and its security updates: an image
+        built from these holds the newest packages the archive has."""
+        return (self.codename, f"{self.codename}-updates", self.security_suite)
 
 
 class Distribution:
     name: ClassVar[str]
+    releases: ClassVar[dict[str, Release]]
     default_release: ClassVar[str]
     default_mirror: ClassVar[str]
+    security_mirror: ClassVar[str]
     default_components: ClassVar[tuple[str, ...]] = ("main",)
     kernels: ClassVar[dict[str, str]]
     base_packages: ClassVar[tuple[str, ...]] = ("systemd-sysv", "udev", "systemd-resolved")
@@ -20,6 +36,10 @@ class Distribution:
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         Distribution.registry[cls.name] = cls
+
+    @classmethod
+    def release(cls, codename: str | None) -> Release:
+        return cls.releases[codename or cls.default_release]
 
     @classmethod
     def kernel_for(cls, arch: str) -> str:
@@ -32,19 +52,15 @@ class Distribution:
 
 class Debian(Distribution):
     name = "debian"
-    default_release = "bookworm"
+    releases: ClassVar[dict[str, Release]] = {
+        "bookworm": Release("bookworm", "12", "bookworm-security"),
+        "trixie": Release("trixie", "13", "trixie-security"),
+    }
+    default_release = "trixie"
     default_mirror = "http://deb.debian.org/debian"
+    security_mirror = "http://security.debian.org/debian-security"
     kernels: ClassVar[dict[str, str]] = {"x86_64": "linux-image-cloud-amd64",
                                          "arm64": "linux-image-cloud-arm64"}
-
-
-class Ubuntu(Distribution):
-    name = "ubuntu"
-    default_release = "noble"
-    default_mirror = "http://archive.ubuntu.com/ubuntu"
-    default_components = ("main", "universe")
-    kernels: ClassVar[dict[str, str]] = {"x86_64": "linux-image-virtual",
-                                         "arm64": "linux-image-virtual"}
 
 
 def get(name: str) -> type[Distribution]:

@@ -35,6 +35,8 @@ from builder.errors import InputError
 from builder.host.run import run
 
 META = "meta.json"
+# inputs whose change -v says in words
+DESCRIBED = {"archive": "the archive changed (a suite's signed Release is newer)"}
 BASE = "base.json"  # a layered tree entry names the entry it was layered over
 KEY_LENGTH = 24
 
@@ -154,7 +156,11 @@ class StageCache:
         previous = json.loads((newest / META).read_text()).get("inputs", {})
         changed = sorted(k for k in set(previous) | set(inputs)
                          if digest(previous.get(k)) != digest(inputs.get(k)))
-        return "changed: " + (", ".join(changed) or "nothing (the entry cannot be used here)")
+        if not changed:
+            return "changed: nothing (the entry cannot be used here)"
+        said = [DESCRIBED[k] for k in changed if k in DESCRIBED]
+        rest = [k for k in changed if k not in DESCRIBED]
+        return "; ".join([*said, *(["changed: " + ", ".join(rest)] if rest else [])])
 
     def entries(self) -> list[Entry]:
         out = []

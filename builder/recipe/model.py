@@ -85,9 +85,16 @@ class Strict(BaseModel):
 
 
 class OS(Strict):
-    distribution: Literal["debian", "ubuntu"] = "debian"
-    release: Suite | None = Field(None, description="default: the distribution's default")
+    distribution: Literal["debian"] = "debian"
+    release: Suite | None = Field(
+        None, description="codename (bookworm, trixie); default: the distribution's default")
     mirror: MirrorUrl | None = None
+    security_mirror: MirrorUrl | None = Field(
+        None, description="the security archive; default: the distribution's own")
+    suites: list[Suite] | None = Field(
+        None, min_length=1, max_length=8,
+        description="suites to build from; default: RELEASE, RELEASE-updates and the "
+                    "release's security suite")
     components: list[Component] | None = None
     kernel: PackageName | None = Field(
         None, description="kernel package; default: the distribution's cloud kernel")

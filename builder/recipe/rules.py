@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from builder import distros
 from builder.errors import InputError
 from builder.host.aptauth import split_credentials
 from builder.recipe.model import Recipe
@@ -34,6 +35,7 @@ def image_gib(recipe: Recipe) -> int:
 def check(recipe: Recipe) -> Found:
     yield from size_rules(recipe)
     yield from mirror_rules(recipe)
+    yield from release_rules(recipe)
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
@@ -50,12 +52,24 @@ def size_rules(recipe: Recipe) -> Found:
 
 
 def mirror_rules(recipe: Recipe) -> Found:
-    if recipe.os.mirror is None:
-        return
-    try:
-        split_credentials(recipe.os.mirror)
-    except InputError as exc:
-        yield ("os", "mirror"), str(exc).removeprefix("os.mirror: ")
+    for key in ("mirror", "security_mirror"):
+        url = getattr(recipe.os, key)
+        if url is None:
+            continue
+        try:
+            split_credentials(url)
+        except InputError as exc:
+            yield ("os", key), str(exc).removeprefix("os.mirror: ")
+
+
+def release_rules(recipe: Recipe) -> Found:
+    distribution = distros.get(recipe.os.distribution)
+    release = recipe.os.release
+    if release is not None and release not in distribution.releases:
+        known = ", ".join(f"{r.codename} ({r.version})"
+                          for r in distribution.releases.values())
+        yield (("os", "release"), f"{release!r} is not a release amiforge knows for "
+               f"{distribution.name}: {known}")
 
 
 def effective_boot_mode(recipe: Recipe) -> str:

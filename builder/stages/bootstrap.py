@@ -63,8 +63,11 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
             f"--setup-hook=sync-in {shlex.quote(str(apt_cache))} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(apt_cache))}",
         ]
-    # "--": the suite, target and mirror are never read as options, whatever they hold
-    return [*argv, "--", os_plan.release, str(target), os_plan.mirror]
+    # "--": the suite, target and sources are never read as options, whatever they hold;
+    # each source a whole sources.list line (values checked by the recipe's patterns)
+    components = " ".join(os_plan.components)
+    sources = [f"deb {uri} {suite} {components}" for uri, suite in os_plan.sources]
+    return [*argv, "--", os_plan.release, str(target), *sources]
 
 
 def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
@@ -97,6 +100,9 @@ def write_seed_files(os_plan: OSPlan, folder: Path) -> Path:
 def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     """What the bootstrapped tree depends on (its cache key)."""
     return {"os": plan.to_dict()["os"], "format": STAGE_FORMAT,
+            # the archive moves (security updates) under the same suite names: a bootstrap
+            # made before the suites' last Release is stale
+            "archive": extras.get("archive"),
             "mmdebstrap": tool_version("mmdebstrap", "--version"),
             "seed": templates_digest(t for _, _, t, _ in SEED_FILES),
             # a reproducible build clamps the bootstrapped tree's times (so that its
@@ -104,13 +110,14 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
             "epoch": plan.source_date_epoch if plan.reproducible else None}
 
 
-def run_stage(ctx: Context) -> None:
+def run_stage(ctx: Context) -> dict[str, Any]:
     """Bootstrap into ``ctx.output``: from a cached bootstrap that lacks only some
     packages, completed with apt ("extended"), or with mmdebstrap."""
     plan, cache, tree = ctx.plan, ctx.cache, ctx.output
+    facts = {"archive": ctx.inputs.get("archive")}
     if cache is None:
         bootstrap(plan.os, tree, None)
-        return
+        return facts
     base = _subset_entry(cache, ctx.inputs)
     with contextlib.ExitStack() as held:
         if base is not None:  # held while copied, so that pruning cannot remove it midway
@@ -126,6 +133,7 @@ def run_stage(ctx: Context) -> None:
         ctx.source = "extended"
     if plan.reproducible:
         clamp_times(tree, plan.source_date_epoch, atimes=False)
+    return facts
 
 
 def _subset_entry(cache: StageCache, inputs: dict[str, Any]) -> Entry | None:

@@ -14,8 +14,9 @@ from tests.conftest import bundle_args, copy_recipes, needs_root_tools, run_buil
 pytestmark = [pytest.mark.boot, needs_root_tools()]
 
 
-def test_ebs_image_mounts_its_data_volume(build_recipe, ssh_key: Path) -> None:
-    built = build_recipe("debian-12-ebs.yaml")
+@pytest.mark.parametrize("recipe", ["debian-13-ebs.yaml", "debian-12-ebs.yaml"])
+def test_ebs_image_mounts_its_data_volume(build_recipe, ssh_key: Path, recipe: str) -> None:
+    built = build_recipe(recipe)
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi",
                         extra_disks=[built.artifact("volume-sdf.qcow2")]) as vm:
         vm.wait_for(timeout=300)

@@ -11,7 +11,8 @@ from builder.vm import VirtualMachine
 from tests.conftest import needs_root_tools
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
-RECIPE = "debian-12-minimal.yaml"
+RECIPES = ("debian-13-minimal.yaml", "debian-12-minimal.yaml")
+RELEASES = {"debian-13-minimal.yaml": "13", "debian-12-minimal.yaml": "12"}
 
 
 def check_configured(vm: VirtualMachine, key: Path) -> None:
@@ -31,15 +32,16 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
 
 @pytest.fixture(scope="module")
 def identities() -> dict[str, tuple[str, str]]:
-    """Firmware -> (SSH host key, machine id) of each VM booted below."""
+    """(recipe, firmware) -> (SSH host key, machine id) of each VM booted below."""
     return {}
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize(("artifact", "firmware"), [("disk.raw", "bios"),
                                                      ("disk.qcow2", "uefi")])
 def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str, firmware: str,
-                                 identities: dict[str, tuple[str, str]]) -> None:
-    built = build_recipe(RECIPE)
+                                 recipe: str, identities: dict) -> None:
+    built = build_recipe(recipe)
     with VirtualMachine(built.artifact(artifact), firmware) as vm:
         seconds = vm.wait_for(timeout=300)
         print(f"{artifact} ({firmware}): login prompt after {seconds:.1f}s")
@@ -51,13 +53,17 @@ def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str, fir
         host_key = vm.ssh("admin", ssh_key, "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
         machine_id = vm.ssh("admin", ssh_key, "cat /etc/machine-id").strip()
         assert len(machine_id) == 32
-        identities[firmware] = (host_key, machine_id)
+        release = vm.ssh("admin", ssh_key, ". /etc/os-release; echo $VERSION_ID").strip()
+        assert release == RELEASES[recipe]
+        identities[recipe, firmware] = (host_key, machine_id)
 
 
-def test_two_instances_of_one_image_have_their_own_identity(
-        identities: dict[str, tuple[str, str]]) -> None:
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_instances_of_one_image_have_their_own_identity(identities: dict,
+                                                            recipe: str) -> None:
     """disk.raw and disk.qcow2 hold the same image: the two VMs above made their own SSH
     host keys and machine ids at first boot. (Run with the boots above; alone it fails.)"""
-    assert sorted(identities) == ["bios", "uefi"], "both boots above must have run first"
-    (key_a, id_a), (key_b, id_b) = identities.values()
+    both = [identities.get((recipe, firmware)) for firmware in ("bios", "uefi")]
+    assert None not in both, "both boots above must have run first"
+    (key_a, id_a), (key_b, id_b) = both  # type: ignore[misc]
     assert key_a != key_b and id_a != id_b

@@ -13,8 +13,9 @@ from tests.conftest import needs_root_tools
 pytestmark = [pytest.mark.boot, needs_root_tools()]
 
 
-def test_nginx_page_answers(build_recipe, ssh_key: Path) -> None:
-    built = build_recipe("debian-12-web.yaml")
+@pytest.mark.parametrize("recipe", ["debian-13-web.yaml", "debian-12-web.yaml"])
+def test_nginx_page_answers(build_recipe, ssh_key: Path, recipe: str) -> None:
+    built = build_recipe(recipe)
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi", guest_ports=(22, 80)) as vm:
         vm.wait_for(timeout=400)
         assert vm.ssh("admin", ssh_key, "systemctl is-active nginx.service").strip() == "active"

@@ -13,7 +13,7 @@ from builder.plan import sha256_file
 from tests.conftest import ROOT, needs_root_tools, run_build
 
 pytestmark = [pytest.mark.integration, needs_root_tools()]
-RECIPE = "debian-12-minimal.yaml"
+RECIPE = "debian-13-minimal.yaml"  # the default
 
 
 def test_outputs_and_manifest(build_recipe) -> None:
@@ -39,6 +39,9 @@ def test_outputs_and_manifest(build_recipe) -> None:
     assert {"openssh-server", "linux-image-cloud-amd64", "sudo", "systemd-sysv"} <= set(packages)
     assert packages["openssh-server"]["architecture"] == "amd64"
     assert "==> bootstrap" in built.stderr and "==> convert" in built.stderr
+    assert [s["suite"] for s in manifest["archive"]] == [
+        "trixie", "trixie-updates", "trixie-security"]
+    assert all(s["date"].endswith("UTC") for s in manifest["archive"])
 
 
 def test_partition_table_is_what_the_manifest_says(build_recipe) -> None:

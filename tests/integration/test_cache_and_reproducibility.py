@@ -32,7 +32,7 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
         (cache / "apt-archives").symlink_to((fresh_cache / "apt-archives").resolve())
         out = tmp_path / run / "somewhere" / "out"
         result = subprocess.run(
-            [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "--cache-dir",
+            [sys.executable, "-m", "builder", "recipes/debian-13-minimal.yaml", "--cache-dir",
              str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         digests.append((sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2")))
@@ -49,7 +49,7 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
         subprocess.run(["rm", "-rf", str(entry)], check=True)
     out = tmp_path / "from-layers"
     result = subprocess.run(
-        [sys.executable, "-m", "builder", "recipes/debian-12-minimal.yaml", "--cache-dir",
+        [sys.executable, "-m", "builder", "recipes/debian-13-minimal.yaml", "--cache-dir",
          str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert stages(out)["configure"] == "cache" and stages(out)["filesystem"] == "built"

@@ -16,7 +16,10 @@ from builder.stages.convert import convert_args
 from builder.vm import qemu_argv
 
 OS = OSPlan(distribution="debian", release="bookworm", mirror="http://deb.debian.org/debian",
-            components=("main",), architecture="amd64", packages=("systemd-sysv", "vim"))
+            security_mirror="http://security.debian.org/debian-security",
+            suites=("bookworm", "bookworm-updates", "bookworm-security"),
+            components=("main", "contrib"), architecture="amd64",
+            packages=("systemd-sysv", "vim"))
 
 
 def test_mmdebstrap_without_cache() -> None:
@@ -25,7 +28,12 @@ def test_mmdebstrap_without_cache() -> None:
     assert "--mode=unshare" in argv and "--variant=minbase" in argv
     assert "--include=systemd-sysv,vim" in argv
     assert "--architectures=amd64" in argv
-    assert argv[-3:] == ["bookworm", "/w/tree", "http://deb.debian.org/debian"]
+    assert argv[-5:] == [
+        "bookworm", "/w/tree",  # the release and target; then the sources, release first
+        "deb http://deb.debian.org/debian bookworm main contrib",
+        "deb http://deb.debian.org/debian bookworm-updates main contrib",
+        "deb http://security.debian.org/debian-security bookworm-security main contrib"]
+    assert argv[-6] == "--"
     assert not any(a.startswith("--setup-hook") for a in argv)
     assert "--dpkgopt=path-exclude=/usr/share/man/*" in argv
 

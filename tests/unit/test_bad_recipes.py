@@ -40,7 +40,7 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:3:15: root_volume.filesystem: must be 'ext4' (got 'xfs')"]),
     "unknown-key-no-suggestion": (
         {"recipe.yaml": "name: xyz\nos:\n  zzz: 1\n"},
-        ["recipe.yaml:3:3: os.zzz: unknown key 'zzz' (known keys: distribution, release, mirror, components, kernel)"]),
+        ["recipe.yaml:3:3: os.zzz: unknown key 'zzz' (known keys: distribution, release, mirror, security_mirror, suites, components, kernel)"]),
     "size-with-space": (
         {"recipe.yaml": "name: xyz\nroot_volume:\n  size: 2 GB\n"},
         ["recipe.yaml:3:9: root_volume.size: '2 GB' is not a size (try 2GiB)"]),

@@ -40,7 +40,10 @@ SCALAR = st.one_of(TEXT, st.integers(-5, 10**6), st.booleans(), st.none())
 VALID: dict[tuple[str, ...], list[Any]] = {
     ("name",): ["fuzz-image", "web (x) [1].2/3-'4'@_"],
     ("description",): ["a", "it's \"quoted\"\nand two lines"],
-    ("os", "release"): ["bookworm", "trixie", "stable"],
+    ("os", "release"): ["bookworm", "trixie"],
+    ("os", "suites"): [["trixie", "trixie-security"], ["bookworm-backports"]],
+    ("os", "security_mirror"): ["http://security.debian.org/debian-security",
+                                "https://u:t0k@h.example/debian-security"],
     ("os", "mirror"): ["http://deb.debian.org/debian", "https://u:t0k@h.example:8443/debian",
                        "file:///srv/mirror"],
     ("os", "kernel"): ["linux-image-amd64"],

@@ -250,3 +250,17 @@ def test_prune_removes_the_layered_entries_of_a_pruned_base(tmp_path: Path) -> N
     removed = {(e.stage, e.key) for e in cache.prune(max_size=1 << 40)}
     assert removed == {("configure", "c1"), ("other", "o1")}
     assert [(e.stage, e.key) for e in cache.entries()] == [("filesystem", "f1")]
+
+
+def test_verbose_says_when_the_archive_moved(tmp_path: Path) -> None:
+    """A security update lands under the same suite names: the bootstrap's key holds each
+    suite's signed Release date, and -v says why the stored bootstrap was not used."""
+    cache = StageCache(tmp_path / "cache")
+    before = {"os": {"release": "trixie"},
+              "archive": [{"suite": "trixie-security", "date": "Sat, 28 Nov 2026"}]}
+    with cache.new_entry("bootstrap", "k1", before) as entry:
+        (entry / "tree").mkdir()
+    after = {**before, "archive": [{"suite": "trixie-security", "date": "Mon, 30 Nov 2026"}]}
+    assert cache.why_missed("bootstrap", after).startswith("the archive changed")
+    both = {**after, "os": {"release": "bookworm"}}
+    assert cache.why_missed("bootstrap", both).endswith("; changed: os")

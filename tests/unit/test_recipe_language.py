@@ -52,7 +52,7 @@ def test_build_facts(tmp_path: Path) -> None:
     write(tmp_path, {"r.yaml": "name: \"x-{{ build_date }}-{{ build_id }}-{{ arch }}-"
                                "{{ os.release }}\"\n"})
     loaded = load_recipe(tmp_path / "r.yaml", LoadOptions(source_date_epoch=1767225600))
-    assert loaded.recipe.name == "x-2026-01-01-20260101000000-x86_64-bookworm"
+    assert loaded.recipe.name == "x-2026-01-01-20260101000000-x86_64-trixie"
 
 
 def test_env_function_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
