@@ -9,10 +9,13 @@ PYTEST_ARGS ?=
 # Debian packages amiforge and its tests use. The venv is made from Debian's python3 with
 # system site-packages, so python3-guestfs (`build audit`) is importable in it; libguestfs
 # boots its appliance with the host's kernel (linux-image-amd64).
+# arm64 (Graviton) images: qemu-user through binfmt_misc runs the image's programs during
+# the build; qemu-system-arm and AAVMF (qemu-efi-aarch64) boot them.
 APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-bin \
 	grub-efi-amd64-bin mtools dosfstools fdisk e2fsprogs xfsprogs util-linux \
-	python3 python3-venv python3-pip openssh-client openssl ca-certificates \
-	python3-guestfs linux-image-amd64
+	python3 python3-venv python3-pip openssh-client openssl ca-certificates gpgv \
+	python3-guestfs linux-image-amd64 \
+	qemu-user-static binfmt-support arch-test qemu-system-arm qemu-efi-aarch64
 
 .PHONY: build test check unit lint deps venv bench clean
 
@@ -32,6 +35,7 @@ lint: venv
 	$(VENV)/bin/ruff check builder tests bench
 
 deps:
+	@mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; \
 	done); \
@@ -40,6 +44,7 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends $$missing; \
 	fi
+	@test -e /proc/sys/fs/binfmt_misc/qemu-aarch64 || update-binfmts --enable qemu-aarch64
 
 venv: $(VENV)/.installed
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.archive import suite_dates
+from builder.archive import archive_state
 from builder.audit.report import audit_report, check_audit
 from builder.host.fsutil import atomic_write_json
 from builder.host.workspace import land, output_directory, signals_deferred, workspace
@@ -68,7 +68,7 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
             workspace(out) as ws, contextlib.ExitStack() as held:
         hashes = held.enter_context(ArtifactHashes())
         extras = {"formats": formats, "hashes": hashes, "bundle_keys": options.bundle_keys,
-                  "archive": suite_dates(plan.os)}
+                  "archive": archive_state(plan.os)}
         facts = Runner(cache, ws, progress, held).run(STAGES, plan, extras).facts
         outputs = {Path(p): (fmt, name) for p, (fmt, name) in facts["outputs"].items()}
         artifacts = hashes.entries(outputs)

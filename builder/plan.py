@@ -51,11 +51,20 @@ class Partition:
     filesystem: str | None
     fs_uuid: str | None
 
-# Drivers the initramfs needs to find the root disk on EC2 (Xen: xen-blkfront; Nitro: nvme,
-# built into Debian's cloud kernel) and under QEMU (virtio, AHCI, PIIX), instead of
-# initramfs-tools' MODULES=most: a third of the size, faster to build, load and unpack.
-INITRAMFS_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "ata_piix",
-                     "xen_blkfront", "nvme")
+# Drivers the initramfs needs to find the root disk on EC2 (Xen: xen-blkfront; Nitro and
+# Graviton: nvme) and under QEMU (virtio, AHCI, PIIX; arm64's virt machine: virtio over
+# PCI or MMIO), instead of initramfs-tools' MODULES=most: a third of the size, faster to
+# build, load and unpack.
+INITRAMFS_DRIVERS = {
+    "x86_64": ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "ata_piix",
+               "xen_blkfront", "nvme"),
+    "arm64": ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_scsi", "sd_mod", "nvme"),
+}
+# Serial consoles: EC2's x86_64 and Graviton instances have ttyS0; QEMU's arm64 virt
+# machine a PL011 (ttyAMA0). The kernel skips one that does not exist; the last is
+# /dev/console.
+CONSOLES = {"x86_64": ("console=tty0", "console=ttyS0,115200n8"),
+            "arm64": ("console=tty0", "console=ttyAMA0,115200n8", "console=ttyS0,115200n8")}
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,8 @@ class OSPlan:
     components: tuple[str, ...]
     architecture: str
     packages: tuple[str, ...]
+    initramfs_modules: tuple[str, ...]
     dpkg_options: tuple[str, ...] = DPKG_EXCLUDES
-    initramfs_modules: tuple[str, ...] = INITRAMFS_DRIVERS
     # the mirrors' credentials as apt auth.conf entries: never shown, cached or imaged
     apt_auth: str | None = field(default=None, repr=False, compare=False,
                                  metadata={"private": True})
@@ -202,7 +211,8 @@ def layout(seed: str, arch: str, boot: str, disk_size: int, filesystem: str) -> 
 def packages_for(recipe: Recipe, distribution: type[distros.Distribution]) -> tuple[str, ...]:
     volume = recipe.root_volume
     wanted = [*distribution.base_packages,
-              recipe.os.kernel or distribution.kernel_for(recipe.arch)]
+              recipe.os.kernel or distribution.kernel_for(recipe.arch),
+              *distribution.arch_packages.get(recipe.arch, ())]
     if any(user.sudo for user in volume.users):
         wanted.append("sudo")
     wanted += volume.packages
@@ -230,8 +240,9 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         components=tuple(recipe.os.components or distribution.default_components),
         architecture=distribution.debian_arch(recipe.arch),
         packages=packages_for(recipe, distribution),
+        initramfs_modules=INITRAMFS_DRIVERS[recipe.arch],
     )
-    cmdline = ("ro", "console=tty0", "console=ttyS0,115200n8", *volume.kernel_cmdline)
+    cmdline = ("ro", *CONSOLES[recipe.arch], *volume.kernel_cmdline)
     return Plan(
         name=recipe.name,
         description=recipe.description,

@@ -4,6 +4,7 @@ their versions, for the keys of what they make."""
 from __future__ import annotations
 
 import functools
+import platform
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,20 @@ GRUB_FILES = {"bios": ("i386-pc/boot.img", "grub-pc-bin"),
               "uefi": ("x86_64-efi/linux.mod", "grub-efi-amd64-bin")}
 
 
+HOST_ARCH = {"aarch64": "arm64"}.get(platform.machine(), platform.machine())
+QEMU_ARCH = {"arm64": "aarch64", "x86_64": "x86_64"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def foreign_binaries_run(arch: str) -> bool:
+    """The kernel hands ``arch`` binaries to qemu-user (binfmt_misc, registered by
+    qemu-user-static and binfmt-support)."""
+    try:
+        return (BINFMT / f"qemu-{QEMU_ARCH[arch]}").read_text().startswith("enabled")
+    except OSError:
+        return False
+
+
 def required_programs(plan: Plan, filesystems: set[str]) -> dict[str, str]:
     needed = dict(BASE)
     for fs in filesystems | {plan.root_filesystem}:
@@ -57,7 +72,11 @@ def check_tools(plan: Plan, filesystems: set[str] = frozenset()) -> None:
                if shutil.which(name) is None]
     for mode, (relative, package) in GRUB_FILES.items():
         wanted = plan.partition("bios-boot" if mode == "bios" else "esp")
-        if wanted and not (Path("/usr/lib/grub") / relative).exists():
+        if wanted and plan.arch == "x86_64" and not (Path("/usr/lib/grub") / relative).exists():
             missing.append((f"/usr/lib/grub/{relative}", f"{mode} boot", package))
+    if plan.arch != HOST_ARCH and not foreign_binaries_run(plan.arch):
+        missing.append((f"binfmt_misc handler qemu-{QEMU_ARCH[plan.arch]}",
+                        f"running the {plan.arch} image's programs on this {HOST_ARCH} host",
+                        "qemu-user-static binfmt-support"))
     if missing:
         raise ToolMissing(missing)

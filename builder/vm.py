@@ -23,6 +23,9 @@ from builder.stages.convert import image_info
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # qemu-efi-aarch64
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+FIRMWARE_VARS = {"x86_64": OVMF_VARS, "arm64": AAVMF_VARS}
 LOGIN_PROMPT = r"login:"
 SSH_CONNECT_FAILED = 255
 
@@ -38,11 +41,19 @@ def image_format(image: Path) -> str:
 
 
 def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],
-              memory_mib: int = 1024) -> list[str]:
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(memory_mib),
-            "-smp", "2", "-nographic", "-no-reboot", "-serial", "mon:stdio"]
+              memory_mib: int = 1024, arch: str = "x86_64") -> list[str]:
+    """x86_64: the q35 machine, SeaBIOS or OVMF. arm64: the virt machine (a PL011 console,
+    ttyAMA0) with AAVMF; UEFI only, as on Graviton."""
+    if arch == "arm64":
+        argv = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
+        code = AAVMF_CODE
+    else:
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35"]
+        code = OVMF_CODE
+    argv += ["-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot",
+             "-serial", "mon:stdio"]
     if firmware == "uefi":
-        argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
     for disk in disks:
         argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
@@ -58,6 +69,7 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
 class VirtualMachine:
     image: Path
     firmware: str = "bios"
+    arch: str = "x86_64"
     extra_disks: list[Path] = field(default_factory=list)
     guest_ports: tuple[int, ...] = (22,)
     forwards: dict[int, int] = field(default_factory=dict)
@@ -70,12 +82,14 @@ class VirtualMachine:
         try:
             disks = [self._overlay(disk, i) for i, disk in
                      enumerate([self.image, *self.extra_disks])]
+            if self.arch == "arm64" and self.firmware != "uefi":
+                raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi)")
             if self.firmware == "uefi":
-                shutil.copyfile(OVMF_VARS, self._work / "vars.fd")
+                shutil.copyfile(FIRMWARE_VARS[self.arch], self._work / "vars.fd")
             self.forwards = {port: free_port() for port in self.guest_ports}
             self._started = time.monotonic()
-            self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards),
-                               log_path=self.console_log)
+            self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards,
+                                         arch=self.arch), log_path=self.console_log)
         except BaseException:
             self._cleanup()
             raise

@@ -80,7 +80,7 @@ def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path, suite_
             public = ssh_key.with_suffix(".pub").read_text().strip()
             result = run_build(f"recipes/{recipe}", "--output-dir", str(out),
                                "--cache-dir", str(suite_cache),
-                               "--var", f"admin_key={public}", *extra)
+                               "--var", f"admin_key={public}", *extra, timeout=1800)
             assert result.returncode == 0, result.stderr[-3000:]
             manifest = json.loads((out / "build-manifest.json").read_text())
             cache[key] = Built(recipe, out, manifest, result.stderr)

@@ -19,13 +19,15 @@ def cmd_boot(argv: Sequence[str]) -> int:
                      "throw-away overlay and wait for a login prompt on the serial console.")
     parser.add_argument("image", type=Path)
     parser.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
+    parser.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                        help="the image's architecture (arm64: qemu-system-aarch64, UEFI)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--pattern", default=LOGIN_PROMPT)
     parser.add_argument("--console", action="store_true", help="print the console log")
     args = parser.parse_args(argv)
     if not args.image.is_file():
         raise InputError(f"{args.image}: image not found")
-    with VirtualMachine(args.image, args.firmware) as vm:
+    with VirtualMachine(args.image, args.firmware, args.arch) as vm:
         try:
             seconds = vm.wait_for(args.pattern, args.timeout)
         finally:

@@ -31,6 +31,9 @@ class Distribution:
     default_components: ClassVar[tuple[str, ...]] = ("main",)
     kernels: ClassVar[dict[str, str]]
     base_packages: ClassVar[tuple[str, ...]] = ("systemd-sysv", "udev", "systemd-resolved")
+    # per architecture, what the image needs besides: arm64's GRUB modules (grub-mkimage
+    # on the x86_64 host makes BOOTAA64.EFI from the image's own, matching its release)
+    arch_packages: ClassVar[dict[str, tuple[str, ...]]] = {}
     registry: ClassVar[dict[str, type[Distribution]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -61,6 +64,7 @@ class Debian(Distribution):
     security_mirror = "http://security.debian.org/debian-security"
     kernels: ClassVar[dict[str, str]] = {"x86_64": "linux-image-cloud-amd64",
                                          "arm64": "linux-image-cloud-arm64"}
+    arch_packages: ClassVar[dict[str, tuple[str, ...]]] = {"arm64": ("grub-efi-arm64-bin",)}
 
 
 def get(name: str) -> type[Distribution]:

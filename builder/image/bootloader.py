@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 from builder.errors import BuildFailed
+from builder.host import treepath
 from builder.host.fsutil import read_at, write_at
 from builder.host.run import run
 from builder.plan import Plan
@@ -35,18 +36,24 @@ EFI_REMOVABLE = {"x86_64": ("x86_64-efi", "EFI/BOOT/BOOTX64.EFI"),
 
 
 def grub_mkimage_argv(target: str, output: Path, early_config: Path,
-                      modules: tuple[str, ...]) -> list[str]:
+                      modules: tuple[str, ...], module_dir: Path | None = None) -> list[str]:
     return ["grub-mkimage", "-O", target, "-o", str(output), "-c", str(early_config),
-            "-p", "/boot/grub", "-d", str(GRUB_LIB / target), *modules]
+            "-p", "/boot/grub", "-d", str(module_dir or GRUB_LIB / target), *modules]
 
 
 def build_bios_core(output: Path, early_config: Path) -> None:
     run(grub_mkimage_argv("i386-pc", output, early_config, BIOS_MODULES))
 
 
-def build_efi_image(arch: str, output: Path, early_config: Path) -> None:
+def build_efi_image(arch: str, output: Path, early_config: Path, tree: Path) -> None:
+    """The standalone UEFI GRUB. x86_64 takes the host's modules; arm64 the image's own
+    (grub-efi-arm64-bin is arm64-only in Debian: an x86_64 host has no arm64-efi modules),
+    so the modules match the release the image runs."""
     target, _ = EFI_REMOVABLE[arch]
-    run(grub_mkimage_argv(target, output, early_config, EFI_MODULES))
+    modules = None if arch == "x86_64" else treepath.in_root(tree, f"/usr/lib/grub/{target}")
+    if modules is not None and not (modules / "linux.mod").is_file():
+        raise BuildFailed(f"the image has no /usr/lib/grub/{target} (grub-efi-arm64-bin)")
+    run(grub_mkimage_argv(target, output, early_config, EFI_MODULES, modules))
 
 
 def patch_core(core: bytes, core_lba: int) -> bytes:

@@ -36,7 +36,7 @@ from builder.host.run import run
 
 META = "meta.json"
 # inputs whose change -v says in words
-DESCRIBED = {"archive": "the archive changed (a suite's signed Release is newer)"}
+DESCRIBED = {"archive": "the archive changed (a suite's package index is another)"}
 BASE = "base.json"  # a layered tree entry names the entry it was layered over
 KEY_LENGTH = 24
 

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from builder.archive import cache_relevant
 from builder.errors import ToolFailed
 from builder.host.aptauth import AUTH_FILE
 from builder.host.chroot import prepared_root, run_in_root
@@ -101,8 +102,8 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     """What the bootstrapped tree depends on (its cache key)."""
     return {"os": plan.to_dict()["os"], "format": STAGE_FORMAT,
             # the archive moves (security updates) under the same suite names: a bootstrap
-            # made before the suites' last Release is stale
-            "archive": extras.get("archive"),
+            # made from older package indexes is stale
+            "archive": cache_relevant(extras.get("archive")),
             "mmdebstrap": tool_version("mmdebstrap", "--version"),
             "seed": templates_digest(t for _, _, t, _ in SEED_FILES),
             # a reproducible build clamps the bootstrapped tree's times (so that its
@@ -114,7 +115,7 @@ def run_stage(ctx: Context) -> dict[str, Any]:
     """Bootstrap into ``ctx.output``: from a cached bootstrap that lacks only some
     packages, completed with apt ("extended"), or with mmdebstrap."""
     plan, cache, tree = ctx.plan, ctx.cache, ctx.output
-    facts = {"archive": ctx.inputs.get("archive")}
+    facts = {"archive": ctx.extras.get("archive")}
     if cache is None:
         bootstrap(plan.os, tree, None)
         return facts

@@ -46,7 +46,7 @@ def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path) -> No
     esp = plan.partition("esp")
     if esp is not None:
         efi = work / "grub.efi"
-        bootloader.build_efi_image(plan.arch, efi, bootloader.early_config(plan, work))
+        bootloader.build_efi_image(plan.arch, efi, bootloader.early_config(plan, work), tree)
         _, removable = bootloader.EFI_REMOVABLE[plan.arch]
         filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
                             {f"/{removable}": efi}, plan.source_date_epoch)

@@ -1,17 +1,27 @@
-"""The archive's state in the bootstrap's cache key: each suite's Date, read from the
-signed InRelease text only."""
+"""The archive's state in the bootstrap's cache key: each suite's package index sha256,
+read from the signed InRelease text only."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from builder.archive import _authorization, release_date
+from builder.archive import _authorization, archive_state, cache_relevant, signed_release
 from builder.errors import BuildFailed
+from builder.plan import make_plan
+from builder.recipe.load import load_recipe
 
-RELEASE = "Origin: Debian\nSuite: stable-security\nDate: Sat, 28 Nov 2026 10:11:12 UTC\n"
+INDEX = "58ee552dac500e9da873692010d6b292698e45ea4883f9a47c60df177da1d9b0"
+
+
+def release(suite: str, date: str = "Sat, 28 Nov 2026 10:11:12 UTC", index: str = INDEX) -> str:
+    return (f"Origin: Debian\nSuite: {suite}\nDate: {date}\nSHA256:\n"
+            f" {'0' * 64}  311044 main/binary-amd64/Packages.xz\n"
+            f" {index}  2259602 main/binary-amd64/Packages\n"
+            f" {'1' * 64}  2259602 main/binary-arm64/Packages\n")
 
 
 @pytest.fixture(scope="module")
@@ -29,43 +39,64 @@ def signer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return home, keyring
 
 
-def mirror(root: Path, suite: str, inrelease: bytes) -> str:
-    folder = root / "dists" / suite
-    folder.mkdir(parents=True)
-    (folder / "InRelease").write_bytes(inrelease)
-    return f"file://{root}"
-
-
 def clearsign(home: Path, text: str) -> bytes:
     return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--quiet",
                            "--clearsign"], input=text.encode(), check=True,
                           capture_output=True).stdout
 
 
-def test_the_date_comes_from_the_signed_release(signer, tmp_path: Path) -> None:
+def publish(root: Path, suite: str, inrelease: bytes) -> str:
+    folder = root / "dists" / suite
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "InRelease").write_bytes(inrelease)
+    return f"file://{root}"
+
+
+def os_plan(tmp_path: Path, mirror: str):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: archive-test\nos: {{mirror: \"{mirror}\", "
+                      f"security_mirror: \"{mirror}\"}}\n")
+    return make_plan(load_recipe(recipe)).os
+
+
+def test_the_key_holds_the_signed_package_indexes(signer, tmp_path: Path) -> None:
     home, keyring = signer
-    uri = mirror(tmp_path, "trixie-security", clearsign(home, RELEASE))
-    assert release_date(uri, "trixie-security", None, keyring) == \
-        "Sat, 28 Nov 2026 10:11:12 UTC"
+    mirror = tmp_path / "mirror"
+    for suite in ("trixie", "trixie-updates", "trixie-security"):
+        uri = publish(mirror, suite, clearsign(home, release(suite)))
+    state = archive_state(os_plan(tmp_path, uri), keyring)
+    assert [s["suite"] for s in state] == ["trixie", "trixie-updates", "trixie-security"]
+    assert state[2]["indexes"] == {"main/binary-amd64/Packages": INDEX}
+    assert state[2]["date"] == "Sat, 28 Nov 2026 10:11:12 UTC"
+
+    # re-signed for Valid-Until, same packages: the same key
+    publish(mirror, "trixie-security", clearsign(home, release(
+        "trixie-security", date="Mon, 30 Nov 2026 00:00:00 UTC")))
+    resigned = archive_state(os_plan(tmp_path, uri), keyring)
+    assert cache_relevant(resigned) == cache_relevant(state)
+    # a security update: another index, another key
+    publish(mirror, "trixie-security", clearsign(home, release("trixie-security",
+                                                               index="2" * 64)))
+    updated = archive_state(os_plan(tmp_path, uri), keyring)
+    assert cache_relevant(updated) != cache_relevant(state)
 
 
 def test_text_outside_the_signature_is_not_read(signer, tmp_path: Path) -> None:
-    """A Date put before the signed block (or a changed signed text) is refused: the key
-    must not be steerable by whoever sits between amiforge and the mirror."""
+    """A changed signed text, or a Release without a signature, is refused: the key must
+    not be steerable by whoever sits between amiforge and the mirror."""
     home, keyring = signer
-    signed = clearsign(home, RELEASE)
-    forged = signed.replace(b"Sat, 28 Nov 2026", b"Sun, 29 Nov 2026")
-    uri = mirror(tmp_path / "a", "trixie", forged)
+    forged = clearsign(home, release("trixie")).replace(INDEX.encode(), b"3" * 64)
+    uri = publish(tmp_path / "a", "trixie", forged)
     with pytest.raises(BuildFailed, match="not signed by a key of"):
-        release_date(uri, "trixie", None, keyring)
-    unsigned = mirror(tmp_path / "b", "trixie", RELEASE.encode())
+        signed_release(uri, "trixie", None, keyring)
+    unsigned = publish(tmp_path / "b", "trixie", release("trixie").encode())
     with pytest.raises(BuildFailed, match="not signed by a key of"):
-        release_date(unsigned, "trixie", None, keyring)
+        signed_release(unsigned, "trixie", None, keyring)
 
 
 def test_an_unreachable_archive_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match=r"cannot read file://.*/dists/trixie/InRelease"):
-        release_date(f"file://{tmp_path}", "trixie", None, tmp_path / "keyring.gpg")
+        signed_release(f"file://{tmp_path}", "trixie", None, tmp_path / "keyring.gpg")
 
 
 def test_mirror_credentials_go_to_their_mirror_only() -> None:
@@ -74,3 +105,11 @@ def test_mirror_credentials_go_to_their_mirror_only() -> None:
     assert header == {"Authorization": "Basic Y2k6dDBr"}
     assert _authorization("http://security.debian.org/debian-security/dists/x/InRelease",
                           auth) == {}
+
+
+def test_the_security_suite_comes_from_the_security_archive(tmp_path: Path) -> None:
+    plan = os_plan(tmp_path, "http://mirror.example/debian")
+    plan = dataclasses.replace(plan, security_mirror="http://security.example/ds")
+    assert plan.sources == (("http://mirror.example/debian", "trixie"),
+                            ("http://mirror.example/debian", "trixie-updates"),
+                            ("http://security.example/ds", "trixie-security"))

@@ -19,7 +19,7 @@ OS = OSPlan(distribution="debian", release="bookworm", mirror="http://deb.debian
             security_mirror="http://security.debian.org/debian-security",
             suites=("bookworm", "bookworm-updates", "bookworm-security"),
             components=("main", "contrib"), architecture="amd64",
-            packages=("systemd-sysv", "vim"))
+            packages=("systemd-sysv", "vim"), initramfs_modules=("virtio_blk",))
 
 
 def test_mmdebstrap_without_cache() -> None:
@@ -104,6 +104,42 @@ def test_qemu_uses_tcg_and_forwards_to_loopback(tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg"
     assert any("OVMF_CODE" in a for a in argv)
     assert argv[-1] == "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"
+
+
+def test_qemu_for_arm64_is_the_virt_machine_with_aavmf(tmp_path: Path) -> None:
+    argv = qemu_argv("uefi", [tmp_path / "d.qcow2"], tmp_path, {22: 2222}, arch="arm64")
+    assert argv[0] == "qemu-system-aarch64"
+    assert argv[argv.index("-machine") + 1] == "virt"
+    assert any("AAVMF_CODE" in a for a in argv) and not any("OVMF_CODE" in a for a in argv)
+
+
+def test_arm64_plan_boots_uefi_with_both_serial_consoles(tmp_path: Path) -> None:
+    from builder.plan import make_plan
+    from builder.recipe.load import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: graviton\narch: arm64\nroot_volume: {boot: uefi}\n")
+    plan = make_plan(load_recipe(recipe))
+    assert [p.name for p in plan.partitions] == ["esp", "root"]
+    assert {"console=ttyAMA0,115200n8", "console=ttyS0,115200n8"} <= set(plan.kernel_cmdline)
+    assert {"linux-image-cloud-arm64", "grub-efi-arm64-bin"} <= set(plan.os.packages)
+    assert "xen_blkfront" not in plan.os.initramfs_modules
+    assert plan.os.architecture == "arm64"
+
+
+def test_a_foreign_architecture_needs_qemu_user(tmp_path: Path, monkeypatch) -> None:
+    from builder import tools
+    from builder.errors import ToolMissing
+    from builder.plan import make_plan
+    from builder.recipe.load import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: graviton\narch: arm64\nroot_volume: {boot: uefi}\n")
+    plan = make_plan(load_recipe(recipe))
+    monkeypatch.setattr(tools, "BINFMT", tmp_path / "no-binfmt")
+    with pytest.raises(ToolMissing) as missing:
+        tools.check_tools(plan)
+    assert any("qemu-user-static" in line for line in missing.value.lines())
 
 
 

@@ -1,0 +1,39 @@
+"""The Graviton recipe: built on this x86_64 host through qemu-user, booted under
+qemu-system-aarch64 (virt machine, AAVMF, TCG), configured like the amd64 images, and
+clean for `build audit`. One build, shared by the session (it is the slowest one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.vm import VirtualMachine
+from tests.boot.test_boot_minimal import check_configured
+from tests.conftest import needs_root_tools, run_build
+
+pytestmark = [pytest.mark.boot, needs_root_tools()]
+RECIPE = "debian-13-arm64.yaml"
+
+
+def test_arm64_image_boots_and_is_configured(build_recipe, ssh_key: Path) -> None:
+    built = build_recipe(RECIPE)
+    packages = {p["name"]: p for p in built.manifest["packages"]}
+    assert packages["linux-image-cloud-arm64"]["architecture"] == "arm64"
+    assert packages["openssh-server"]["architecture"] == "arm64"
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", arch="arm64") as vm:
+        seconds = vm.wait_for(timeout=900)
+        print(f"arm64 (uefi): login prompt after {seconds:.1f}s")
+        check_configured(vm, ssh_key)
+        assert vm.ssh("admin", ssh_key, "dpkg --print-architecture").strip() == "arm64"
+        assert vm.ssh("admin", ssh_key, "uname -m").strip() == "aarch64"
+        assert vm.ssh("admin", ssh_key, "hostname").strip() == "graviton"
+        cmdline = vm.ssh("admin", ssh_key, "cat /proc/cmdline")
+        assert "console=ttyAMA0,115200n8" in cmdline and "console=ttyS0,115200n8" in cmdline
+
+
+def test_arm64_image_passes_the_audit(build_recipe) -> None:
+    pytest.importorskip("guestfs", reason="needs Debian's python3-guestfs")
+    result = run_build("audit", str(build_recipe(RECIPE).artifact("disk.qcow2")), "--json",
+                       timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
