@@ -17,6 +17,7 @@ import boto3
 
 from builder.aws.snapshots import BLOCK, nonzero_blocks
 from builder.host.fsutil import create_sparse
+from builder.image.filesystem import make_ext4
 from builder.outputs.manifest import ami_manifests
 from builder.plan import make_plan, sha256_file
 from builder.recipe.load import LoadOptions, load_recipe
@@ -30,52 +31,62 @@ def client(service: str, url: str, region: str = REGION):
     return boto3.client(service, region_name=region, endpoint_url=url)
 
 
-def small_output(target: Path, name: str, root_data: int = 2 * MiB) -> Path:
+def small_output(target: Path, name: str, root_data: int = 2 * MiB,
+                 encrypted_volume: bool = True) -> Path:
     """An output directory of debian-12-ebs.yaml as a build writes it (register-image.json,
-    snapshots.json, launch-permission.json, from the plan), with small raw images in place
-    of the real ones: ``root_data`` bytes of random data in a 64 MiB sparse disk.raw
-    (block 0 a hole) and a few blocks in volume-sdf.raw."""
+    snapshots.json, launch-permission.json, from the plan), with small images in place of
+    the real ones: ``root_data`` bytes of random data in a 64 MiB sparse disk.raw (block 0
+    a hole), and volume-sdf.raw a real 8 MiB ext4 of a few files made as a build makes it
+    (assume_storage_prezeroed: its unwritten blocks must read as zeros). The recipe
+    encrypts /dev/sdf; ``encrypted_volume=False`` makes it plain."""
     plan = make_plan(load_recipe(RECIPES / "debian-12-ebs.yaml",
                                  LoadOptions(source_date_epoch=FIXED_EPOCH)))
-    plan = dataclasses.replace(plan, ami=dataclasses.replace(plan.ami, name=name))
+    devices = tuple(dataclasses.replace(d, ebs=dataclasses.replace(
+        d.ebs, encrypted=encrypted_volume)) if d.volume else d for d in plan.ami.block_devices)
+    plan = dataclasses.replace(plan, ami=dataclasses.replace(
+        plan.ami, name=name, block_devices=devices))
     target.mkdir(parents=True)
+    disk, volume = target / "disk.raw", target / "volume-sdf.raw"
+    create_sparse(disk, 64 * MiB)
     rng = random.Random(name)
-    artifacts = []
-    for image, size, data in (("disk.raw", 64 * MiB, root_data), ("volume-sdf.raw", 4 * MiB,
-                                                                   3 * BLOCK)):
-        path = target / image
-        create_sparse(path, size)
-        with open(path, "r+b") as handle:
-            for offset in range(BLOCK, BLOCK + data, BLOCK):  # block 0 stays a hole
-                handle.seek(offset)
-                handle.write(rng.randbytes(BLOCK))
-        artifacts.append({"path": image, "format": "raw", "virtual_size": size,
-                          "sha256": sha256_file(path)})
+    with open(disk, "r+b") as handle:
+        for offset in range(BLOCK, BLOCK + root_data, BLOCK):
+            handle.seek(offset)
+            handle.write(rng.randbytes(BLOCK))
+    tree = target.parent / f"{target.name}-tree"
+    (tree / "docs").mkdir(parents=True)
+    (tree / "README").write_text("built by amiforge\n")
+    (tree / "docs/data.bin").write_bytes(rng.randbytes(300 << 10))
+    make_ext4(volume, 8 * MiB, tree, plan.data_volumes[0].fs_uuid, "data", FIXED_EPOCH)
+    artifacts = [{"path": p.name, "format": "raw", "virtual_size": p.stat().st_size,
+                  "sha256": sha256_file(p)} for p in (disk, volume)]
     ami_manifests(plan, target, artifacts)
     return target
+
+
+def published(output: Path) -> dict:
+    """publish.json's record of the one target (account/region) published to."""
+    targets = json.loads((output / "publish.json").read_text())["targets"]
+    assert len(targets) == 1, sorted(targets)
+    return next(iter(targets.values()))
 
 
 def register_request(output: Path) -> dict:
     return json.loads((output / "register-image.json").read_text())
 
 
-def assert_snapshot_holds(url: str, snapshot_id: str, image: Path) -> None:
-    ebs = client("ebs", url)
-    listed, token = {}, None
-    while True:
-        page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **(
-            {"NextToken": token} if token else {}))
-        listed.update({b["BlockIndex"]: b["BlockToken"] for b in page["Blocks"]})
-        token = page.get("NextToken")
-        if not token:
-            break
-    indexes, _ = nonzero_blocks(image)
-    assert sorted(listed) == indexes, "exactly the non-zero blocks were sent"
+def assert_snapshot_holds(rules, snapshot_id: str, image: Path, region: str = REGION) -> None:
+    """A volume made from the snapshot reads the image, block for block (every block: an
+    encrypted snapshot's unwritten ones read as random bytes, tests/awsrules.py), and an
+    unencrypted snapshot was sent exactly the image's non-zero blocks."""
+    size = image.stat().st_size
     with open(image, "rb") as handle:
-        for index in indexes:
-            got = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
-                                         BlockToken=listed[index])["BlockData"].read()
-            assert got == os.pread(handle.fileno(), BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
+        for index in range(-(-size // BLOCK)):
+            expected = os.pread(handle.fileno(), BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
+            assert rules.volume_block(region, snapshot_id, index) == expected, index
+    if not rules.snapshots.encrypted[snapshot_id]:
+        indexes, _ = nonzero_blocks(image)
+        assert sorted(rules.snapshots.written[snapshot_id]) == indexes
 
 
 class FaultyProxy(http.server.ThreadingHTTPServer):

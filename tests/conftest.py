@@ -159,6 +159,19 @@ def moto_url():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def aws_rules(moto_url: str):
+    """moto behind the validating layer (tests/awsrules.py): what the tests talk to."""
+    import threading
+
+    from tests.awsrules import ValidatingProxy
+
+    proxy = ValidatingProxy(moto_url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    yield proxy
+    proxy.shutdown()
+
+
 @pytest.fixture
 def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),

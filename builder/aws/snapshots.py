@@ -1,7 +1,13 @@
 """An image file becomes an EBS snapshot through the EBS direct APIs: StartSnapshot, one
-PutSnapshotBlock per non-zero 512 KiB block (SHA-256 checksums, parallel workers), and
-CompleteSnapshot with the LINEAR aggregate checksum. Holes and all-zero blocks are never
-read over the network: a new snapshot reads as zeros where nothing was written."""
+PutSnapshotBlock per 512 KiB block (SHA-256 checksums, parallel workers), and
+CompleteSnapshot with the LINEAR aggregate checksum.
+
+Which blocks: an unencrypted snapshot reads as zeros where nothing was written, so holes and
+all-zero blocks are skipped. An encrypted one does not: a volume made from it reads random
+bytes in blocks nobody wrote (coldsnap #395, which made writing zero blocks its default), and
+ext4 made with assume_storage_prezeroed relies on zeros there. So an encrypted snapshot gets
+every block the image holds, zeros included (past the image's end, up to the snapshot's
+whole GiB, lies no partition or filesystem)."""
 
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ GiB = 1 << 30
 class UploadStats:
     blocks_total: int = 0
     blocks_sent: int = 0
-    blocks_zero: int = 0
+    blocks_zero: int = 0      # zero blocks not sent (unencrypted only)
+    encrypted: bool = False
     bytes_sent: int = 0
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -61,26 +68,42 @@ def _progress(stats: UploadStats, total: int, name: str, done: bool = False) -> 
         print(line, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Encryption:
+    """How the snapshot is encrypted: ``enabled`` by the recipe, ``--kms-key-id`` or the
+    account's EBS encryption by default; ``kms_key_arn`` None is the account's default key."""
+
+    enabled: bool = False
+    kms_key_arn: str | None = None
+
+
 def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str],
                  workers: int = 16, client_token: str | None = None,
-                 snapshot_id: str | None = None,
+                 snapshot_id: str | None = None, encryption: Encryption = Encryption(),
                  started: Callable[[str], None] = lambda snapshot_id: None,
                  ) -> tuple[str, UploadStats]:
     """Upload ``path`` to a new snapshot, or to the pending ``snapshot_id`` of an
     interrupted run (blocks are simply written again); ``started`` learns the snapshot id
     before any block is sent. Returns the snapshot id once completed."""
-    indexes, total = nonzero_blocks(path)
     size_gib = max(1, -(-path.stat().st_size // GiB))
+    indexes, total = nonzero_blocks(path)
+    if encryption.enabled:  # every block the image holds, zeros included (see above)
+        indexes = list(range(total))
     if snapshot_id is None:
         params: dict[str, Any] = {"VolumeSize": size_gib, "Description": description,
                                   "Timeout": 60}
+        if encryption.enabled:
+            params["Encrypted"] = True
+        if encryption.kms_key_arn:
+            params["KmsKeyArn"] = encryption.kms_key_arn
         if tags:
             params["Tags"] = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
         if client_token:
             params["ClientToken"] = client_token
         snapshot_id = ebs.start_snapshot(**params)["SnapshotId"]
     started(snapshot_id)
-    stats = UploadStats(blocks_total=total, blocks_zero=total - len(indexes))
+    stats = UploadStats(blocks_total=total, blocks_zero=total - len(indexes),
+                        encrypted=encryption.enabled)
     digests: dict[int, bytes] = {}
 
     def put(index: int) -> None:

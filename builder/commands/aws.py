@@ -38,18 +38,20 @@ def _default_region() -> str:
 
 
 def cmd_publish(argv: Sequence[str]) -> int:
-    from builder.aws.lifecycle import publish
+    from builder.aws.publish import publish
 
     parser = Parser(prog="build publish", description="Upload a build's images (EBS "
                      "snapshots or an S3 bundle), register the AMI and share it.")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--bucket", help="S3 bucket for instance-store bundles")
     parser.add_argument("--workers", type=int, default=16, help="parallel block uploads")
+    parser.add_argument("--kms-key-id", help="encrypt every snapshot with this KMS key "
+                        "(ARN, id or alias); a recipe's ebs.kms_key_id wins for its volume")
     _aws_args(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
-    state = publish(args.output_dir, _aws(args), args.bucket, args.workers)
+    state = publish(args.output_dir, _aws(args), args.bucket, args.workers, args.kms_key_id)
     if not args.dry_run:
         print(json.dumps(state, indent=2, sort_keys=True))
     return EXIT_OK

@@ -27,9 +27,13 @@ def _ebs_shape(ebs: EbsSettings, snapshot: str | None) -> dict[str, Any]:
     if ebs.throughput is not None:
         shape["Throughput"] = ebs.throughput
     shape["DeleteOnTermination"] = ebs.delete_on_termination
-    if ebs.encrypted is not None:
+    # A mapping made from a snapshot takes its encryption from the snapshot: AWS refuses
+    # Encrypted and KmsKeyId next to SnapshotId "regardless of the value"
+    # (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_EbsBlockDevice.html).
+    # publish encrypts the snapshot itself (StartSnapshot's Encrypted and KmsKeyArn).
+    if snapshot is None and ebs.encrypted is not None:
         shape["Encrypted"] = ebs.encrypted
-    if ebs.kms_key_id:
+    if snapshot is None and ebs.kms_key_id:
         shape["KmsKeyId"] = ebs.kms_key_id
     return shape
 
@@ -93,7 +97,9 @@ def snapshots_input(ami: AmiPlan, raw_images: dict[str, dict[str, Any]]) -> dict
         snapshots.append({"device": device.device,
                           "placeholder": snapshot_placeholder(device.image),
                           "image": device.image, "size": image["virtual_size"],
-                          "sha256": image["sha256"], "volume_size_gib": device.ebs.size_gib})
+                          "sha256": image["sha256"], "volume_size_gib": device.ebs.size_gib,
+                          "encrypted": bool(device.ebs.encrypted),
+                          "kms_key_id": device.ebs.kms_key_id})
     return {"snapshots": snapshots}
 
 

@@ -76,7 +76,9 @@ def test_ebs_recipe_shape() -> None:
     assert devices["/dev/xvda"]["Ebs"]["SnapshotId"] == "REPLACE_WITH_SNAPSHOT_ID_OF_disk.raw"
     assert devices["/dev/sdf"]["Ebs"]["SnapshotId"] == \
         "REPLACE_WITH_SNAPSHOT_ID_OF_volume-sdf.raw"
-    assert devices["/dev/sdf"]["Ebs"]["Encrypted"] is True
+    # encryption belongs to the snapshot (publish encrypts it): AWS refuses Encrypted next
+    # to SnapshotId
+    assert "Encrypted" not in devices["/dev/sdf"]["Ebs"]
     assert devices["/dev/sdb"] == {"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"}
     assert request["TagSpecifications"] == [{"ResourceType": "image", "Tags": [
         {"Key": "os", "Value": "debian-12"}, {"Key": "team", "Value": "platform"}]}]
@@ -142,3 +144,23 @@ def test_bundle_mapping_lists_the_instance_store_volumes_in_bundle_order(
     assert bundle_mappings(plan.ami) == [("ami", "sda1"), ("root", "/dev/sda1"),
                                          ("ephemeral2", "sdb"), ("ephemeral10", "sdc")]
     assert plan.ami.snapshot_devices == ()
+
+
+def test_no_snapshot_mapping_carries_encryption_fields(tmp_path: Path) -> None:
+    """EbsBlockDevice: with a SnapshotId, "you must omit" Encrypted and KmsKeyId; an empty
+    volume keeps them (AWS makes it, encrypted as asked)."""
+    from builder.outputs.ami import snapshots_input
+
+    (tmp_path / "r.yaml").write_text(
+        "name: xyz\nblock_device_mappings:\n"
+        "  - {device: /dev/xvda, root: true, ebs: {encrypted: true, kms_key_id: alias/k}}\n"
+        "  - {device: /dev/sdg, ebs: {volume_size: 4, encrypted: true, kms_key_id: alias/k}}\n")
+    plan = make_plan(load_recipe(tmp_path / "r.yaml"))
+    register, _ = requests_of(plan)
+    devices = {m["DeviceName"]: m["Ebs"] for m in register["BlockDeviceMappings"]}
+    assert "Encrypted" not in devices["/dev/xvda"] and "KmsKeyId" not in devices["/dev/xvda"]
+    assert devices["/dev/sdg"]["Encrypted"] is True
+    assert devices["/dev/sdg"]["KmsKeyId"] == "alias/k"
+    [root] = snapshots_input(plan.ami, {"disk.raw": {"virtual_size": 1, "sha256": ""}})[
+        "snapshots"]
+    assert (root["encrypted"], root["kms_key_id"]) == (True, "alias/k")

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from builder.aws.snapshots import BLOCK
 from builder.cli import main
 from tests.awstools import (
     OTHER,
     REGION,
     assert_snapshot_holds,
     client,
+    published,
     small_output,
 )
 
@@ -40,71 +42,146 @@ def images_named(url: str, name: str) -> list[dict]:
         Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
 
 
-def test_publish_then_copy_and_deregister(aws, moto_url: str, tmp_path: Path) -> None:
+def test_publish_then_copy_and_deregister(aws, aws_rules, tmp_path: Path) -> None:
     out = small_output(tmp_path / "out", "lifecycle-image")
-    result = aws("publish", str(out), url=moto_url)
+    result = aws("publish", str(out), url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((out / "publish.json").read_text())
+    state = published(out)
     assert set(state["snapshot_ids"]) == {"/dev/xvda", "/dev/sdf"}
-    assert_snapshot_holds(moto_url, state["snapshot_ids"]["/dev/xvda"], out / "disk.raw")
-    assert_snapshot_holds(moto_url, state["snapshot_ids"]["/dev/sdf"], out / "volume-sdf.raw")
-    [image] = images_named(moto_url, "lifecycle-image")
+    assert_snapshot_holds(aws_rules, state["snapshot_ids"]["/dev/xvda"], out / "disk.raw")
+    assert_snapshot_holds(aws_rules, state["snapshot_ids"]["/dev/sdf"], out / "volume-sdf.raw")
+    [image] = images_named(aws_rules.url, "lifecycle-image")
     assert image["ImageId"] == state["image_id"]
-    ec2 = client("ec2", moto_url)
+    ec2 = client("ec2", aws_rules.url)
     permissions = ec2.describe_image_attribute(ImageId=image["ImageId"],
                                                Attribute="launchPermission")
     assert {"UserId": "123456789012"} in permissions["LaunchPermissions"]
 
-    again = aws("publish", str(out), url=moto_url)
+    again = aws("publish", str(out), url=aws_rules.url)
     assert again.returncode == 0
-    assert len(images_named(moto_url, "lifecycle-image")) == 1
+    assert len(images_named(aws_rules.url, "lifecycle-image")) == 1
 
-    copied = aws("copy", state["image_id"], "--to-region", OTHER, url=moto_url)
+    copied = aws("copy", state["image_id"], "--to-region", OTHER, url=aws_rules.url)
     assert copied.returncode == 0, copied.stderr
     copy_id = json.loads(copied.stdout)[OTHER]
-    other = client("ec2", moto_url, OTHER)
+    other = client("ec2", aws_rules.url, OTHER)
     assert other.describe_images(ImageIds=[copy_id])["Images"][0]["Name"] == "lifecycle-image"
 
     for image_id, region in ((state["image_id"], REGION), (copy_id, OTHER)):
-        gone = aws("deregister", image_id, "--delete-snapshots", url=moto_url, region=region)
+        gone = aws("deregister", image_id, "--delete-snapshots", url=aws_rules.url, region=region)
         assert gone.returncode == 0, gone.stderr
     for region, image_id in ((REGION, state["image_id"]), (OTHER, copy_id)):
-        assert not [i for i in client("ec2", moto_url, region).describe_images(
+        assert not [i for i in client("ec2", aws_rules.url, region).describe_images(
             Owners=["self"])["Images"] if i["ImageId"] == image_id]
     snapshots = {s["SnapshotId"] for s in ec2.describe_snapshots()["Snapshots"]}
     assert not set(state["snapshot_ids"].values()) & snapshots
 
 
-def test_an_image_changed_after_the_build_is_not_published(aws, moto_url: str,
+def test_an_image_changed_after_the_build_is_not_published(aws, aws_rules,
                                                            tmp_path: Path) -> None:
     out = small_output(tmp_path / "out", "changed-image")
     with open(out / "volume-sdf.raw", "r+b") as handle:
         handle.write(b"tampered")
-    result = aws("publish", str(out), url=moto_url)
+    result = aws("publish", str(out), url=aws_rules.url)
     assert result.returncode == 2
     assert "volume-sdf.raw: changed since the build" in result.stderr
-    assert not images_named(moto_url, "changed-image")
+    assert not images_named(aws_rules.url, "changed-image")
 
 
-def test_share_public_and_private(aws, moto_url: str, tmp_path: Path) -> None:
+def test_share_public_and_private(aws, aws_rules, tmp_path: Path) -> None:
     out = small_output(tmp_path / "out", "share-test-image")
-    assert aws("publish", str(out), url=moto_url).returncode == 0
-    image_id = json.loads((out / "publish.json").read_text())["image_id"]
-    ec2 = client("ec2", moto_url)
-    assert aws("share", image_id, "--public", url=moto_url).returncode == 0
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    image_id = published(out)["image_id"]
+    ec2 = client("ec2", aws_rules.url)
+    assert aws("share", image_id, "--public", url=aws_rules.url).returncode == 0
     attribute = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
     assert {"Group": "all"} in attribute["LaunchPermissions"]
-    assert aws("share", image_id, "--private", url=moto_url).returncode == 0
+    assert aws("share", image_id, "--private", url=aws_rules.url).returncode == 0
     attribute = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
     assert attribute["LaunchPermissions"] == []
 
 
-def test_dry_run_makes_no_calls(aws, moto_url: str, tmp_path: Path) -> None:
+def test_dry_run_makes_no_calls(aws, aws_rules, tmp_path: Path) -> None:
     out = small_output(tmp_path / "out", "dry-run-image")
-    result = aws("publish", str(out), "--dry-run", url=moto_url)
+    result = aws("publish", str(out), "--dry-run", url=aws_rules.url)
     assert result.returncode == 0, result.stderr
     assert "would call ec2.RegisterImage" in result.stdout
     assert "secret" not in (result.stdout + result.stderr).lower()
-    assert not client("ec2", moto_url).describe_images(
+    assert not client("ec2", aws_rules.url).describe_images(
         Owners=["self"], Filters=[{"Name": "name", "Values": ["dry-run-image"]}])["Images"]
     assert not (out / "publish.json").exists()
+
+
+def read_volume(rules, snapshot_id: str, size: int, target: Path) -> Path:
+    """The volume a snapshot makes, as an instance would read it (tests/awsrules.py)."""
+    with open(target, "wb") as out:
+        for index in range(-(-size // BLOCK)):
+            out.write(rules.volume_block(REGION, snapshot_id, index))
+        out.truncate(size)
+    return target
+
+
+def test_encrypted_snapshots_get_every_block(aws, aws_rules, tmp_path: Path) -> None:
+    """The recipe encrypts /dev/sdf: it is written whole (zero blocks too) and its ext4
+    reads back clean; the plain root skips its zero blocks. publish.json says which."""
+    out = small_output(tmp_path / "out", "encrypted-image")
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = published(out)
+    volume = out / "volume-sdf.raw"
+    uploads = record["uploads"]
+    assert uploads["/dev/sdf"] == {"encrypted": True, "blocks_skipped": 0,
+                                   "blocks_written": volume.stat().st_size // BLOCK}
+    assert uploads["/dev/xvda"]["encrypted"] is False
+    assert uploads["/dev/xvda"]["blocks_skipped"] > 0
+    snapshot = record["snapshot_ids"]["/dev/sdf"]
+    assert aws_rules.snapshots.encrypted[snapshot]
+    assert_snapshot_holds(aws_rules, snapshot, volume)
+    back = read_volume(aws_rules, snapshot, volume.stat().st_size, tmp_path / "back.img")
+    subprocess.run(["e2fsck", "-fn", str(back)], check=True, capture_output=True)
+
+
+def test_the_accounts_encryption_by_default_is_honoured(aws, aws_rules,
+                                                        tmp_path: Path) -> None:
+    """A plain recipe in an account that encrypts every new snapshot: publish asks
+    GetEbsEncryptionByDefault and writes every block, so the filesystem reads back clean.
+    Skipping zero blocks there (what publish did before) leaves random bytes where ext4
+    was made to expect zeros (its unused inode tables, which e2fsck does not read but the
+    kernel trusts when it allocates there): the volume no longer reads as the image."""
+    from builder.aws.snapshots import Encryption, upload_image
+
+    out = small_output(tmp_path / "out", "default-encrypted", encrypted_volume=False)
+    volume = out / "volume-sdf.raw"
+    ec2 = client("ec2", aws_rules.url)
+    ec2.enable_ebs_encryption_by_default()
+    try:
+        result = aws("publish", str(out), url=aws_rules.url)
+        skipped, _ = upload_image(client("ebs", aws_rules.url), volume, description="old",
+                                  tags={}, encryption=Encryption(False))
+    finally:
+        ec2.disable_ebs_encryption_by_default()
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = published(out)
+    assert all(u["encrypted"] for u in record["uploads"].values())
+    snapshot = record["snapshot_ids"]["/dev/sdf"]
+    back = read_volume(aws_rules, snapshot, volume.stat().st_size, tmp_path / "back.img")
+    subprocess.run(["e2fsck", "-fn", str(back)], check=True, capture_output=True)
+    broken = read_volume(aws_rules, skipped, volume.stat().st_size, tmp_path / "broken.img")
+    assert broken.read_bytes() != volume.read_bytes()
+
+
+def test_a_recorded_ami_is_checked_and_each_target_has_its_own_record(
+        aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "target-image")
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    first = published(out)["image_id"]
+    assert aws("deregister", first, url=aws_rules.url).returncode == 0
+    again = aws("publish", str(out), url=aws_rules.url)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is gone" in again.stderr
+    second = published(out)["image_id"]
+    assert second != first and images_named(aws_rules.url, "target-image")[0]["ImageId"] == second
+    other = aws("publish", str(out), url=aws_rules.url, region=OTHER)
+    assert other.returncode == 0, other.stderr[-2000:]
+    targets = json.loads((out / "publish.json").read_text())["targets"]
+    assert sorted(t.split("/")[1].split("@")[0] for t in targets) == sorted([REGION, OTHER])

@@ -1,0 +1,261 @@
+"""publish: a build's images become EBS snapshots (or an S3 bundle), then an AMI.
+
+What it made is recorded in publish.json after every step, per target (account, region,
+endpoint: builder.aws.state), so a re-run resumes: completed snapshots are reused, a
+pending one is filled again, and an AMI of the same name is found rather than registered
+twice. A recorded AMI is checked with DescribeImages before it is reported as done."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from builder.aws import state
+from builder.aws.session import Aws
+from builder.aws.snapshots import Encryption, upload_image
+from builder.errors import BuildFailed, InputError
+from builder.outputs.ami import is_placeholder
+from builder.plan import sha256_file
+
+IMAGE_TAG = "amiforge:image-id"
+
+
+@dataclass
+class Publication:
+    output_dir: Path
+    aws: Aws
+    target: str
+    record: dict[str, Any]
+    request: dict[str, Any]
+    workers: int = 16
+    kms_key_id: str | None = None
+    encrypted_by_default: bool = False
+
+    def save(self) -> None:
+        state.save(self.output_dir, self.target, self.record)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for spec in self.request.get("TagSpecifications", [])
+                for t in spec["Tags"]}
+
+
+def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int = 16,
+            kms_key_id: str | None = None) -> dict[str, Any]:
+    request = read_json(output_dir / "register-image.json")
+    job = Publication(output_dir, aws, _target(aws), {}, request, workers, kms_key_id)
+    job.record = state.load(output_dir, job.target)
+    if job.record.get("image_id") and not aws.dry_run and _still_there(job):
+        say(f"already published as {job.record['image_id']} in {job.target} "
+            f"(see {output_dir / state.STATE})")
+        return job.record
+    for key in ("snapshot_ids", "uploaded", "pending", "uploads"):
+        job.record.setdefault(key, {})
+    job.record["region"] = aws.region
+    if "ImageLocation" in request:
+        request["ImageLocation"] = _upload_bundle(job, bucket)
+    else:
+        job.encrypted_by_default = _encryption_by_default(aws)
+        _upload_snapshots(job, read_json(output_dir / "snapshots.json")["snapshots"])
+    image_id = _register(request, aws)
+    if image_id is None:  # dry run
+        return job.record
+    job.record["image_id"] = image_id
+    job.save()
+    _after_register(job, image_id)
+    say(f"published {request['Name']} as {image_id} in {aws.region}")
+    return job.record
+
+
+def _target(aws: Aws) -> str:
+    if aws.dry_run:
+        return state.target_of("dry-run", aws.region or "default", aws.endpoint_url)
+    account = aws.client("sts").get_caller_identity()["Account"]
+    region = aws.client("ec2").meta.region_name
+    return state.target_of(account, region, aws.endpoint_url)
+
+
+def _still_there(job: Publication) -> bool:
+    """The recorded AMI exists (not deregistered); else forget it and its missing
+    snapshots, and publish again."""
+    ec2 = job.aws.client("ec2")
+    image_id = job.record["image_id"]
+    try:
+        images = ec2.describe_images(ImageIds=[image_id])["Images"]
+    except ClientError:
+        images = []
+    if images and images[0].get("State") != "deregistered":
+        return True
+    say(f"{image_id}, recorded in {state.STATE}, is gone from {job.target}: publishing again")
+    job.record.pop("image_id", None)
+    recorded = job.record.get("snapshot_ids", {})
+    live = _existing_snapshots(ec2, sorted(recorded.values()))
+    job.record["snapshot_ids"] = {d: s for d, s in recorded.items() if s in live}
+    return False
+
+
+def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
+    found = set()
+    for snapshot_id in snapshot_ids:  # one by one: an unknown id fails the whole call
+        try:
+            ec2.describe_snapshots(SnapshotIds=[snapshot_id])
+            found.add(snapshot_id)
+        except ClientError:
+            pass
+    return found
+
+
+def _encryption_by_default(aws: Aws) -> bool:
+    """The account's "EBS encryption by default": it encrypts every new snapshot, whatever
+    StartSnapshot says."""
+    if aws.dry_run:
+        return False
+    return bool(aws.client("ec2").get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
+
+
+def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
+    ebs = None if job.aws.dry_run else job.aws.client("ebs")
+    by_placeholder = {}
+    for entry in snapshots:
+        image = job.output_dir / entry["image"]
+        digest = job.record["uploaded"].get(entry["image"]) or sha256_file(image)
+        if digest != entry["sha256"]:
+            raise InputError(f"{image}: changed since the build (sha256 differs from "
+                             "snapshots.json); rebuild before publishing")
+        done = job.record["snapshot_ids"].get(entry["device"])
+        if done and job.record["uploaded"].get(entry["image"]) == digest:
+            say(f"{entry['device']}: reusing {done} from an earlier run")
+        elif ebs is None:
+            job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
+                          image=entry["image"], size=entry["size"],
+                          encrypted=_encryption(job, entry).enabled)
+            done = f"snap-{entry['device'].rsplit('/', 1)[-1]}-dry-run"
+        else:
+            done = _upload_one(job, ebs, entry, image, digest)
+        by_placeholder[entry["placeholder"]] = done
+    for mapping in job.request.get("BlockDeviceMappings", []):
+        ebs_shape = mapping.get("Ebs", {})
+        if ebs_shape.get("SnapshotId") in by_placeholder:
+            ebs_shape["SnapshotId"] = by_placeholder[ebs_shape["SnapshotId"]]
+        elif is_placeholder(ebs_shape.get("SnapshotId", "")):
+            raise BuildFailed(f"no image for {mapping['DeviceName']}'s snapshot")
+
+
+def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
+    key = entry.get("kms_key_id") or job.kms_key_id
+    enabled = bool(entry.get("encrypted") or key or job.encrypted_by_default)
+    return Encryption(enabled, key)
+
+
+def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
+                digest: str) -> str:
+    """Upload one image; a snapshot left pending by an interrupted run is filled again."""
+    device, name = entry["device"], job.request["Name"]
+    pending = job.record["pending"].get(device, {})
+    resume = pending.get("snapshot") if pending.get("sha256") == digest else None
+    encryption = _encryption(job, entry)
+
+    def started(snapshot_id: str) -> None:
+        job.record["pending"][device] = {"snapshot": snapshot_id, "sha256": digest}
+        job.save()
+
+    say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
+        f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
+    common = {"description": f"{name} {device}", "tags": job.tags, "workers": job.workers,
+              "encryption": encryption, "started": started}
+    try:
+        done, stats = upload_image(ebs, image, client_token=state.token(digest, device, name),
+                                   snapshot_id=resume, **common)
+    except ClientError:
+        if not resume:
+            raise
+        say(f"{device}: {resume} can no longer be written; starting a new snapshot")
+        done, stats = upload_image(ebs, image, **common)
+    skipped = (f"{stats.blocks_zero} zero blocks skipped" if not stats.encrypted else
+               "zero blocks written too (encrypted)")
+    say(f"{device}: {done}, {stats.blocks_sent} blocks sent, {skipped}")
+    job.record["pending"].pop(device, None)
+    job.record["snapshot_ids"][device] = done
+    job.record["uploaded"][entry["image"]] = digest
+    job.record["uploads"][device] = {"encrypted": stats.encrypted,
+                                     "blocks_written": stats.blocks_sent,
+                                     "blocks_skipped": stats.blocks_zero}
+    job.save()
+    return done
+
+
+def _upload_bundle(job: Publication, bucket: str | None) -> str:
+    if not bucket:
+        raise InputError("instance-store images are uploaded to S3: pass --bucket")
+    files = sorted(p for p in (job.output_dir / "bundle").iterdir()
+                   if p.name.startswith("image."))
+    prefix = read_json(job.output_dir / "build-manifest.json")["name"]
+    s3 = None if job.aws.dry_run else job.aws.client("s3")
+    for path in files:
+        key = f"{prefix}/{path.name}"
+        digest = sha256_file(path)
+        if job.record["uploaded"].get(key) == digest:
+            continue
+        if s3 is None:
+            job.aws.would("s3.PutObject", Bucket=bucket, Key=key, ACL="aws-exec-read")
+            continue
+        with open(path, "rb") as body:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, ACL="aws-exec-read")
+        job.record["uploaded"][key] = digest
+        job.save()
+    say(f"uploaded {len(files)} bundle files to s3://{bucket}/{prefix}/")
+    return f"{bucket}/{prefix}/image.manifest.xml"
+
+
+def _register(request: dict[str, Any], aws: Aws) -> str | None:
+    if aws.dry_run:
+        aws.would("ec2.DescribeImages", Owners=["self"], Name=request["Name"])
+        aws.would("ec2.RegisterImage", **request)
+        return None
+    ec2 = aws.client("ec2")
+    existing = find_image(ec2, request["Name"])
+    if existing:
+        say(f"an AMI named {request['Name']} exists: {existing}; not registering another")
+        return existing
+    # RegisterImage takes no ClientToken: the name lookup above is what makes re-runs safe
+    # (AMI names are unique per account and region).
+    return str(ec2.register_image(**request)["ImageId"])
+
+
+def _after_register(job: Publication, image_id: str) -> None:
+    """Tag the snapshots with the AMI (deregister --delete-snapshots finds them by it) and
+    grant the recipe's launch permissions."""
+    ec2 = job.aws.client("ec2")
+    if job.record["snapshot_ids"]:
+        ec2.create_tags(Resources=sorted(job.record["snapshot_ids"].values()),
+                        Tags=[{"Key": IMAGE_TAG, "Value": image_id}])
+    permission_path = job.output_dir / "launch-permission.json"
+    if permission_path.exists():
+        permission = read_json(permission_path)
+        permission["ImageId"] = image_id
+        ec2.modify_image_attribute(**permission)
+
+
+def find_image(ec2: Any, name: str) -> str | None:
+    images = ec2.describe_images(Owners=["self"],
+                                 Filters=[{"Name": "name", "Values": [name]}])["Images"]
+    live = [i for i in images if i.get("State") != "deregistered"]
+    return str(live[0]["ImageId"]) if live else None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (is this a build output directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)

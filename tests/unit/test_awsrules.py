@@ -1,0 +1,68 @@
+"""The validating layer in front of moto (tests/awsrules.py) enforces what it says."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.awsrules import BLOCK, register_image_problem
+from tests.awstools import REGION, client
+
+pytestmark = pytest.mark.usefixtures("fake_credentials")
+
+
+def test_a_snapshot_mapping_with_encryption_fields_is_refused() -> None:
+    form = {"Action": ["RegisterImage"], "BlockDeviceMapping.1.DeviceName": ["/dev/xvda"],
+            "BlockDeviceMapping.1.Ebs.SnapshotId": ["snap-1"],
+            "BlockDeviceMapping.1.Ebs.Encrypted": ["true"],
+            "BlockDeviceMapping.2.Ebs.VolumeSize": ["4"],
+            "BlockDeviceMapping.2.Ebs.Encrypted": ["true"]}
+    assert "Encrypted cannot be specified" in register_image_problem(form)
+    del form["BlockDeviceMapping.1.Ebs.Encrypted"]
+    assert register_image_problem(form) is None  # an empty volume may be encrypted
+
+
+def test_register_image_through_the_layer(aws_rules) -> None:
+    ec2 = client("ec2", aws_rules.url)
+    snapshot = ec2.create_snapshot(VolumeId=ec2.create_volume(
+        Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"])["SnapshotId"]
+    mapping = {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot, "Encrypted": True}}
+    with pytest.raises(ClientError, match="InvalidParameterCombination"):
+        ec2.register_image(Name="rules-refused", RootDeviceName="/dev/xvda",
+                           BlockDeviceMappings=[mapping])
+    del mapping["Ebs"]["Encrypted"]
+    assert ec2.register_image(Name="rules-accepted", RootDeviceName="/dev/xvda",
+                              BlockDeviceMappings=[mapping])["ImageId"].startswith("ami-")
+
+
+def _snapshot_with_one_block(url: str, **start: object) -> str:
+    ebs = client("ebs", url)
+    snapshot = ebs.start_snapshot(VolumeSize=1, **start)["SnapshotId"]
+    data = b"x" * BLOCK
+    ebs.put_snapshot_block(SnapshotId=snapshot, BlockIndex=1, BlockData=data,
+                           DataLength=BLOCK, ChecksumAlgorithm="SHA256",
+                           Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode())
+    return snapshot
+
+
+def test_unwritten_blocks_of_an_encrypted_snapshot_are_not_zeros(aws_rules) -> None:
+    plain = _snapshot_with_one_block(aws_rules.url)
+    assert aws_rules.volume_block(REGION, plain, 0) == bytes(BLOCK)
+    assert aws_rules.volume_block(REGION, plain, 1) == b"x" * BLOCK
+    encrypted = _snapshot_with_one_block(aws_rules.url, Encrypted=True)
+    assert aws_rules.volume_block(REGION, encrypted, 0) != bytes(BLOCK)
+    assert aws_rules.volume_block(REGION, encrypted, 1) == b"x" * BLOCK
+
+
+def test_encryption_by_default_encrypts_every_new_snapshot(aws_rules) -> None:
+    ec2 = client("ec2", aws_rules.url)
+    ec2.enable_ebs_encryption_by_default()
+    try:
+        snapshot = _snapshot_with_one_block(aws_rules.url)  # no Encrypted asked
+    finally:
+        ec2.disable_ebs_encryption_by_default()
+    assert aws_rules.snapshots.encrypted[snapshot] is True
+    assert aws_rules.volume_block(REGION, snapshot, 0) != bytes(BLOCK)
