@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from builder.errors import InputError
 
 AUTH_FILE = "/etc/apt/auth.conf.d/90-amiforge-build.conf"
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/@]+@")
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:
@@ -26,13 +26,20 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     if parts.username is None and parts.password is None:
         return url, None
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
     public = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     login, password = unquote(parts.username or ""), unquote(parts.password or "")
     if re.search(r"[\s\x00-\x1f\x7f]", login + password):
         raise InputError("os.mirror: the mirror's user name and password may not hold white "
                          "space or control characters")
-    machine = f"{netloc}{parts.path}"
+    if not login or not password:
+        raise InputError("os.mirror: give the mirror's user name and password both "
+                         "(user:password@host)")
+    # apt_auth.conf(5): an entry without a scheme matches https only
+    machine = f"{netloc}{parts.path}" if parts.scheme == "https" else \
+        f"{parts.scheme}://{netloc}{parts.path}"
     return public, f"machine {machine} login {login} password {password}\n"
 
 

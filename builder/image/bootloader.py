@@ -8,12 +8,14 @@ filesystem by UUID and read /boot/grub/grub.cfg from it."""
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 from builder.errors import BuildFailed
 from builder.host import treepath
-from builder.host.fsutil import read_at, write_at
+from builder.host.fsutil import read_at, read_regular_file, write_at
 from builder.host.run import run
 from builder.plan import Plan
 from builder.templates import render_template
@@ -25,6 +27,7 @@ BOOT_DRIVE_CHECK = 0x66
 BOOT_BPB = (0x03, 0x5A)
 MBR_CODE_END = 0x1B8
 CORE_SEGMENT = 0x820
+MAX_MODULE = 8 << 20  # GRUB's largest file (kernel.img, a module) is well under 1 MiB
 
 COMMON_MODULES = ("part_gpt", "part_msdos", "ext2", "search", "search_fs_uuid",
                   "search_label", "normal", "configfile", "linux", "echo", "test", "serial",
@@ -50,10 +53,32 @@ def build_efi_image(arch: str, output: Path, early_config: Path, tree: Path) -> 
     (grub-efi-arm64-bin is arm64-only in Debian: an x86_64 host has no arm64-efi modules),
     so the modules match the release the image runs."""
     target, _ = EFI_REMOVABLE[arch]
-    modules = None if arch == "x86_64" else treepath.in_root(tree, f"/usr/lib/grub/{target}")
-    if modules is not None and not (modules / "linux.mod").is_file():
-        raise BuildFailed(f"the image has no /usr/lib/grub/{target} (grub-efi-arm64-bin)")
-    run(grub_mkimage_argv(target, output, early_config, EFI_MODULES, modules))
+    if arch == "x86_64":
+        run(grub_mkimage_argv(target, output, early_config, EFI_MODULES))
+        return
+    with tempfile.TemporaryDirectory(prefix="amiforge-grub-", dir=output.parent) as copy:
+        modules = copy_modules(tree, f"/usr/lib/grub/{target}", Path(copy))
+        run(grub_mkimage_argv(target, output, early_config, EFI_MODULES, modules))
+
+
+def copy_modules(tree: Path, folder: str, target: Path) -> Path:
+    """The image's GRUB folder, copied file by file: regular files only, never through a
+    link (the image's scripts may have made ``echo.mod`` a link to a host file, which
+    grub-mkimage, run as root, would copy into the bootloader), each size-bounded."""
+    source = treepath.in_root(tree, folder)
+    try:
+        names = sorted(os.listdir(source))
+    except OSError:
+        raise BuildFailed(f"the image has no {folder} (grub-efi-arm64-bin)") from None
+    for name in names:
+        if name.endswith((".mod", ".lst", ".img")) and (source / name).is_file() and \
+                not (source / name).is_symlink():
+            data = read_regular_file(source / name, MAX_MODULE, f"{folder}/{name}",
+                                     BuildFailed, follow_links=False)
+            (target / name).write_bytes(data)
+    if not (target / "kernel.img").is_file() or not (target / "linux.mod").is_file():
+        raise BuildFailed(f"the image's {folder} lacks kernel.img or linux.mod")
+    return target
 
 
 def patch_core(core: bytes, core_lba: int) -> bytes:

@@ -69,7 +69,7 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
             problems = _render_tree(data, variables, skip=("vars", "env"))
             check_paths(data, base_dir, options.allow_host_paths, problems)
             recipe = _validate(Recipe, data, reported=problems)
-            _check_rules(recipe, data)
+            _check_rules(recipe, data, options.allow_host_paths)
             recipe = _render_recipe_templates(recipe, data, base_dir, variables, sources)
             recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     except (OutOfTime, MemoryError) as exc:  # outside a single template's rendering
@@ -164,9 +164,10 @@ def _render_tree(node: Any, variables: dict[str, Any], skip: tuple[str, ...] = (
     return problems
 
 
-def _check_rules(recipe: Recipe, data: Any) -> None:
+def _check_rules(recipe: Recipe, data: Any, allow_host: bool) -> None:
+    found = [*rules.check(recipe), *([] if allow_host else rules.host_path_rules(recipe))]
     problems = [Problem(mark_of(data, path) or Location("<recipe>"), dotted(path), message)
-                for path, message in rules.check(recipe)]
+                for path, message in found]
     if problems:
         raise RecipeError(problems)
 

@@ -74,7 +74,9 @@ KernelParameter = Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$", max_len
 # A Debian suite or codename (bookworm, trixie, stable, bookworm-backports).
 Suite = Annotated[str, Field(pattern=r"^[a-z][a-z0-9.-]{0,63}$")]
 # A mirror URL: mmdebstrap's positional argument and the URIs: field of a deb822 file.
-MirrorUrl = Annotated[str, Field(pattern=r"^(https?|file)://[^\s\x00-\x1f\x7f'\"\\]+$",
+# no white space, quotes or control characters (they would end the sources line), no # or ?
+# (a fragment or query would cut off the /dists/... amiforge and apt append)
+MirrorUrl = Annotated[str, Field(pattern=r"^(https?|file)://[^\s\x00-\x1f\x7f'\"\\#?]+$",
                                  max_length=2048)]
 Component = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
 PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+.:=~-]*$")]

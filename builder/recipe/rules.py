@@ -36,6 +36,7 @@ def check(recipe: Recipe) -> Found:
     yield from size_rules(recipe)
     yield from mirror_rules(recipe)
     yield from release_rules(recipe)
+    yield from suite_rules(recipe)
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
@@ -60,6 +61,30 @@ def mirror_rules(recipe: Recipe) -> Found:
             split_credentials(url)
         except InputError as exc:
             yield ("os", key), str(exc).removeprefix("os.mirror: ")
+
+
+def host_path_rules(recipe: Recipe) -> Found:
+    """A file:// mirror reads the build host's files: like a path outside the recipe's
+    folder, it takes --allow-host-paths."""
+    for key in ("mirror", "security_mirror"):
+        if (getattr(recipe.os, key) or "").startswith("file://"):
+            yield (("os", key), "a file:// mirror reads the build host's files "
+                   "(pass --allow-host-paths to allow)")
+
+
+def suite_rules(recipe: Recipe) -> Found:
+    """os.suites: the release's own suites only, so an image is what its release says."""
+    distribution = distros.get(recipe.os.distribution)
+    release = distribution.releases.get(recipe.os.release or distribution.default_release)
+    if release is None or recipe.os.suites is None:
+        return
+    allowed = {release.codename, release.security_suite,
+               *(f"{release.codename}-{s}" for s in ("updates", "backports",
+                                                      "proposed-updates"))}
+    for index, suite in enumerate(recipe.os.suites):
+        if suite not in allowed:
+            yield (("os", "suites", index), f"{suite!r} is not a suite of "
+                   f"{release.codename}: {', '.join(sorted(allowed))}")
 
 
 def release_rules(recipe: Recipe) -> Found:

@@ -8,8 +8,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from builder.archive import cache_relevant
-from builder.errors import ToolFailed
+from builder.archive import cache_relevant, tree_matches
+from builder.errors import BuildFailed, ToolFailed
 from builder.host.aptauth import AUTH_FILE
 from builder.host.chroot import prepared_root, run_in_root
 from builder.host.run import run
@@ -132,6 +132,10 @@ def run_stage(ctx: Context) -> dict[str, Any]:
     else:
         _install_more(tree, list(plan.os.packages), plan.os.apt_auth)
         ctx.source = "extended"
+    archive = ctx.extras.get("archive")
+    if archive is not None and not tree_matches(tree, plan.os, archive):
+        raise BuildFailed("the archive changed while the bootstrap ran (apt read other "
+                          "package indexes than amiforge did a moment before): build again")
     if plan.reproducible:
         clamp_times(tree, plan.source_date_epoch, atimes=False)
     return facts

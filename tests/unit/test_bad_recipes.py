@@ -228,10 +228,10 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:2:15: os.release: '--customize-hook=touch /pwned' does not match the pattern ^[a-z][a-z0-9.-]{0,63}$"]),
     "mirror-newline": (
         {"recipe.yaml": "name: xyz\nos: {mirror: \"http://deb.debian.org/debian\\nTrusted: yes\"}\n"},
-        ["recipe.yaml:2:14: os.mirror: 'http://deb.debian.org/debian\\nTrusted: ye'… does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+        ["recipe.yaml:2:14: os.mirror: 'http://deb.debian.org/debian\\nTrusted: ye'… does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\#?]+$"]),
     "mirror-option": (
         {"recipe.yaml": "name: xyz\nos: {mirror: \"--setup-hook=x\"}\n"},
-        ["recipe.yaml:2:14: os.mirror: '--setup-hook=x' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+        ["recipe.yaml:2:14: os.mirror: '--setup-hook=x' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\#?]+$"]),
     "component-option": (
         {"recipe.yaml": "name: xyz\nos: {components: [main, \"-x\"]}\n"},
         ["recipe.yaml:2:25: os.components[1]: '-x' does not match the pattern ^[a-z][a-z0-9-]{0,63}$"]),
@@ -292,7 +292,19 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:2:14: os.mirror: not a valid URL (host or port)"]),
     "mirror-credentials-not-echoed": (
         {"recipe.yaml": "name: xyz\nos: {mirror: \"http://u:s3cr3t@host/deb ian\"}\n"},
-        ["recipe.yaml:2:14: os.mirror: 'http://***@host/deb ian' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\]+$"]),
+        ["recipe.yaml:2:14: os.mirror: 'http://***@host/deb ian' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\#?]+$"]),
+    "mirror-credentials-with-a-space-not-echoed": (
+        {"recipe.yaml": "name: xyz\nos: {security_mirror: \"https://ci:tok en@host/x\"}\n"},
+        ["recipe.yaml:2:23: os.security_mirror: 'https://***@host/x' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\#?]+$"]),
+    "mirror-fragment-cuts-the-path": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"file:///etc/shadow#\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: 'file:///etc/shadow#' does not match the pattern ^(https?|file)://[^\\s\\x00-\\x1f\\x7f'\\\"\\\\#?]+$"]),
+    "mirror-user-without-password": (
+        {"recipe.yaml": "name: xyz\nos: {mirror: \"https://TOKEN@host/debian\"}\n"},
+        ["recipe.yaml:2:14: os.mirror: give the mirror's user name and password both (user:password@host)"]),
+    "suite-of-another-release": (
+        {"recipe.yaml": "name: xyz\nos: {release: bookworm, suites: [bookworm, trixie-security]}\n"},
+        ["recipe.yaml:2:44: os.suites[1]: 'trixie-security' is not a suite of bookworm: bookworm, bookworm-backports, bookworm-proposed-updates, bookworm-security, bookworm-updates"]),
     "long-alias-not-echoed": (
         {"recipe.yaml": "name: xyz\ndescription: *" + "a" * 100 + "\n"},
         ["recipe.yaml:2:14: YAML syntax error: found undefined alias '" + "a" * 40 + "'…"]),

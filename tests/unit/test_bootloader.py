@@ -21,3 +21,35 @@ def test_patch_boot_keeps_bpb_and_sets_kernel_sector() -> None:
     assert patched[3:0x5A] == b"B" * (0x5A - 3)
     assert struct.unpack_from("<Q", patched, 0x5C)[0] == 2048
     assert patched[0x66:0x68] == b"\x90\x90"
+
+
+def test_the_images_grub_modules_never_follow_a_link_to_the_host(tmp_path) -> None:
+    """arm64's modules come from the image: a script's `ln -s /root/secret echo.mod`
+    must not bring a host file into the bootloader."""
+    from pathlib import Path
+
+    import pytest
+
+    from builder.errors import BuildFailed
+    from builder.image.bootloader import copy_modules
+
+    secret = tmp_path / "host-secret"
+    secret.write_text("host credentials\n")
+    folder = tmp_path / "tree/usr/lib/grub/arm64-efi"
+    folder.mkdir(parents=True)
+    for name in ("kernel.img", "linux.mod", "moddep.lst"):
+        (folder / name).write_bytes(b"grub " + name.encode())
+    (folder / "echo.mod").symlink_to(secret)
+    (folder / "fifo.mod").unlink(missing_ok=True)
+    import os
+
+    os.mkfifo(folder / "fifo.mod")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    copy_modules(tmp_path / "tree", "/usr/lib/grub/arm64-efi", copy)
+    assert sorted(p.name for p in copy.iterdir()) == ["kernel.img", "linux.mod", "moddep.lst"]
+    assert not any("host credentials" in p.read_text() for p in copy.iterdir())
+    (tmp_path / "tree/usr/lib/grub").rename(tmp_path / "elsewhere")
+    (tmp_path / "tree/usr/lib/grub").symlink_to(Path("/usr/lib/grub"))  # re-rooted: itself
+    with pytest.raises(BuildFailed, match="arm64-efi"):  # a loop, inside the tree
+        copy_modules(tmp_path / "tree", "/usr/lib/grub/arm64-efi", tmp_path / "copy2")
