@@ -51,12 +51,17 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
         ec2 = boto3.client("ec2", region_name=region, endpoint_url=self.upstream_url)
         return bool(ec2.get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
 
-    def volume_block(self, region: str, snapshot_id: str, index: int) -> bytes:
-        """What block ``index`` of a volume made from the snapshot reads."""
+    def volume_block(self, region: str, snapshot_id: str, index: int,
+                     encrypted_volume: bool = True) -> bytes:
+        """What block ``index`` of a volume made from the snapshot reads. The volume is
+        encrypted when the snapshot is, and may be when it is not (encryption by default
+        in the launching account, RunInstances with Encrypted, a copy): an encrypted
+        volume reads random bytes where nobody wrote (Bottlerocket #2169, coldsnap #470),
+        a plain one zeros. By default the reader assumes the worst."""
         with self.snapshots.lock:
             written = index in self.snapshots.written.get(snapshot_id, set())
-            encrypted = self.snapshots.encrypted.get(snapshot_id, False)
-        if not written:  # encrypted: random, as AWS; else zeros
+            encrypted = self.snapshots.encrypted.get(snapshot_id, False) or encrypted_volume
+        if not written:
             return os.urandom(BLOCK) if encrypted else bytes(BLOCK)
         ebs = boto3.client("ebs", region_name=region, endpoint_url=self.upstream_url)
         blocks = {b["BlockIndex"]: b["BlockToken"] for b in ebs.list_snapshot_blocks(
@@ -66,9 +71,14 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
 
 
 def register_image_problem(form: dict[str, list[str]]) -> str | None:
-    """RegisterImage: a mapping with a SnapshotId may not carry Encrypted or KmsKeyId:
-    "If you are creating a volume from a snapshot, you can't specify an encryption value
-    ... the request will fail, regardless of the value" (EBS_BLOCK_DEVICE)."""
+    """RegisterImage: a mapping with a SnapshotId may not carry Encrypted: "If you are
+    creating a volume from a snapshot, you can't specify an encryption value ... the request
+    will fail, regardless of the value"; KmsKeyId "is only supported on BlockDeviceMapping
+    objects called by RunInstances, RequestSpotFleet, and RequestSpotInstances"
+    (EBS_BLOCK_DEVICE)."""
+    for key in form:
+        if re.fullmatch(r"BlockDeviceMapping\.\d+\.Ebs\.KmsKeyId", key):
+            return "The parameter KmsKeyId is not recognized"
     for key in form:
         match = re.fullmatch(r"BlockDeviceMapping\.(\d+)\.Ebs\.SnapshotId", key)
         if not match:
@@ -78,6 +88,16 @@ def register_image_problem(form: dict[str, list[str]]) -> str | None:
         if given:
             return (f"{' and '.join(given)} cannot be specified for a mapping created from "
                     f"a snapshot ({form[key][0]})")
+    return None
+
+
+def start_snapshot_problem(body: dict[str, object]) -> str | None:
+    """StartSnapshot's KmsKeyArn is "The Amazon Resource Name (ARN) of the KMS key" (pattern
+    arn:aws[a-z-]*:kms:.*:[0-9]{12}:key/.*), not an id or an alias (START_SNAPSHOT)."""
+    key = body.get("KmsKeyArn")
+    if key is not None and not re.fullmatch(r"arn:aws[a-z\-]*:kms:.*:[0-9]{12}:key/.*",
+                                            str(key)):
+        return f"KmsKeyArn must be a key ARN (got {str(key)[:40]!r})"
     return None
 
 
@@ -93,6 +113,10 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "POST" and self.path.rstrip("/") == "/snapshots":
+            problem = start_snapshot_problem(json.loads(body or b"{}"))
+            if problem:
+                return self._json_error(400, "ValidationException", problem)
         if self.command == "POST" and self.path == "/":
             form = urllib.parse.parse_qs(body.decode(errors="replace"))
             if form.get("Action") == ["RegisterImage"]:
@@ -135,6 +159,11 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _json_error(self, status: int, code: str, message: str) -> None:
+        data = json.dumps({"Message": message, "Reason": code}).encode()
+        self._reply(status, [("Content-Type", "application/json"),
+                             ("x-amzn-ErrorType", code)], data)
 
     def _ec2_error(self, code: str, message: str) -> None:
         xml = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class Publication:
     workers: int = 16
     kms_key_id: str | None = None
     encrypted_by_default: bool = False
+    skip_zero_blocks: bool = False
+    key_arns: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         state.save(self.output_dir, self.target, self.record)
@@ -46,11 +49,15 @@ class Publication:
 
 
 def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int = 16,
-            kms_key_id: str | None = None) -> dict[str, Any]:
+            kms_key_id: str | None = None, skip_zero_blocks: bool = False) -> dict[str, Any]:
     request = read_json(output_dir / "register-image.json")
-    job = Publication(output_dir, aws, _target(aws), {}, request, workers, kms_key_id)
+    _refuse_old_output(output_dir, request)
+    job = Publication(output_dir, aws, _target(aws), {}, request, workers, kms_key_id,
+                      skip_zero_blocks=skip_zero_blocks)
     job.record = state.load(output_dir, job.target)
     if job.record.get("image_id") and not aws.dry_run and _still_there(job):
+        if not job.record.get("finished"):  # registered, but tags or permissions missing
+            _after_register(job, job.record["image_id"])
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
         return job.record
@@ -62,7 +69,7 @@ def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int 
     else:
         job.encrypted_by_default = _encryption_by_default(aws)
         _upload_snapshots(job, read_json(output_dir / "snapshots.json")["snapshots"])
-    image_id = _register(request, aws)
+    image_id = _register(request, aws, job.record["snapshot_ids"])
     if image_id is None:  # dry run
         return job.record
     job.record["image_id"] = image_id
@@ -70,6 +77,16 @@ def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int 
     _after_register(job, image_id)
     say(f"published {request['Name']} as {image_id} in {aws.region}")
     return job.record
+
+
+def _refuse_old_output(output_dir: Path, request: dict[str, Any]) -> None:
+    """register-image.json of an amiforge that put Encrypted/KmsKeyId next to SnapshotId
+    (and did not tell publish to encrypt): AWS would refuse it after the whole upload."""
+    for mapping in request.get("BlockDeviceMappings", []):
+        ebs = mapping.get("Ebs", {})
+        if "SnapshotId" in ebs and ({"Encrypted", "KmsKeyId"} & set(ebs)):
+            raise InputError(f"{output_dir}: made by an older amiforge (encryption fields on "
+                             f"{mapping.get('DeviceName')}'s snapshot mapping); rebuild it")
 
 
 def _target(aws: Aws) -> str:
@@ -86,9 +103,14 @@ def _still_there(job: Publication) -> bool:
     ec2 = job.aws.client("ec2")
     image_id = job.record["image_id"]
     try:
-        images = ec2.describe_images(ImageIds=[image_id])["Images"]
-    except ClientError:
+        images = ec2.describe_images(ImageIds=[image_id], IncludeDisabled=True)["Images"]
+    except ClientError as exc:
+        if _code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
+            raise
         images = []
+    if images and images[0].get("State") == "disabled":
+        raise InputError(f"{image_id} (recorded in {state.STATE}) is disabled: enable it "
+                         "(EnableImage) or deregister it before publishing again")
     if images and images[0].get("State") != "deregistered":
         return True
     say(f"{image_id}, recorded in {state.STATE}, is gone from {job.target}: publishing again")
@@ -100,22 +122,38 @@ def _still_there(job: Publication) -> bool:
 
 
 def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
+    """The recorded snapshots that still exist, completed (an id one cannot see is left
+    out of DescribeSnapshots' answer rather than failing it)."""
     found = set()
     for snapshot_id in snapshot_ids:  # one by one: an unknown id fails the whole call
         try:
-            ec2.describe_snapshots(SnapshotIds=[snapshot_id])
+            listed = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        except ClientError as exc:
+            if _code(exc) != "InvalidSnapshot.NotFound":
+                raise
+            continue
+        if listed and listed[0].get("State") == "completed":
             found.add(snapshot_id)
-        except ClientError:
-            pass
     return found
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _encryption_by_default(aws: Aws) -> bool:
     """The account's "EBS encryption by default": it encrypts every new snapshot, whatever
-    StartSnapshot says."""
+    StartSnapshot says (recorded in publish.json; every block is written either way). Not
+    allowed to ask (ec2:GetEbsEncryptionByDefault): taken as on, the safe guess."""
     if aws.dry_run:
         return False
-    return bool(aws.client("ec2").get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
+    try:
+        answer = aws.client("ec2").get_ebs_encryption_by_default()
+    except ClientError as exc:
+        if _code(exc) not in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+            raise
+        return True
+    return bool(answer["EbsEncryptionByDefault"])
 
 
 def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
@@ -128,7 +166,9 @@ def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None
             raise InputError(f"{image}: changed since the build (sha256 differs from "
                              "snapshots.json); rebuild before publishing")
         done = job.record["snapshot_ids"].get(entry["device"])
-        if done and job.record["uploaded"].get(entry["image"]) == digest:
+        made = job.record["uploads"].get(entry["device"], {})
+        if done and job.record["uploaded"].get(entry["image"]) == digest and \
+                made.get("asked") == _asked(job, entry):
             say(f"{entry['device']}: reusing {done} from an earlier run")
         elif ebs is None:
             job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
@@ -149,40 +189,78 @@ def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None
 def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
     key = entry.get("kms_key_id") or job.kms_key_id
     enabled = bool(entry.get("encrypted") or key or job.encrypted_by_default)
-    return Encryption(enabled, key)
+    return Encryption(enabled, _key_arn(job, key) if key else None)
+
+
+def _asked(job: Publication, entry: dict[str, Any]) -> dict[str, Any]:
+    """What a snapshot must have been made with to be reused or resumed: the encryption
+    asked for and whether zero blocks were skipped."""
+    return {"encrypted": bool(entry.get("encrypted") or entry.get("kms_key_id")
+                              or job.kms_key_id),
+            "kms_key_id": entry.get("kms_key_id") or job.kms_key_id,
+            "skip_zero_blocks": job.skip_zero_blocks}
+
+
+def _key_arn(job: Publication, key: str) -> str:
+    """StartSnapshot takes a key's ARN only (KmsKeyArn); a recipe or --kms-key-id may name
+    it by id, alias or alias ARN: KMS DescribeKey answers the key's ARN for all four."""
+    if key not in job.key_arns:
+        if job.aws.dry_run:
+            return key
+        try:
+            arn = job.aws.client("kms").describe_key(KeyId=key)["KeyMetadata"]["Arn"]
+        except ClientError as exc:
+            raise InputError(f"KMS key {key!r}: {_code(exc) or 'not usable'} "
+                             f"({job.target})") from None
+        job.key_arns[key] = str(arn)
+    return job.key_arns[key]
 
 
 def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
                 digest: str) -> str:
     """Upload one image; a snapshot left pending by an interrupted run is filled again."""
     device, name = entry["device"], job.request["Name"]
+    asked = _asked(job, entry)
     pending = job.record["pending"].get(device, {})
-    resume = pending.get("snapshot") if pending.get("sha256") == digest else None
+    same = pending.get("sha256") == digest and pending.get("asked") == asked
+    resume = pending.get("snapshot") if same else None
     encryption = _encryption(job, entry)
 
     def started(snapshot_id: str) -> None:
-        job.record["pending"][device] = {"snapshot": snapshot_id, "sha256": digest}
+        job.record["pending"][device] = {**job.record["pending"][device],
+                                         "snapshot": snapshot_id}
         job.save()
+
+    def fresh_token() -> str:
+        """A new ClientToken per new snapshot, saved before StartSnapshot: a retry after a
+        crash gets the same snapshot back, and a new snapshot never a finished one's."""
+        token = uuid.uuid4().hex
+        job.record["pending"][device] = {"sha256": digest, "asked": asked, "token": token}
+        job.save()
+        return token
 
     say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
         f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
     common = {"description": f"{name} {device}", "tags": job.tags, "workers": job.workers,
-              "encryption": encryption, "started": started}
+              "encryption": encryption, "started": started,
+              "skip_zero_blocks": job.skip_zero_blocks}
+    token = pending.get("token") if same and not resume else None
     try:
-        done, stats = upload_image(ebs, image, client_token=state.token(digest, device, name),
+        done, stats = upload_image(ebs, image, client_token=token or fresh_token(),
                                    snapshot_id=resume, **common)
     except ClientError:
-        if not resume:
+        if not (resume or token):
             raise
-        say(f"{device}: {resume} can no longer be written; starting a new snapshot")
-        done, stats = upload_image(ebs, image, **common)
-    skipped = (f"{stats.blocks_zero} zero blocks skipped" if not stats.encrypted else
-               "zero blocks written too (encrypted)")
+        say(f"{device}: {resume or 'the pending snapshot'} can no longer be written; "
+            "starting a new snapshot")
+        done, stats = upload_image(ebs, image, client_token=fresh_token(), **common)
+    skipped = (f"{stats.blocks_zero} zero blocks skipped" if stats.blocks_zero else
+               "zero blocks written too")
     say(f"{device}: {done}, {stats.blocks_sent} blocks sent, {skipped}")
     job.record["pending"].pop(device, None)
     job.record["snapshot_ids"][device] = done
     job.record["uploaded"][entry["image"]] = digest
-    job.record["uploads"][device] = {"encrypted": stats.encrypted,
+    job.record["uploads"][device] = {"encrypted": stats.encrypted, "asked": asked,
                                      "blocks_written": stats.blocks_sent,
                                      "blocks_skipped": stats.blocks_zero}
     job.save()
@@ -212,14 +290,22 @@ def _upload_bundle(job: Publication, bucket: str | None) -> str:
     return f"{bucket}/{prefix}/image.manifest.xml"
 
 
-def _register(request: dict[str, Any], aws: Aws) -> str | None:
+def _register(request: dict[str, Any], aws: Aws, snapshot_ids: dict[str, str]
+              ) -> str | None:
     if aws.dry_run:
         aws.would("ec2.DescribeImages", Owners=["self"], Name=request["Name"])
         aws.would("ec2.RegisterImage", **request)
         return None
     ec2 = aws.client("ec2")
     existing = find_image(ec2, request["Name"])
-    if existing:
+    if existing:  # registered by an earlier run that stopped before recording it
+        image = ec2.describe_images(ImageIds=[existing])["Images"][0]
+        theirs = {m["DeviceName"]: m["Ebs"]["SnapshotId"]
+                  for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in
+                  m.get("Ebs", {})}
+        if snapshot_ids and theirs and theirs != snapshot_ids:
+            raise InputError(f"an AMI named {request['Name']} exists ({existing}) with "
+                             "other snapshots: deregister it or give the AMI another name")
         say(f"an AMI named {request['Name']} exists: {existing}; not registering another")
         return existing
     # RegisterImage takes no ClientToken: the name lookup above is what makes re-runs safe
@@ -239,6 +325,8 @@ def _after_register(job: Publication, image_id: str) -> None:
         permission = read_json(permission_path)
         permission["ImageId"] = image_id
         ec2.modify_image_attribute(**permission)
+    job.record["finished"] = True
+    job.save()
 
 
 def find_image(ec2: Any, name: str) -> str | None:

@@ -26,11 +26,16 @@ class Aws:
     endpoint_url: str | None = None
     dry_run: bool = False
     calls: list[str] = field(default_factory=list)
+    _clients: dict[tuple[str, str | None], Any] = field(default_factory=dict, repr=False)
 
     def client(self, service: str, region: str | None = None) -> Any:
-        return boto3.session.Session().client(
-            service, region_name=region or self.region, endpoint_url=self.endpoint_url,
-            config=RETRIES)
+        """One client per service and region (made once: making one costs a good part of
+        a second; boto3's clients are safe to share between threads)."""
+        key = (service, region or self.region)
+        if key not in self._clients:
+            self._clients[key] = boto3.session.Session().client(
+                service, region_name=key[1], endpoint_url=self.endpoint_url, config=RETRIES)
+        return self._clients[key]
 
     def would(self, operation: str, **params: Any) -> None:
         """Record (and print) a call a dry run would make. Nothing secret is printed: the

@@ -2,12 +2,14 @@
 PutSnapshotBlock per 512 KiB block (SHA-256 checksums, parallel workers), and
 CompleteSnapshot with the LINEAR aggregate checksum.
 
-Which blocks: an unencrypted snapshot reads as zeros where nothing was written, so holes and
-all-zero blocks are skipped. An encrypted one does not: a volume made from it reads random
-bytes in blocks nobody wrote (coldsnap #395, which made writing zero blocks its default), and
-ext4 made with assume_storage_prezeroed relies on zeros there. So an encrypted snapshot gets
-every block the image holds, zeros included (past the image's end, up to the snapshot's
-whole GiB, lies no partition or filesystem)."""
+Which blocks: every block the image holds, zeros included. An encrypted *volume* reads
+random bytes where nobody wrote (coldsnap #395 and #470, Bottlerocket #2169), and a volume
+can be encrypted even when its snapshot is not (encryption by default in the launching
+account, RunInstances with Encrypted, a copy to another region); amiforge's ext4 is made
+with assume_storage_prezeroed and relies on zeros there. ``skip_zero_blocks`` (an
+unencrypted snapshot only) sends only the non-zero blocks, for whoever knows no volume made
+from it will ever be encrypted. (Past the image's end, up to the snapshot's whole GiB, lies
+no partition or filesystem.)"""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ GiB = 1 << 30
 class UploadStats:
     blocks_total: int = 0
     blocks_sent: int = 0
-    blocks_zero: int = 0      # zero blocks not sent (unencrypted only)
+    blocks_zero: int = 0      # zero blocks not sent (skip_zero_blocks, unencrypted only)
     encrypted: bool = False
     bytes_sent: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -80,6 +82,7 @@ class Encryption:
 def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str],
                  workers: int = 16, client_token: str | None = None,
                  snapshot_id: str | None = None, encryption: Encryption = Encryption(),
+                 skip_zero_blocks: bool = False,
                  started: Callable[[str], None] = lambda snapshot_id: None,
                  ) -> tuple[str, UploadStats]:
     """Upload ``path`` to a new snapshot, or to the pending ``snapshot_id`` of an
@@ -87,7 +90,7 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
     before any block is sent. Returns the snapshot id once completed."""
     size_gib = max(1, -(-path.stat().st_size // GiB))
     indexes, total = nonzero_blocks(path)
-    if encryption.enabled:  # every block the image holds, zeros included (see above)
+    if encryption.enabled or not skip_zero_blocks:  # zeros included (see above)
         indexes = list(range(total))
     if snapshot_id is None:
         params: dict[str, Any] = {"VolumeSize": size_gib, "Description": description,

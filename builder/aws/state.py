@@ -4,6 +4,7 @@ region starts its own record instead of reporting the first one's AMI."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -26,16 +27,27 @@ def token(*parts: str) -> str:
 
 def load(output_dir: Path, target: str) -> dict[str, Any]:
     """This target's record (empty when there is none). A publish.json of an older
-    amiforge (one flat record, no account) belongs to no target: it is started over."""
-    data = _read(output_dir / STATE)
-    record = data.get("targets", {}).get(target, {})
+    amiforge (one flat record, no account) belongs to no target: it is kept in the file
+    under "legacy" and this target starts over."""
+    record = _targets(_read(output_dir / STATE)).get(target, {})
     return record if isinstance(record, dict) else {}
 
 
 def save(output_dir: Path, target: str, record: dict[str, Any]) -> None:
-    data = _read(output_dir / STATE)
-    targets = data.get("targets") if isinstance(data.get("targets"), dict) else {}
-    atomic_write_json(output_dir / STATE, {"targets": {**targets, target: record}})
+    """Write this target's record, keeping the others; publishes of one output directory
+    to two regions at once take turns (a lock beside the file)."""
+    with open(output_dir / f".{STATE}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read(output_dir / STATE)
+        legacy = {"legacy": data} if data and "targets" not in data else \
+            {k: v for k, v in data.items() if k == "legacy"}
+        atomic_write_json(output_dir / STATE,
+                          {**legacy, "targets": {**_targets(data), target: record}})
+
+
+def _targets(data: dict[str, Any]) -> dict[str, Any]:
+    targets = data.get("targets")
+    return targets if isinstance(targets, dict) else {}
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -47,11 +47,17 @@ def cmd_publish(argv: Sequence[str]) -> int:
     parser.add_argument("--workers", type=int, default=16, help="parallel block uploads")
     parser.add_argument("--kms-key-id", help="encrypt every snapshot with this KMS key "
                         "(ARN, id or alias); a recipe's ebs.kms_key_id wins for its volume")
+    parser.add_argument("--skip-zero-blocks", action="store_true",
+                        help="send only the non-zero blocks of unencrypted snapshots: faster, "
+                        "but a volume made encrypted from them at launch (encryption by "
+                        "default, RunInstances, a copy) reads garbage where the image has "
+                        "zeros")
     _aws_args(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
-    state = publish(args.output_dir, _aws(args), args.bucket, args.workers, args.kms_key_id)
+    state = publish(args.output_dir, _aws(args), args.bucket, args.workers, args.kms_key_id,
+                    args.skip_zero_blocks)
     if not args.dry_run:
         print(json.dumps(state, indent=2, sort_keys=True))
     return EXIT_OK

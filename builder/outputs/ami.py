@@ -28,13 +28,12 @@ def _ebs_shape(ebs: EbsSettings, snapshot: str | None) -> dict[str, Any]:
         shape["Throughput"] = ebs.throughput
     shape["DeleteOnTermination"] = ebs.delete_on_termination
     # A mapping made from a snapshot takes its encryption from the snapshot: AWS refuses
-    # Encrypted and KmsKeyId next to SnapshotId "regardless of the value"
-    # (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_EbsBlockDevice.html).
-    # publish encrypts the snapshot itself (StartSnapshot's Encrypted and KmsKeyArn).
+    # Encrypted next to SnapshotId "regardless of the value", and KmsKeyId "is only
+    # supported on BlockDeviceMapping objects called by RunInstances, RequestSpotFleet, and
+    # RequestSpotInstances" (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/
+    # API_EbsBlockDevice.html). publish encrypts the snapshot itself (StartSnapshot).
     if snapshot is None and ebs.encrypted is not None:
         shape["Encrypted"] = ebs.encrypted
-    if snapshot is None and ebs.kms_key_id:
-        shape["KmsKeyId"] = ebs.kms_key_id
     return shape
 
 

@@ -37,6 +37,7 @@ def check(recipe: Recipe) -> Found:
     yield from mirror_rules(recipe)
     yield from release_rules(recipe)
     yield from suite_rules(recipe)
+    yield from encryption_rules(recipe)
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
@@ -61,6 +62,31 @@ def mirror_rules(recipe: Recipe) -> Found:
             split_credentials(url)
         except InputError as exc:
             yield ("os", key), str(exc).removeprefix("os.mirror: ")
+
+
+def encryption_rules(recipe: Recipe) -> Found:
+    """What AWS refuses about encrypted AMIs, said at plan time, not after an upload.
+    https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/sharingamis-intro.html: "AMIs with
+    encrypted volumes cannot be made public", and AMIs whose snapshots use the default AWS
+    managed key cannot be shared (a customer managed key, kms_key_id, can)."""
+    permissions = recipe.ami.launch_permissions
+    shared = bool(permissions.accounts or permissions.organization_arns
+                  or permissions.organizational_unit_arns)
+    for index, mapping in enumerate(recipe.block_device_mappings):
+        ebs = mapping.ebs
+        if ebs is None:
+            continue
+        at = ("block_device_mappings", index, "ebs")
+        snapshot = mapping.root or ebs.content is not None
+        if ebs.kms_key_id and not snapshot:
+            yield ((*at, "kms_key_id"), "an empty volume's key is chosen at launch "
+                   "(RunInstances): RegisterImage takes no KmsKeyId")
+        if snapshot and (ebs.encrypted or ebs.kms_key_id) and permissions.public:
+            yield ((*at, "encrypted"), "AWS does not let AMIs with encrypted snapshots be "
+                   "public (ami.launch_permissions.public)")
+        elif snapshot and ebs.encrypted and not ebs.kms_key_id and shared:
+            yield ((*at, "encrypted"), "AWS shares AMIs with encrypted snapshots only when "
+                   "they use a customer managed key: give ebs.kms_key_id")
 
 
 def host_path_rules(recipe: Recipe) -> Found:

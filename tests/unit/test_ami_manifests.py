@@ -147,20 +147,40 @@ def test_bundle_mapping_lists_the_instance_store_volumes_in_bundle_order(
 
 
 def test_no_snapshot_mapping_carries_encryption_fields(tmp_path: Path) -> None:
-    """EbsBlockDevice: with a SnapshotId, "you must omit" Encrypted and KmsKeyId; an empty
-    volume keeps them (AWS makes it, encrypted as asked)."""
+    """EbsBlockDevice: with a SnapshotId, Encrypted must be omitted; KmsKeyId is never
+    RegisterImage's (RunInstances only). An empty volume may ask for encryption."""
+    from builder.errors import RecipeError
     from builder.outputs.ami import snapshots_input
 
     (tmp_path / "r.yaml").write_text(
         "name: xyz\nblock_device_mappings:\n"
         "  - {device: /dev/xvda, root: true, ebs: {encrypted: true, kms_key_id: alias/k}}\n"
-        "  - {device: /dev/sdg, ebs: {volume_size: 4, encrypted: true, kms_key_id: alias/k}}\n")
+        "  - {device: /dev/sdg, ebs: {volume_size: 4, encrypted: true}}\n")
     plan = make_plan(load_recipe(tmp_path / "r.yaml"))
     register, _ = requests_of(plan)
     devices = {m["DeviceName"]: m["Ebs"] for m in register["BlockDeviceMappings"]}
     assert "Encrypted" not in devices["/dev/xvda"] and "KmsKeyId" not in devices["/dev/xvda"]
-    assert devices["/dev/sdg"]["Encrypted"] is True
-    assert devices["/dev/sdg"]["KmsKeyId"] == "alias/k"
+    assert devices["/dev/sdg"]["Encrypted"] is True and "KmsKeyId" not in devices["/dev/sdg"]
+    (tmp_path / "k.yaml").write_text(
+        "name: xyz\nblock_device_mappings:\n"
+        "  - {device: /dev/sdg, ebs: {volume_size: 4, kms_key_id: alias/k}}\n")
+    with pytest.raises(RecipeError, match="RegisterImage takes no KmsKeyId"):
+        load_recipe(tmp_path / "k.yaml")
     [root] = snapshots_input(plan.ami, {"disk.raw": {"virtual_size": 1, "sha256": ""}})[
         "snapshots"]
     assert (root["encrypted"], root["kms_key_id"]) == (True, "alias/k")
+
+
+@pytest.mark.parametrize(("permissions", "message"), [
+    ("{public: true}", "cannot|does not let AMIs with encrypted snapshots be public"),
+    ("{accounts: ['123456789012']}", "customer managed key"),
+])
+def test_encrypted_amis_are_shared_only_as_aws_allows(tmp_path: Path, permissions: str,
+                                                      message: str) -> None:
+    from builder.errors import RecipeError
+
+    (tmp_path / "r.yaml").write_text(
+        f"name: xyz\nami: {{launch_permissions: {permissions}}}\nblock_device_mappings:\n"
+        "  - {device: /dev/xvda, root: true, ebs: {encrypted: true}}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tmp_path / "r.yaml")

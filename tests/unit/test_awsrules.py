@@ -48,9 +48,10 @@ def _snapshot_with_one_block(url: str, **start: object) -> str:
     return snapshot
 
 
-def test_unwritten_blocks_of_an_encrypted_snapshot_are_not_zeros(aws_rules) -> None:
+def test_unwritten_blocks_of_an_encrypted_volume_are_not_zeros(aws_rules) -> None:
     plain = _snapshot_with_one_block(aws_rules.url)
-    assert aws_rules.volume_block(REGION, plain, 0) == bytes(BLOCK)
+    assert aws_rules.volume_block(REGION, plain, 0, encrypted_volume=False) == bytes(BLOCK)
+    assert aws_rules.volume_block(REGION, plain, 0, encrypted_volume=True) != bytes(BLOCK)
     assert aws_rules.volume_block(REGION, plain, 1) == b"x" * BLOCK
     encrypted = _snapshot_with_one_block(aws_rules.url, Encrypted=True)
     assert aws_rules.volume_block(REGION, encrypted, 0) != bytes(BLOCK)
@@ -66,3 +67,17 @@ def test_encryption_by_default_encrypts_every_new_snapshot(aws_rules) -> None:
         ec2.disable_ebs_encryption_by_default()
     assert aws_rules.snapshots.encrypted[snapshot] is True
     assert aws_rules.volume_block(REGION, snapshot, 0) != bytes(BLOCK)
+
+
+def test_start_snapshot_takes_a_key_arn_only(aws_rules) -> None:
+    ebs = client("ebs", aws_rules.url)
+    with pytest.raises(ClientError, match="KmsKeyArn must be a key ARN"):
+        ebs.start_snapshot(VolumeSize=1, Encrypted=True, KmsKeyArn="alias/mine")
+    arn = "arn:aws:kms:us-east-1:123456789012:key/0a1b2c3d-0000-0000-0000-000000000000"
+    assert ebs.start_snapshot(VolumeSize=1, Encrypted=True, KmsKeyArn=arn)["SnapshotId"]
+
+
+def test_register_image_takes_no_kms_key_id() -> None:
+    form = {"Action": ["RegisterImage"], "BlockDeviceMapping.1.Ebs.VolumeSize": ["4"],
+            "BlockDeviceMapping.1.Ebs.KmsKeyId": ["alias/k"]}
+    assert "KmsKeyId is not recognized" in register_image_problem(form)

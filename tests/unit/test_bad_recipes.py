@@ -196,7 +196,8 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:4:41: block_device_mappings[0].ebs.volume_type: must be 'gp2', 'gp3', 'io1', 'io2', 'st1', 'sc1' or 'standard' (got 'gp4')"]),
     "bdm-kms-unencrypted": (
         {"recipe.yaml": "name: xyz\nblock_device_mappings:\n  - device: /dev/sdf\n    ebs: {volume_size: 10, kms_key_id: alias/k}\n"},
-        ["recipe.yaml:4:40: block_device_mappings[0].ebs.kms_key_id: kms_key_id needs encrypted: true"]),
+        ["recipe.yaml:4:40: block_device_mappings[0].ebs.kms_key_id: an empty volume's key is chosen at launch (RunInstances): RegisterImage takes no KmsKeyId",
+         "recipe.yaml:4:40: block_device_mappings[0].ebs.kms_key_id: kms_key_id needs encrypted: true"]),
     "instance-store-too-big": (
         {"recipe.yaml": "name: xyz\nroot_volume: {size: 12GiB}\nami: {backing: instance-store}\n"},
         ["recipe.yaml:2:21: root_volume.size: instance-store images may be at most 10 GiB (got 12 GiB)"]),

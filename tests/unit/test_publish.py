@@ -121,19 +121,23 @@ def read_volume(rules, snapshot_id: str, size: int, target: Path) -> Path:
     return target
 
 
-def test_encrypted_snapshots_get_every_block(aws, aws_rules, tmp_path: Path) -> None:
-    """The recipe encrypts /dev/sdf: it is written whole (zero blocks too) and its ext4
-    reads back clean; the plain root skips its zero blocks. publish.json says which."""
+def test_every_block_is_written_encrypted_or_not(aws, aws_rules, tmp_path: Path) -> None:
+    """/dev/sdf encrypted by the recipe, the root plain: both are written whole (zero blocks
+    too: a plain snapshot can still become an encrypted volume at launch), both read back
+    as the image from an encrypted volume, the ext4 clean. publish.json says which."""
     out = small_output(tmp_path / "out", "encrypted-image")
     result = aws("publish", str(out), url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
     record = published(out)
     volume = out / "volume-sdf.raw"
     uploads = record["uploads"]
-    assert uploads["/dev/sdf"] == {"encrypted": True, "blocks_skipped": 0,
-                                   "blocks_written": volume.stat().st_size // BLOCK}
+    assert {k: uploads["/dev/sdf"][k] for k in ("encrypted", "blocks_skipped",
+                                                 "blocks_written")} == {
+        "encrypted": True, "blocks_skipped": 0,
+        "blocks_written": volume.stat().st_size // BLOCK}
     assert uploads["/dev/xvda"]["encrypted"] is False
-    assert uploads["/dev/xvda"]["blocks_skipped"] > 0
+    assert uploads["/dev/xvda"]["blocks_skipped"] == 0
+    assert_snapshot_holds(aws_rules, record["snapshot_ids"]["/dev/xvda"], out / "disk.raw")
     snapshot = record["snapshot_ids"]["/dev/sdf"]
     assert aws_rules.snapshots.encrypted[snapshot]
     assert_snapshot_holds(aws_rules, snapshot, volume)
@@ -157,7 +161,8 @@ def test_the_accounts_encryption_by_default_is_honoured(aws, aws_rules,
     try:
         result = aws("publish", str(out), url=aws_rules.url)
         skipped, _ = upload_image(client("ebs", aws_rules.url), volume, description="old",
-                                  tags={}, encryption=Encryption(False))
+                                  tags={}, encryption=Encryption(False),
+                                  skip_zero_blocks=True)
     finally:
         ec2.disable_ebs_encryption_by_default()
     assert result.returncode == 0, result.stderr[-3000:]
@@ -185,3 +190,59 @@ def test_a_recorded_ami_is_checked_and_each_target_has_its_own_record(
     assert other.returncode == 0, other.stderr[-2000:]
     targets = json.loads((out / "publish.json").read_text())["targets"]
     assert sorted(t.split("/")[1].split("@")[0] for t in targets) == sorted([REGION, OTHER])
+
+
+def test_skip_zero_blocks_is_for_plain_snapshots_only(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "skipping-image")
+    result = aws("publish", str(out), "--skip-zero-blocks", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = published(out)
+    assert record["uploads"]["/dev/xvda"]["blocks_skipped"] > 0
+    assert record["uploads"]["/dev/sdf"]["blocks_skipped"] == 0  # encrypted: whole
+    assert_snapshot_holds(aws_rules, record["snapshot_ids"]["/dev/xvda"], out / "disk.raw",
+                          skipped_zeros=True)
+
+
+def test_a_kms_key_is_given_to_start_snapshot_as_its_arn(aws, aws_rules,
+                                                         tmp_path: Path) -> None:
+    """--kms-key-id takes an alias; StartSnapshot only an ARN (the layer refuses others)."""
+    kms = client("kms", aws_rules.url)
+    arn = kms.create_key()["KeyMetadata"]["Arn"]
+    kms.create_alias(AliasName="alias/amiforge-test", TargetKeyId=arn)
+    out = small_output(tmp_path / "out", "kms-image")
+    result = aws("publish", str(out), "--kms-key-id", "alias/amiforge-test", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = published(out)
+    assert all(u["encrypted"] for u in record["uploads"].values())
+    assert all(aws_rules.snapshots.encrypted[s] for s in record["snapshot_ids"].values())
+    missing = aws("publish", str(small_output(tmp_path / "o2", "kms-missing")),
+                  "--kms-key-id", "alias/nope", url=aws_rules.url)
+    assert missing.returncode == 2 and "KMS key 'alias/nope'" in missing.stderr
+
+
+def test_a_snapshot_made_otherwise_is_not_reused(aws, aws_rules, tmp_path: Path) -> None:
+    """Published plain, deregistered, published again with a key: the snapshots are made
+    again, encrypted, not taken from the first run."""
+    kms = client("kms", aws_rules.url)
+    arn = kms.create_key()["KeyMetadata"]["Arn"]
+    out = small_output(tmp_path / "out", "reuse-image", encrypted_volume=False)
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    first = published(out)
+    assert aws("deregister", first["image_id"], url=aws_rules.url).returncode == 0
+    again = aws("publish", str(out), "--kms-key-id", arn, url=aws_rules.url)
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = published(out)
+    assert "reusing" not in again.stderr
+    assert set(second["snapshot_ids"].values()).isdisjoint(first["snapshot_ids"].values())
+    assert all(aws_rules.snapshots.encrypted[s] for s in second["snapshot_ids"].values())
+
+
+def test_an_older_publish_json_is_kept_and_started_over(aws, aws_rules,
+                                                        tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "legacy-image")
+    (out / "publish.json").write_text(json.dumps({"image_id": "ami-0123456789abcdef0",
+                                                  "snapshot_ids": {}, "region": REGION}))
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    data = json.loads((out / "publish.json").read_text())
+    assert data["legacy"]["image_id"] == "ami-0123456789abcdef0"
+    assert published(out)["image_id"] != "ami-0123456789abcdef0"
