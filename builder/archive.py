@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildFailed, ToolFailed
+from builder.host import treepath
 from builder.host.fsutil import read_regular_file
 from builder.host.run import run
 from builder.plan import OSPlan
@@ -36,13 +37,18 @@ MAX_RELEASE = 8 << 20  # an InRelease file is well under 1 MiB
 def archive_state(os_plan: OSPlan, keyring: Path | None = None) -> list[dict[str, object]]:
     """[{uri, suite, date, indexes: {path: sha256}}] for each apt source of the plan."""
     keyring = keyring or Path(f"/usr/share/keyrings/{os_plan.distribution}-archive-keyring.gpg")
-    wanted = [f"{c}/binary-{os_plan.architecture}/Packages" for c in os_plan.components]
+    wanted = index_paths(os_plan)
     out: list[dict[str, object]] = []
     for uri, suite in os_plan.sources:
         release = signed_release(uri, suite, os_plan.apt_auth, keyring)
         out.append({"uri": uri, "suite": suite, "date": field(release, "Date"),
                     "indexes": package_indexes(release, wanted)})
     return out
+
+
+def index_paths(os_plan: OSPlan) -> list[str]:
+    """The Packages indexes a bootstrap reads: one per component, for the architecture."""
+    return [f"{c}/binary-{os_plan.architecture}/Packages" for c in os_plan.components]
 
 
 def cache_relevant(state: list[dict[str, object]] | None) -> list[dict[str, object]] | None:
@@ -56,9 +62,7 @@ def tree_matches(tree: Path, os_plan: OSPlan, state: list[dict[str, object]]) ->
     """The package indexes apt used in ``tree`` (its lists, verified by apt) are those
     the key was made from: a mirror that changed between amiforge's look and apt's, or
     that answers apt differently, must not store older packages under a newer key."""
-    from builder.host import treepath
-
-    wanted = [f"{c}/binary-{os_plan.architecture}/Packages" for c in os_plan.components]
+    wanted = index_paths(os_plan)
     for suite in state:
         name = re.sub(r"^[a-z+]+://", "", f"{suite['uri']}".rstrip("/")).replace("/", "_")
         try:

@@ -243,12 +243,14 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         initramfs_modules=INITRAMFS_DRIVERS[recipe.arch],
     )
     cmdline = ("ro", *CONSOLES[recipe.arch], *volume.kernel_cmdline)
+    ami = ami_plan(recipe, lambda purpose: fixed_uuid(seed, purpose))
     return Plan(
         name=recipe.name,
         description=recipe.description,
         arch=recipe.arch,
         recipe_path=loaded.path.name,
-        sources=sources_of(loaded, recipe),
+        sources=sources_of(loaded, [*volume.files,
+                                    *(f for v in ami.data_volumes for f in v.files)]),
         source_date_epoch=loaded.build_time,
         reproducible=loaded.reproducible,
         hostname=volume.hostname,
@@ -266,20 +268,17 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         scripts=tuple(volume.scripts),
         formats=tuple(dict.fromkeys(recipe.outputs.formats)),
         qcow2_compress=recipe.outputs.qcow2.compress,
-        ami=ami_plan(recipe, lambda purpose: fixed_uuid(seed, purpose)),
+        ami=ami,
         audit_allow=tuple(recipe.audit.allow),
         environment_read=loaded.env_read,
     )
 
 
-def sources_of(loaded: LoadedRecipe, recipe: Recipe) -> tuple[Source, ...]:
-    """Every file the recipe pulled in, the recipe first, each hashed once. A name is
-    relative to the recipe's folder, as ``files[].src`` is (absolute when outside it)."""
-    volumes = [m.ebs.content for m in recipe.block_device_mappings
-               if m.ebs is not None and m.ebs.content is not None]
-    named = [f.src for f in [*recipe.root_volume.files, *(f for v in volumes for f in v.files)]
-             if f.src]
-    paths = [*loaded.sources, *(loaded.base_dir / name for name in named)]
+def sources_of(loaded: LoadedRecipe, files: Iterable[FileSpec]) -> tuple[Source, ...]:
+    """Every file the recipe pulled in (what it read, and what ``files`` copy), the recipe
+    first, each hashed once. A name is relative to the recipe's folder, as
+    ``files[].src`` is (absolute when outside it)."""
+    paths = [*loaded.sources, *(loaded.base_dir / f.src for f in files if f.src)]
     unique = dict.fromkeys(path.resolve() for path in paths)
     return tuple(Source(_name(path, loaded.base_dir), str(path), sha256_file(path))
                  for path in unique)

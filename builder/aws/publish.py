@@ -187,9 +187,12 @@ def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None
 
 
 def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
-    key = entry.get("kms_key_id") or job.kms_key_id
-    enabled = bool(entry.get("encrypted") or key or job.encrypted_by_default)
-    return Encryption(enabled, _key_arn(job, key) if key else None)
+    """What was asked, or the account's encryption by default, which StartSnapshot
+    cannot turn off."""
+    asked = _asked(job, entry)
+    key = asked["kms_key_id"]
+    return Encryption(asked["encrypted"] or job.encrypted_by_default,
+                      _key_arn(job, key) if key else None)
 
 
 def _asked(job: Publication, entry: dict[str, Any]) -> dict[str, Any]:
