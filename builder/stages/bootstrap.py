@@ -20,12 +20,31 @@ from builder.plan import OSPlan, Plan
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT, tool_version
 
-# Files in place before the kernel package is installed, so that its initramfs is made
-# once, small: (file name, directory in the tree, template, mode).
+# Files in place before the kernel package is installed, so that its initramfs is small:
+# (file name, directory in the tree, template, mode).
 SEED_FILES = (
     ("amiforge.conf", "/etc/initramfs-tools/conf.d", "initramfs.conf.j2", 0o644),
     ("amiforge-drivers", "/etc/initramfs-tools/hooks", "initramfs-drivers.hook.j2", 0o755),
 )
+
+# The initramfs is made once, when every package is in place: while apt installs, the
+# kernel's hook and each package's "update-initramfs" trigger would make it twice or more
+# (about 50 s each when the tree's architecture is emulated). update-initramfs is diverted
+# to a no-op before the first non-essential package is unpacked (the diskimage-builder and
+# live-build idiom), and put back before the one real run.
+UPDATE_INITRAMFS = "/usr/sbin/update-initramfs"
+DIVERT = (f"dpkg-divert --quiet --local --rename --divert {UPDATE_INITRAMFS}.amiforge "
+          f"--{{}} {UPDATE_INITRAMFS}")
+DEFER_INITRAMFS = (f'chroot "$1" {DIVERT.format("add")} && '
+                   f"printf '#!/bin/sh\\nexit 0\\n' > \"$1\"{UPDATE_INITRAMFS} && "
+                   f'chmod 755 "$1"{UPDATE_INITRAMFS}')
+MAKE_INITRAMFS = (f'rm -f "$1"{UPDATE_INITRAMFS} && chroot "$1" {DIVERT.format("remove")} && '
+                  f'if [ -x "$1"{UPDATE_INITRAMFS} ]; then '
+                  f'chroot "$1" update-initramfs -c -k all; fi')
+# dpkg skips its fsync()s while the tree is made (a failed bootstrap is thrown away
+# whole); the option is taken out of the image's dpkg configuration afterwards.
+UNSAFE_IO = "force-unsafe-io"
+SAFE_IO_AGAIN = f"sed -i '/^{UNSAFE_IO}$/d' \"$1\"/etc/dpkg/dpkg.cfg.d/99mmdebstrap"
 
 
 def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
@@ -40,7 +59,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         f"--include={','.join(os_plan.packages)}",
         "--aptopt=APT::Install-Recommends \"false\"",
         "--aptopt=Acquire::Languages \"none\"",
-        *(f"--dpkgopt={option}" for option in os_plan.dpkg_options),
+        *(f"--dpkgopt={option}" for option in (*os_plan.dpkg_options, UNSAFE_IO)),
+        f"--customize-hook={SAFE_IO_AGAIN}",
         # Keep the package lists: a cached bootstrap can then take more packages without
         # downloading them again. The configure stage removes them from the image.
         "--skip=cleanup/apt/lists",
@@ -51,6 +71,7 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
                     " ".join(f'"$1"{shlex.quote(folder)}' for folder in folders))
         argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
                  for name, folder, _, _ in SEED_FILES]
+        argv += [f"--essential-hook={DEFER_INITRAMFS}", f"--customize-hook={MAKE_INITRAMFS}"]
     if auth is not None:  # the mirror's credentials, for apt during the bootstrap only
         folder = shlex.quote(AUTH_FILE.rsplit("/", 1)[0])
         argv += [f"--setup-hook=mkdir -p \"$1\"{folder}",

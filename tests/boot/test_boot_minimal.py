@@ -28,6 +28,11 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
     assert status[1] == "L", f"admin's password must be locked: {status}"
     root_fs = vm.ssh("admin", key, "findmnt -no FSTYPE,OPTIONS /").split()
     assert root_fs[0] == "ext4" and "rw" in root_fs[1].split(",")
+    # the bootstrap's shortcuts are gone: update-initramfs is dpkg's own again, and dpkg
+    # syncs its writes on the instance
+    assert "amiforge" not in vm.ssh("admin", key, "dpkg-divert --list")
+    assert "initramfs-tools" in vm.ssh("admin", key, "update-initramfs --version")
+    assert "unsafe-io" not in vm.ssh("admin", key, "cat /etc/dpkg/dpkg.cfg.d/*")
 
 
 @pytest.fixture(scope="module")

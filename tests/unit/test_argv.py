@@ -11,7 +11,13 @@ from builder.host.chroot import chroot_argv
 from builder.host.fsutil import allocated_bytes
 from builder.image.filesystem import fat_volume_id, make_ext4, mkfs_ext4_argv, mkfs_xfs_argv
 from builder.plan import OSPlan
-from builder.stages.bootstrap import mmdebstrap_argv, write_seed_files
+from builder.stages.bootstrap import (
+    DEFER_INITRAMFS,
+    MAKE_INITRAMFS,
+    SAFE_IO_AGAIN,
+    mmdebstrap_argv,
+    write_seed_files,
+)
 from builder.stages.convert import convert_args
 from builder.vm import qemu_argv
 
@@ -46,13 +52,27 @@ def test_mmdebstrap_seeds_the_initramfs_config_before_the_kernel_is_installed() 
         'mkdir -p "$1"/etc/initramfs-tools/conf.d "$1"/etc/initramfs-tools/hooks',
         "copy-in '/w/tree seed/amiforge.conf' /etc/initramfs-tools/conf.d",
         "copy-in '/w/tree seed/amiforge-drivers' /etc/initramfs-tools/hooks",
+        DEFER_INITRAMFS,
     ]
+    customize = [a.removeprefix("--customize-hook=") for a in argv
+                 if a.startswith("--customize-hook=")]
+    assert MAKE_INITRAMFS in customize  # made once, with every package in place
+    assert "update-initramfs -c -k all" in MAKE_INITRAMFS
+    assert MAKE_INITRAMFS.index("--remove") < MAKE_INITRAMFS.index("update-initramfs -c")
+
+
+def test_dpkg_skips_fsync_while_bootstrapping_but_not_in_the_image() -> None:
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), None)
+    assert "--dpkgopt=force-unsafe-io" in argv
+    assert f"--customize-hook={SAFE_IO_AGAIN}" in argv
+    assert "99mmdebstrap" in SAFE_IO_AGAIN
 
 
 def test_initramfs_seed_lists_the_plans_drivers(tmp_path: Path) -> None:
     os_plan = dataclasses.replace(OS, initramfs_modules=("virtio_blk", "xfs"))
     seed = write_seed_files(os_plan, tmp_path / "seed")
-    assert (seed / "amiforge.conf").read_text().splitlines()[-1] == "MODULES=list"
+    conf = (seed / "amiforge.conf").read_text().splitlines()
+    assert "MODULES=list" in conf and "COMPRESSLEVEL=1" in conf
     hook = seed / "amiforge-drivers"
     assert hook.stat().st_mode & 0o777 == 0o755
     assert hook.read_text().splitlines()[-1] == "manual_add_modules virtio_blk xfs"
