@@ -87,6 +87,9 @@ class AmiPlan:
     tags: dict[str, str]
     launch_permissions: LaunchPermissions
     block_devices: tuple[BlockDevice, ...]
+    share_snapshots: bool = False
+    deprecate_after_days: int | None = None
+    ssm_parameters: tuple[str, ...] = ()
 
     @property
     def instance_store(self) -> bool:
@@ -130,7 +133,9 @@ def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str]) -> AmiPlan:
         launch_permissions=LaunchPermissions(
             permissions.public, tuple(permissions.accounts),
             tuple(permissions.organization_arns), tuple(permissions.organizational_unit_arns)),
-        block_devices=tuple(devices))
+        block_devices=tuple(devices), share_snapshots=ami.share_snapshots,
+        deprecate_after_days=int(ami.deprecate_after[:-1]) if ami.deprecate_after else None,
+        ssm_parameters=tuple(ami.ssm_parameters))
 
 
 def root_mapping(recipe: Recipe) -> BlockDeviceMapping:

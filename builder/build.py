@@ -16,7 +16,12 @@ from builder.audit.report import audit_report, check_audit
 from builder.host.fsutil import atomic_write_json
 from builder.host.workspace import land, output_directory, signals_deferred, workspace
 from builder.outputs.bundle import BundleKeys
-from builder.outputs.manifest import ami_manifests, artifact_entry, build_manifest
+from builder.outputs.manifest import (
+    ami_manifests,
+    artifact_entry,
+    build_manifest,
+    remove_stale_manifests,
+)
 from builder.pipeline.cache import StageCache
 from builder.pipeline.progress import Progress
 from builder.pipeline.runner import Runner, Stage
@@ -87,6 +92,7 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
         land({**{path: name for path, (_, name) in outputs.items()}, **bundle_dir,
               **{path: path.name for path in written},
               ws / "build-manifest.json": "build-manifest.json"}, out)
+        remove_stale_manifests(out, written)
     return BuildResult(output_dir=options.output_dir, manifest=manifest,
                        timings=progress.timings)
 

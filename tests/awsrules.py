@@ -2,12 +2,16 @@
 enforce and that amiforge's publish depends on. Each rule cites its AWS page; each has a
 unit test (tests/unit/test_awsrules.py). It forwards everything else to moto unchanged.
 
+It answers the few EC2 calls moto lacks that publish and copy make (EnableImageDeprecation,
+the block public access states), each with AWS's documented rules.
+
 It also models what a volume made from a snapshot reads, which no API of moto answers:
 blocks nobody wrote read as zeros on an unencrypted snapshot, and as random bytes on an
 encrypted one (coldsnap #395: an encrypted snapshot's unwritten blocks are not zeros)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import http.server
 import json
@@ -24,6 +28,12 @@ EBS_BLOCK_DEVICE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_E
 START_SNAPSHOT = "https://docs.aws.amazon.com/ebs/latest/APIReference/API_StartSnapshot.html"
 ENCRYPTION_BY_DEFAULT = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
                          "encryption-by-default.html")
+COPY_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CopyImage.html"
+DEPRECATION = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
+               "API_EnableImageDeprecation.html")
+BLOCK_PUBLIC_ACCESS = ("https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/"
+                       "block-public-access-to-amis.html")
+TEN_YEARS = dt.timedelta(days=3650)
 
 
 @dataclass
@@ -35,12 +45,28 @@ class Snapshots:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class Images:
+    """What moto does not keep of AMIs: deprecation times (EnableImageDeprecation is not in
+    moto), how each copy was asked to be encrypted, and the accounts' block public access
+    states (region -> state; "unblocked" unless a test sets it)."""
+
+    deprecations: dict[str, str] = field(default_factory=dict)
+    copies: dict[str, dict[str, object]] = field(default_factory=dict)
+    block_public_access: dict[str, str] = field(default_factory=dict)
+    snapshot_block_public_access: dict[str, str] = field(default_factory=dict)
+
+
 class ValidatingProxy(http.server.ThreadingHTTPServer):
     def __init__(self, upstream: str):
         self.upstream = upstream.removeprefix("http://")
         self.upstream_url = upstream
         self.snapshots = Snapshots()
+        self.images = Images()
         super().__init__(("127.0.0.1", 0), RuleHandler)
+
+    def ec2(self, region: str):
+        return boto3.client("ec2", region_name=region, endpoint_url=self.upstream_url)
 
     @property
     def url(self) -> str:
@@ -101,6 +127,30 @@ def start_snapshot_problem(body: dict[str, object]) -> str | None:
     return None
 
 
+def copy_image_problem(form: dict[str, list[str]]) -> str | None:
+    """CopyImage's KmsKeyId: "If you specify a KMS key, you must also set the encrypted
+    state to true" (COPY_IMAGE)."""
+    if "KmsKeyId" in form and form.get("Encrypted") != ["true"]:
+        return "KmsKeyId requires Encrypted=true"
+    return None
+
+
+def deprecation_problem(form: dict[str, list[str]], now: dt.datetime) -> str | None:
+    """EnableImageDeprecation: "You can't specify a date in the past. The upper limit for
+    DeprecateAt is 10 years from now" (DEPRECATION)."""
+    try:
+        when = dt.datetime.fromisoformat(form["DeprecateAt"][0].replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return "DeprecateAt must be a timestamp (YYYY-MM-DDTHH:MM:SSZ)"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    if when < now:
+        return "DeprecateAt is in the past"
+    if when > now + TEN_YEARS:
+        return "DeprecateAt is more than 10 years from now"
+    return None
+
+
 class RuleHandler(http.server.BaseHTTPRequestHandler):
     server: ValidatingProxy
 
@@ -117,15 +167,76 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             problem = start_snapshot_problem(json.loads(body or b"{}"))
             if problem:
                 return self._json_error(400, "ValidationException", problem)
+        form: dict[str, list[str]] = {}
         if self.command == "POST" and self.path == "/":
             form = urllib.parse.parse_qs(body.decode(errors="replace"))
-            if form.get("Action") == ["RegisterImage"]:
-                problem = register_image_problem(form)
-                if problem:
-                    return self._ec2_error("InvalidParameterCombination", problem)
+            action = (form.get("Action") or [""])[0]
+            problem = {"RegisterImage": register_image_problem,
+                       "CopyImage": copy_image_problem}.get(action, lambda f: None)(form)
+            if problem:
+                return self._ec2_error("InvalidParameterCombination", problem)
+            if action in self.ANSWERED:
+                return getattr(self, f"_answer_{action}")(form)
         status, headers, data = self._forward(body)
         self._observe(body, status, data)
+        if status < 300 and form.get("Action") == ["CopyImage"]:
+            self._copied(form, data)
+        if status < 300 and form.get("Action") == ["DescribeImages"]:
+            data = self._with_deprecations(data)
         self._reply(status, headers, data)
+
+    # --- EC2 calls moto does not have --------------------------------------------------
+
+    ANSWERED = ("EnableImageDeprecation", "GetImageBlockPublicAccessState",
+                "GetSnapshotBlockPublicAccessState")
+
+    def _answer_EnableImageDeprecation(self, form: dict[str, list[str]]) -> None:
+        image_id = (form.get("ImageId") or [""])[0]
+        problem = deprecation_problem(form, dt.datetime.now(dt.UTC))
+        if problem:
+            return self._ec2_error("InvalidParameterValue", problem)
+        if not self.server.ec2(self._region()).describe_images(
+                Filters=[{"Name": "image-id", "Values": [image_id]}])["Images"]:
+            return self._ec2_error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' "
+                                   "does not exist")
+        self.server.images.deprecations[image_id] = form["DeprecateAt"][0]
+        self._ec2_reply("EnableImageDeprecation", "<return>true</return>")
+
+    def _answer_GetImageBlockPublicAccessState(self, form: dict) -> None:
+        state = self.server.images.block_public_access.get(self._region(), "unblocked")
+        self._ec2_reply("GetImageBlockPublicAccessState",
+                        f"<imageBlockPublicAccessState>{state}</imageBlockPublicAccessState>")
+
+    def _answer_GetSnapshotBlockPublicAccessState(self, form: dict) -> None:
+        state = self.server.images.snapshot_block_public_access.get(self._region(),
+                                                                    "unblocked")
+        self._ec2_reply("GetSnapshotBlockPublicAccessState", f"<state>{state}</state>")
+
+    def _with_deprecations(self, data: bytes) -> bytes:
+        """DescribeImages shows the deprecation time EnableImageDeprecation set."""
+        for image_id, when in self.server.images.deprecations.items():
+            data = data.replace(f"<imageId>{image_id}</imageId>".encode(),
+                                f"<imageId>{image_id}</imageId><deprecationTime>{when}"
+                                "</deprecationTime>".encode())
+        return data
+
+    def _copied(self, form: dict[str, list[str]], data: bytes) -> None:
+        """Record how the copy was asked to be encrypted; CopyImageTags "Indicates whether
+        to include your user-defined AMI tags when copying the AMI" (COPY_IMAGE): moto
+        ignores it, the layer copies the tags."""
+        copy_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
+        source, source_region = form["SourceImageId"][0], form["SourceRegion"][0]
+        self.server.images.copies[copy_id] = {
+            "region": self._region(), "source": source,
+            "encrypted": form.get("Encrypted") == ["true"],
+            "kms_key_id": (form.get("KmsKeyId") or [None])[0]}
+        if form.get("CopyImageTags") == ["true"]:
+            tags = self.server.ec2(source_region).describe_images(
+                ImageIds=[source])["Images"][0].get("Tags", [])
+            user_tags = [t for t in tags if not t["Key"].startswith("aws:")]
+            if user_tags:
+                self.server.ec2(self._region()).create_tags(Resources=[copy_id],
+                                                            Tags=user_tags)
 
     def _observe(self, body: bytes, status: int, data: bytes) -> None:
         snapshots = self.server.snapshots
@@ -164,6 +275,12 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         data = json.dumps({"Message": message, "Reason": code}).encode()
         self._reply(status, [("Content-Type", "application/json"),
                              ("x-amzn-ErrorType", code)], data)
+
+    def _ec2_reply(self, action: str, inner: str) -> None:
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?><{action}Response xmlns='
+               f'"http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>amiforge-rules'
+               f"</requestId>{inner}</{action}Response>").encode()
+        self._reply(200, [("Content-Type", "text/xml")], xml)
 
     def _ec2_error(self, code: str, message: str) -> None:
         xml = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"

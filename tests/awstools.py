@@ -32,19 +32,20 @@ def client(service: str, url: str, region: str = REGION):
 
 
 def small_output(target: Path, name: str, root_data: int = 2 * MiB,
-                 encrypted_volume: bool = True) -> Path:
+                 encrypted_volume: bool = True, **ami_changes: object) -> Path:
     """An output directory of debian-12-ebs.yaml as a build writes it (register-image.json,
     snapshots.json, launch-permission.json, from the plan), with small images in place of
     the real ones: ``root_data`` bytes of random data in a sparse disk.raw 8 MiB larger
     (block 0 a hole), and volume-sdf.raw a real 8 MiB ext4 of a few files made as a build makes it
     (assume_storage_prezeroed: its unwritten blocks must read as zeros). The recipe
-    encrypts /dev/sdf; ``encrypted_volume=False`` makes it plain."""
+    encrypts /dev/sdf; ``encrypted_volume=False`` makes it plain. ``ami_changes`` replace
+    fields of the plan's AMI (e.g. deprecate_after_days)."""
     plan = make_plan(load_recipe(RECIPES / "debian-12-ebs.yaml",
                                  LoadOptions(source_date_epoch=FIXED_EPOCH)))
     devices = tuple(dataclasses.replace(d, ebs=dataclasses.replace(
         d.ebs, encrypted=encrypted_volume)) if d.volume else d for d in plan.ami.block_devices)
     plan = dataclasses.replace(plan, ami=dataclasses.replace(
-        plan.ami, name=name, block_devices=devices))
+        plan.ami, name=name, block_devices=devices, **ami_changes))
     target.mkdir(parents=True)
     disk, volume = target / "disk.raw", target / "volume-sdf.raw"
     create_sparse(disk, root_data + 8 * MiB)

@@ -7,6 +7,7 @@ twice. A recorded AMI is checked with DescribeImages before it is reported as do
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from builder.aws import state
+from builder.aws.distribute import Distribution, aws_time, check_public_sharing, finish_image
 from builder.aws.session import Aws
 from builder.aws.snapshots import Encryption, upload_image
 from builder.errors import BuildFailed, InputError
@@ -38,6 +40,9 @@ class Publication:
     encrypted_by_default: bool = False
     skip_zero_blocks: bool = False
     key_arns: dict[str, str] = field(default_factory=dict)
+    distribution: Distribution = field(default_factory=Distribution)
+    deprecate_at: dt.datetime | None = None  # --deprecate-at, else the recipe's days
+    force: bool = False
 
     def save(self) -> None:
         state.save(self.output_dir, self.target, self.record)
@@ -48,12 +53,27 @@ class Publication:
                 for t in spec["Tags"]}
 
 
-def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int = 16,
-            kms_key_id: str | None = None, skip_zero_blocks: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PublishOptions:
+    bucket: str | None = None
+    workers: int = 16
+    kms_key_id: str | None = None
+    skip_zero_blocks: bool = False
+    deprecate_at: dt.datetime | None = None
+    force: bool = False  # replace an AMI of the same name
+
+
+def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions()
+            ) -> dict[str, Any]:
     request = read_json(output_dir / "register-image.json")
     _refuse_old_output(output_dir, request)
-    job = Publication(output_dir, aws, _target(aws), {}, request, workers, kms_key_id,
-                      skip_zero_blocks=skip_zero_blocks)
+    job = Publication(output_dir, aws, current_target(aws), {}, request, options.workers,
+                      options.kms_key_id, skip_zero_blocks=options.skip_zero_blocks,
+                      distribution=Distribution.of_output(output_dir),
+                      deprecate_at=options.deprecate_at, force=options.force)
+    if not aws.dry_run:  # what would fail after the upload, asked before it
+        check_public_sharing(aws.client("ec2"), _public(output_dir),
+                             job.distribution.public_snapshots)
     job.record = state.load(output_dir, job.target)
     if job.record.get("image_id") and not aws.dry_run and _still_there(job):
         if not job.record.get("finished"):  # registered, but tags or permissions missing
@@ -65,11 +85,11 @@ def publish(output_dir: Path, aws: Aws, bucket: str | None = None, workers: int 
         job.record.setdefault(key, {})
     job.record["region"] = aws.region
     if "ImageLocation" in request:
-        request["ImageLocation"] = _upload_bundle(job, bucket)
+        request["ImageLocation"] = _upload_bundle(job, options.bucket)
     else:
         job.encrypted_by_default = _encryption_by_default(aws)
         _upload_snapshots(job, read_json(output_dir / "snapshots.json")["snapshots"])
-    image_id = _register(request, aws, job.record["snapshot_ids"])
+    image_id = _register(job)
     if image_id is None:  # dry run
         return job.record
     job.record["image_id"] = image_id
@@ -89,7 +109,7 @@ def _refuse_old_output(output_dir: Path, request: dict[str, Any]) -> None:
                              f"{mapping.get('DeviceName')}'s snapshot mapping); rebuild it")
 
 
-def _target(aws: Aws) -> str:
+def current_target(aws: Aws) -> str:
     if aws.dry_run:
         return state.target_of("dry-run", aws.region or "default", aws.endpoint_url)
     account = aws.client("sts").get_caller_identity()["Account"]
@@ -293,8 +313,8 @@ def _upload_bundle(job: Publication, bucket: str | None) -> str:
     return f"{bucket}/{prefix}/image.manifest.xml"
 
 
-def _register(request: dict[str, Any], aws: Aws, snapshot_ids: dict[str, str]
-              ) -> str | None:
+def _register(job: Publication) -> str | None:
+    request, aws, snapshot_ids = job.request, job.aws, job.record["snapshot_ids"]
     if aws.dry_run:
         aws.would("ec2.DescribeImages", Owners=["self"], Name=request["Name"])
         aws.would("ec2.RegisterImage", **request)
@@ -306,14 +326,47 @@ def _register(request: dict[str, Any], aws: Aws, snapshot_ids: dict[str, str]
         theirs = {m["DeviceName"]: m["Ebs"]["SnapshotId"]
                   for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in
                   m.get("Ebs", {})}
-        if snapshot_ids and theirs and theirs != snapshot_ids:
+        ours = bool(snapshot_ids) and theirs == snapshot_ids
+        if not ours and job.force:
+            return _replace(job, existing, sorted(set(theirs.values()) |
+                                                  tagged_snapshots(ec2, existing)))
+        if snapshot_ids and theirs and not ours:
             raise InputError(f"an AMI named {request['Name']} exists ({existing}) with "
-                             "other snapshots: deregister it or give the AMI another name")
+                             "other snapshots: deregister it, give the AMI another name, or "
+                             "publish --force to replace it")
         say(f"an AMI named {request['Name']} exists: {existing}; not registering another")
         return existing
     # RegisterImage takes no ClientToken: the name lookup above is what makes re-runs safe
     # (AMI names are unique per account and region).
     return str(ec2.register_image(**request)["ImageId"])
+
+
+def tagged_snapshots(ec2: Any, image_id: str) -> set[str]:
+    """The snapshots publish tagged as this AMI's."""
+    return {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{IMAGE_TAG}", "Values": [image_id]}])["Snapshots"]}
+
+
+def _replace(job: Publication, old_image: str, old_snapshots: list[str]) -> str:
+    """--force: AMI names are unique per account and region, so the old AMI is deregistered
+    first (the new one's snapshots are already uploaded: the name is free for moments
+    only), the new one registered, then the old one's snapshots deleted."""
+    ec2 = job.aws.client("ec2")
+    job.record["replaced"] = {"image_id": old_image, "snapshot_ids": old_snapshots}
+    job.save()
+    ec2.deregister_image(ImageId=old_image)
+    image_id = str(ec2.register_image(**job.request)["ImageId"])
+    deleted = []
+    for snapshot_id in sorted(set(old_snapshots) - set(job.record["snapshot_ids"].values())):
+        try:
+            ec2.delete_snapshot(SnapshotId=snapshot_id)
+            deleted.append(snapshot_id)
+        except ClientError as exc:  # another AMI uses it too
+            if _code(exc) != "InvalidSnapshot.InUse":
+                raise
+    say(f"replaced {old_image} with {image_id} (deleted its snapshots: "
+        f"{', '.join(deleted) or 'none'})")
+    return image_id
 
 
 def _after_register(job: Publication, image_id: str) -> None:
@@ -328,8 +381,20 @@ def _after_register(job: Publication, image_id: str) -> None:
         permission = read_json(permission_path)
         permission["ImageId"] = image_id
         ec2.modify_image_attribute(**permission)
+    if "deprecate_at" not in job.record:  # set once: a re-run keeps the first run's time
+        when = job.deprecate_at or job.distribution.deprecation(dt.datetime.now(dt.UTC))
+        job.record["deprecate_at"] = aws_time(when) if when else None
+    deprecate_at = job.record["deprecate_at"]
+    finish_image(ec2, job.aws.client("ssm"), image_id,
+                 sorted(job.record["snapshot_ids"].values()), job.distribution,
+                 dt.datetime.fromisoformat(deprecate_at) if deprecate_at else None)
     job.record["finished"] = True
     job.save()
+
+
+def _public(output_dir: Path) -> bool:
+    path = output_dir / "launch-permission.json"
+    return path.exists() and {"Group": "all"} in read_json(path)["LaunchPermission"]["Add"]
 
 
 def find_image(ec2: Any, name: str) -> str | None:

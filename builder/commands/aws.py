@@ -37,8 +37,18 @@ def _default_region() -> str:
     return region
 
 
+def _deprecate_at(args: argparse.Namespace) -> Any:
+    import datetime as dt
+
+    from builder.aws.distribute import parse_deprecate_at
+
+    if args.deprecate_at is None:
+        return None
+    return parse_deprecate_at(args.deprecate_at, dt.datetime.now(dt.UTC))
+
+
 def cmd_publish(argv: Sequence[str]) -> int:
-    from builder.aws.publish import publish
+    from builder.aws.publish import PublishOptions, publish
 
     parser = Parser(prog="build publish", description="Upload a build's images (EBS "
                      "snapshots or an S3 bundle), register the AMI and share it.")
@@ -52,12 +62,17 @@ def cmd_publish(argv: Sequence[str]) -> int:
                         "but a volume made encrypted from them at launch (encryption by "
                         "default, RunInstances, a copy) reads garbage where the image has "
                         "zeros")
+    parser.add_argument("--deprecate-at", metavar="WHEN", help="deprecate the AMI at this "
+                        "UTC date or time (ISO 8601); default: the recipe's ami.deprecate_after")
+    parser.add_argument("--force", action="store_true", help="replace an AMI of the same name "
+                        "(deregistered, its snapshots deleted once the new AMI is registered)")
     _aws_args(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
-    state = publish(args.output_dir, _aws(args), args.bucket, args.workers, args.kms_key_id,
-                    args.skip_zero_blocks)
+    options = PublishOptions(args.bucket, args.workers, args.kms_key_id, args.skip_zero_blocks,
+                             _deprecate_at(args), args.force)
+    state = publish(args.output_dir, _aws(args), options)
     if not args.dry_run:
         print(json.dumps(state, indent=2, sort_keys=True))
     return EXIT_OK
@@ -82,18 +97,37 @@ def cmd_share(argv: Sequence[str]) -> int:
 
 
 def cmd_copy(argv: Sequence[str]) -> int:
-    from builder.aws.lifecycle import copy_image
+    from builder.aws.lifecycle import CopyOptions, copy_image
 
-    parser = Parser(prog="build copy", description="Copy an AMI to other regions, with its "
-                     "tags and launch permissions.")
-    parser.add_argument("image_id")
+    parser = Parser(prog="build copy", description="Copy an AMI to other regions at once, "
+                     "with its tags, launch permissions and deprecation time.")
+    parser.add_argument("source", metavar="IMAGE_ID|OUTPUT_DIR", help="an AMI id, or a "
+                        "published build's output directory (publish.json records the copies)")
     parser.add_argument("--to-region", action="append", required=True, dest="regions")
+    parser.add_argument("--kms-key-id", action="append", default=[], metavar="REGION=KEY",
+                        help="encrypt the copy in REGION with KEY (id, alias or ARN there)")
+    parser.add_argument("--deprecate-at", metavar="WHEN", help="deprecate the copies at this "
+                        "UTC date or time (ISO 8601); default: the source's deprecation time")
     _aws_args(parser)
     args = parser.parse_args(argv)
-    copies = copy_image(args.image_id, _aws(args), args.regions)
+    keys = dict(_region_key(text, args.regions) for text in args.kms_key_id)
+    copies = copy_image(args.source, _aws(args),
+                        CopyOptions(tuple(dict.fromkeys(args.regions)), keys, _deprecate_at(args)))
     if copies:
         print(json.dumps(copies, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _region_key(text: str, regions: list[str]) -> tuple[str, str]:
+    region, _, key = text.partition("=")
+    if not key:
+        if len(regions) != 1:  # a key belongs to one region
+            raise InputError(f"--kms-key-id {text!r}: give REGION=KEY (a key lives in one "
+                             "region)")
+        region, key = regions[0], text
+    if region not in regions:
+        raise InputError(f"--kms-key-id {text!r}: {region} is not one of --to-region")
+    return region, key
 
 
 def cmd_deregister(argv: Sequence[str]) -> int:

@@ -1,6 +1,7 @@
 """What AWS takes to register the AMI: RegisterImage input (EBS-backed or instance-store),
-the ModifyImageAttribute input for launch permissions, and which image file becomes which
-EBS snapshot. Shapes follow botocore's model of the EC2 API (checked by the tests)."""
+the ModifyImageAttribute input for launch permissions, which image file becomes which
+EBS snapshot, and what is done to the AMI once registered (deprecation, SSM parameters,
+snapshot permissions). Shapes follow botocore's model of the EC2 API (checked by the tests)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,22 @@ def launch_permission_input(ami: AmiPlan, image_id: str = IMAGE_ID_PLACEHOLDER
         return None
     return {"ImageId": image_id, "Attribute": "launchPermission",
             "LaunchPermission": {"Add": add}}
+
+
+def distribution_input(ami: AmiPlan) -> dict[str, Any] | None:
+    """What publish and copy do to an AMI after RegisterImage (distribution.json), or None
+    when nothing: the days until its deprecation, the SSM parameters that get its id, and
+    the ModifySnapshotAttribute input (less the SnapshotId) that shares its snapshots."""
+    permissions = ami.launch_permissions
+    snapshot_permission = None
+    if ami.share_snapshots:
+        snapshot_permission = {"Attribute": "createVolumePermission", "OperationType": "add",
+                               "UserIds": list(permissions.accounts),
+                               "GroupNames": ["all"] if permissions.public else []}
+    settings = {"deprecate_after_days": ami.deprecate_after_days,
+                "ssm_parameters": list(ami.ssm_parameters),
+                "snapshot_permission": snapshot_permission}
+    return settings if any(settings.values()) else None
 
 
 def is_placeholder(value: str) -> bool:

@@ -10,7 +10,12 @@ from typing import Any
 from builder import __version__
 from builder.host import treepath
 from builder.host.fsutil import allocated_bytes, atomic_write_json
-from builder.outputs.ami import launch_permission_input, register_image_input, snapshots_input
+from builder.outputs.ami import (
+    distribution_input,
+    launch_permission_input,
+    register_image_input,
+    snapshots_input,
+)
 from builder.plan import Plan, sha256_file
 from builder.stages.convert import image_info
 from builder.stages.disk import partitions_report
@@ -58,16 +63,30 @@ def build_manifest(plan: Plan, artifacts: list[dict[str, Any]],
     }
 
 
+# Every file ami_manifests may write: one an earlier build wrote and this one does not
+# (a recipe that stopped sharing its AMI) must go, or publish would act on it.
+AMI_MANIFESTS = ("register-image.json", "snapshots.json", "launch-permission.json",
+                 "distribution.json")
+
+
+def remove_stale_manifests(output_dir: Path, written: list[Path]) -> None:
+    for name in set(AMI_MANIFESTS) - {path.name for path in written}:
+        (output_dir / name).unlink(missing_ok=True)
+
+
 def ami_manifests(plan: Plan, ws: Path, artifacts: list[dict[str, Any]]) -> list[Path]:
-    """register-image.json, snapshots.json (EBS) and launch-permission.json, in ``ws``."""
+    """register-image.json, snapshots.json (EBS), launch-permission.json and
+    distribution.json (when the recipe asks for them), in ``ws``."""
     written = [ws / "register-image.json"]
     atomic_write_json(written[0], register_image_input(plan.ami, plan.arch))
     if not plan.ami.instance_store:
         raw = {a["path"]: a for a in artifacts if a["format"] == "raw"}
         written.append(ws / "snapshots.json")
         atomic_write_json(written[-1], snapshots_input(plan.ami, raw))
-    permission = launch_permission_input(plan.ami)
-    if permission is not None:
-        written.append(ws / "launch-permission.json")
-        atomic_write_json(written[-1], permission)
+    optional = {"launch-permission.json": launch_permission_input(plan.ami),
+                "distribution.json": distribution_input(plan.ami)}
+    for name, content in optional.items():
+        if content is not None:
+            written.append(ws / name)
+            atomic_write_json(written[-1], content)
     return written

@@ -237,6 +237,16 @@ class Ami(Strict):
     uefi_data: str | None = None
     tags: dict[str, str] = {}
     launch_permissions: LaunchPermissions = LaunchPermissions()
+    share_snapshots: bool = Field(False, description=(
+        "also let the launch_permissions' accounts (or everyone, when public) create volumes "
+        "from the AMI's snapshots (createVolumePermission)"))
+    deprecate_after: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}d$")] | None = Field(
+        None, description="deprecate the AMI and its copies this many days after publishing, "
+        "e.g. 365d (AWS: at most 10 years; 2 years for a public AMI)")
+    ssm_parameters: list[Annotated[str, Field(
+        pattern=r"^/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,14}$", max_length=1011)]] = Field(
+        [], description="SSM parameters that get the new AMI id (DataType aws:ec2:image), in "
+        "the publish region and in each copy's region")
     bundle: Bundle = Bundle()
 
 

@@ -164,6 +164,36 @@ def ami_rules(recipe: Recipe) -> Found:
     for key in recipe.ami.tags:
         if key.lower().startswith("aws:"):
             yield ("ami", "tags", key), "tag keys starting with 'aws:' are reserved by AWS"
+    yield from distribution_rules(recipe)
+
+
+def distribution_rules(recipe: Recipe) -> Found:
+    """What publish and copy do after RegisterImage, checked before any upload.
+    EnableImageDeprecation: "The upper limit for DeprecateAt is 10 years from now, except for
+    public AMIs, where the upper limit is 2 years". ModifySnapshotAttribute's
+    createVolumePermission takes accounts and the group "all" only. PutParameter: "Parameter
+    names can't be prefixed with aws or ssm (case-insensitive)"."""
+    ami = recipe.ami
+    permissions = ami.launch_permissions
+    if ami.deprecate_after:
+        days, limit = int(ami.deprecate_after[:-1]), 730 if permissions.public else 3650
+        if days > limit:
+            which = "a public AMI" if permissions.public else "an AMI"
+            yield (("ami", "deprecate_after"),
+                   f"AWS deprecates {which} at most {limit} days ahead (got {days})")
+    if ami.share_snapshots:
+        if permissions.organization_arns or permissions.organizational_unit_arns:
+            yield (("ami", "share_snapshots"), "snapshots can be shared with accounts and "
+                   "made public, not with organizations or OUs")
+        elif not (permissions.accounts or permissions.public):
+            yield (("ami", "share_snapshots"), "no one to share with: "
+                   "ami.launch_permissions has no accounts and is not public")
+        if ami.backing == "instance-store":
+            yield ("ami", "share_snapshots"), "instance-store AMIs have no snapshots"
+    for index, name in enumerate(ami.ssm_parameters):
+        if name.lstrip("/").split("/")[0].lower().startswith(("aws", "ssm")):
+            yield (("ami", "ssm_parameters", index),
+                   "SSM parameter names may not begin with aws or ssm")
 
 
 def device_rules(recipe: Recipe) -> Found:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.awsrules import BLOCK, register_image_problem
+from tests.awsrules import BLOCK, copy_image_problem, deprecation_problem, register_image_problem
 from tests.awstools import REGION, client
 
 pytestmark = pytest.mark.usefixtures("fake_credentials")
@@ -23,6 +24,36 @@ def test_a_snapshot_mapping_with_encryption_fields_is_refused() -> None:
     assert "Encrypted cannot be specified" in register_image_problem(form)
     del form["BlockDeviceMapping.1.Ebs.Encrypted"]
     assert register_image_problem(form) is None  # an empty volume may be encrypted
+
+
+def test_a_copy_key_needs_encrypted() -> None:
+    form = {"Action": ["CopyImage"], "KmsKeyId": ["arn:aws:kms:eu-west-1:1:key/k"]}
+    assert "requires Encrypted=true" in copy_image_problem(form)
+    assert copy_image_problem({**form, "Encrypted": ["true"]}) is None
+
+
+def test_deprecation_must_be_ahead_and_within_ten_years() -> None:
+    now = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    assert "in the past" in deprecation_problem({"DeprecateAt": ["2026-11-01T00:00:00Z"]}, now)
+    assert "10 years" in deprecation_problem({"DeprecateAt": ["2037-01-01T00:00:00Z"]}, now)
+    assert deprecation_problem({"DeprecateAt": ["2027-11-30T00:00:00Z"]}, now) is None
+
+
+def test_deprecation_and_block_public_access_through_the_layer(aws_rules) -> None:
+    ec2 = client("ec2", aws_rules.url)
+    image = ec2.register_image(Name="rules-deprecated", RootDeviceName="/dev/xvda",
+                               BlockDeviceMappings=[{"DeviceName": "/dev/xvda",
+                                                     "Ebs": {"VolumeSize": 1}}])["ImageId"]
+    with pytest.raises(ClientError, match="in the past"):
+        ec2.enable_image_deprecation(ImageId=image, DeprecateAt=dt.datetime(2020, 1, 1))
+    with pytest.raises(ClientError, match=r"InvalidAMIID\.NotFound"):
+        ec2.enable_image_deprecation(ImageId="ami-0123456789abcdef0",
+                                     DeprecateAt=dt.datetime(2027, 12, 1))
+    assert ec2.enable_image_deprecation(ImageId=image, DeprecateAt=dt.datetime(2027, 12, 1))
+    assert ec2.describe_images(ImageIds=[image])["Images"][0]["DeprecationTime"] == \
+        "2027-12-01T00:00:00Z"
+    state = ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"]
+    assert state == "unblocked"
 
 
 def test_register_image_through_the_layer(aws_rules) -> None:

@@ -204,6 +204,21 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "aws-tag": (
         {"recipe.yaml": "name: xyz\nami:\n  tags: {'aws:owner': me}\n"},
         ["recipe.yaml:3:23: ami.tags.aws:owner: tag keys starting with 'aws:' are reserved by AWS"]),
+    "deprecate-public-too-far": (
+        {"recipe.yaml": "name: xyz\nami:\n  deprecate_after: 800d\n  launch_permissions: {public: true}\n"},
+        ["recipe.yaml:3:20: ami.deprecate_after: AWS deprecates a public AMI at most 730 days ahead (got 800)"]),
+    "deprecate-years": (
+        {"recipe.yaml": "name: xyz\nami: {deprecate_after: 1y}\n"},
+        ["recipe.yaml:2:24: ami.deprecate_after: '1y' does not match the pattern ^[1-9][0-9]{0,3}d$"]),
+    "share-snapshots-with-an-ou": (
+        {"recipe.yaml": "name: xyz\nami:\n  share_snapshots: true\n  launch_permissions: {organizational_unit_arns: ['arn:aws:organizations::123456789012:ou/o-1/ou-1']}\n"},
+        ["recipe.yaml:3:20: ami.share_snapshots: snapshots can be shared with accounts and made public, not with organizations or OUs"]),
+    "share-snapshots-with-nobody": (
+        {"recipe.yaml": "name: xyz\nami: {share_snapshots: true}\n"},
+        ["recipe.yaml:2:24: ami.share_snapshots: no one to share with: ami.launch_permissions has no accounts and is not public"]),
+    "ssm-reserved-name": (
+        {"recipe.yaml": "name: xyz\nami:\n  ssm_parameters: [/AWS/images/latest]\n"},
+        ["recipe.yaml:3:20: ami.ssm_parameters[0]: SSM parameter names may not begin with aws or ssm"]),
     "several-errors-at-once": (
         {"recipe.yaml": "name: xyz\nroot_volume:\n  size: big\n  boot: efi\n  pacakges: []\n"},
         ["recipe.yaml:3:9: root_volume.size: 'big' is not a size (try 2GiB)",

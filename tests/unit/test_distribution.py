@@ -1,0 +1,161 @@
+"""Distribution against moto behind the validating layer (tests/awsrules.py): copies to
+several regions at once with per-region keys, deprecation, SSM parameters, snapshot
+permissions, --force replacement, and the block public access check. Small output
+directories made from a plan (no build)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.amiplan import LaunchPermissions
+from builder.cli import main
+from builder.outputs.manifest import remove_stale_manifests
+from tests.awstools import REGION, client, published, small_output
+
+pytestmark = pytest.mark.usefixtures("fake_credentials")
+COPY_REGIONS = ("us-west-2", "eu-west-1", "ap-southeast-2")
+PARAMETER = "/amiforge/test/latest"
+SHARED_WITH = "210987654321"  # not moto's own account (123456789012)
+
+
+@pytest.fixture
+def aws(capsys: pytest.CaptureFixture[str]):
+    def call(*args: str, url: str, region: str = REGION) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([*args, "--region", region, "--endpoint-url", url])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return call
+
+
+def describe(url: str, image_id: str, region: str = REGION) -> dict:
+    return client("ec2", url, region).describe_images(ImageIds=[image_id])["Images"][0]
+
+
+def test_publish_then_copy_to_three_regions_with_their_own_keys(aws, aws_rules,
+                                                                 tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "distributed-image", deprecate_after_days=30,
+                       ssm_parameters=(PARAMETER,), share_snapshots=True,
+                       launch_permissions=LaunchPermissions(accounts=(SHARED_WITH,)))
+    settings = json.loads((out / "distribution.json").read_text())
+    assert settings["snapshot_permission"] == {
+        "Attribute": "createVolumePermission", "OperationType": "add",
+        "UserIds": [SHARED_WITH], "GroupNames": []}
+    before = dt.datetime.now(dt.UTC)
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = published(out)
+    image_id = record["image_id"]
+
+    deprecate_at = dt.datetime.fromisoformat(record["deprecate_at"])
+    assert deprecate_at.second == 0
+    assert abs(deprecate_at - (before + dt.timedelta(days=30))) < dt.timedelta(minutes=2)
+    assert describe(aws_rules.url, image_id)["DeprecationTime"] == record["deprecate_at"]
+    ec2 = client("ec2", aws_rules.url)
+    for snapshot_id in record["snapshot_ids"].values():
+        permission = ec2.describe_snapshot_attribute(
+            SnapshotId=snapshot_id, Attribute="createVolumePermission")
+        assert permission["CreateVolumePermissions"] == [{"UserId": SHARED_WITH}]
+    assert client("ssm", aws_rules.url).get_parameter(
+        Name=PARAMETER)["Parameter"]["Value"] == image_id
+    ec2.create_tags(Resources=[image_id], Tags=[{"Key": "release", "Value": "2026.11"}])
+
+    keys = {region: client("kms", aws_rules.url, region).create_key()["KeyMetadata"]["Arn"]
+            for region in COPY_REGIONS}
+    args = [a for region in COPY_REGIONS for a in ("--to-region", region)]
+    args += [f"--kms-key-id={region}={key}" for region, key in keys.items()]
+    copied = aws("copy", str(out), *args, url=aws_rules.url)
+    assert copied.returncode == 0, copied.stderr[-3000:]
+    copies = json.loads(copied.stdout)
+    assert sorted(copies) == sorted(COPY_REGIONS)
+    assert {r: c["image_id"] for r, c in published(out)["copies"].items()} == copies
+    for region, copy_id in copies.items():
+        asked = aws_rules.images.copies[copy_id]
+        assert asked == {"region": region, "source": image_id, "encrypted": True,
+                         "kms_key_id": keys[region]}
+        image = describe(aws_rules.url, copy_id, region)
+        assert image["DeprecationTime"] == record["deprecate_at"]
+        assert {"Key": "release", "Value": "2026.11"} in image["Tags"]  # CopyImageTags
+        launch = client("ec2", aws_rules.url, region).describe_image_attribute(
+            ImageId=copy_id, Attribute="launchPermission")["LaunchPermissions"]
+        assert {"UserId": SHARED_WITH} in launch
+        assert client("ssm", aws_rules.url, region).get_parameter(
+            Name=PARAMETER)["Parameter"]["Value"] == copy_id
+
+
+def test_a_copy_key_must_exist_in_its_region(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "copy-key-image")
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    key = client("kms", aws_rules.url, "us-west-2").create_key()["KeyMetadata"]["Arn"]
+    wrong = aws("copy", str(out), "--to-region", "eu-west-1", f"--kms-key-id=eu-west-1={key}",
+                url=aws_rules.url)
+    assert wrong.returncode == 2 and "in eu-west-1" in wrong.stderr
+    unnamed = aws("copy", str(out), "--to-region", "eu-west-1", "--to-region", "us-west-2",
+                  f"--kms-key-id={key}", url=aws_rules.url)
+    assert unnamed.returncode == 2 and "REGION=KEY" in unnamed.stderr
+    assert "copies" not in published(out)
+
+
+def test_force_replaces_an_ami_of_the_same_name(aws, aws_rules, tmp_path: Path) -> None:
+    first = small_output(tmp_path / "first", "replaced-image")
+    assert aws("publish", str(first), url=aws_rules.url).returncode == 0
+    old = published(first)
+    second = small_output(tmp_path / "second", "replaced-image", root_data=3 << 20)
+    refused = aws("publish", str(second), url=aws_rules.url)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    forced = aws("publish", str(second), "--force", url=aws_rules.url)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    new = published(second)
+    ec2 = client("ec2", aws_rules.url)
+    named = [i for i in ec2.describe_images(Owners=["self"], Filters=[
+        {"Name": "name", "Values": ["replaced-image"]}])["Images"]
+        if i.get("State") != "deregistered"]
+    assert [i["ImageId"] for i in named] == [new["image_id"]]
+    assert new["replaced"]["image_id"] == old["image_id"]
+    left = {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    assert not set(old["snapshot_ids"].values()) & left
+
+
+def test_a_public_ami_is_refused_before_the_upload_when_the_account_blocks_it(
+        aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "blocked-image", encrypted_volume=False,
+                       launch_permissions=LaunchPermissions(public=True))
+    aws_rules.images.block_public_access[REGION] = "block-new-sharing"
+    try:
+        result = aws("publish", str(out), url=aws_rules.url)
+    finally:
+        del aws_rules.images.block_public_access[REGION]
+    assert result.returncode == 2
+    assert "block public access for AMIs" in result.stderr
+    assert not (out / "publish.json").exists()  # nothing uploaded
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+
+
+def test_deprecate_at_is_checked_before_anything(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "deprecated-image")
+    past = aws("publish", str(out), "--deprecate-at", "2020-01-01", url=aws_rules.url)
+    assert past.returncode == 2 and "in the past" in past.stderr
+    far = aws("publish", str(out), "--deprecate-at", "2099-01-01", url=aws_rules.url)
+    assert far.returncode == 2 and "10 years" in far.stderr
+    when = (dt.datetime.now(dt.UTC) + dt.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = aws("publish", str(out), "--deprecate-at", when, url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = published(out)
+    assert record["deprecate_at"] == when[:17] + "00Z"
+    assert aws_rules.images.deprecations[record["image_id"]] == record["deprecate_at"]
+
+
+def test_manifests_an_earlier_build_wrote_are_removed(tmp_path: Path) -> None:
+    """A recipe that stopped sharing its AMI: its old launch-permission.json must not stay
+    for publish to act on."""
+    for name in ("register-image.json", "launch-permission.json", "distribution.json",
+                 "disk.raw", "publish.json"):
+        (tmp_path / name).write_text("{}")
+    remove_stale_manifests(tmp_path, [tmp_path / "register-image.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "disk.raw", "publish.json", "register-image.json"]
