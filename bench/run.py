@@ -1,6 +1,6 @@
 """Benchmarks: amiforge's stages against the plain tools doing the same work, one run.
 
-    .venv/bin/python bench/run.py [--recipe recipes/debian-13-minimal.yaml] [--skip-boot]
+    .venv/bin/python bench/run.py [--recipe recipes/debian-13-minimal.yaml] [--only build,arm64]
 
 Prints a table and writes bench/results/<timestamp>.json. Figures are ratios measured in
 the same run on the same machine; the machines are noisy, so compare ratios, not seconds.
@@ -55,20 +55,40 @@ def build(recipe: Path, out: Path, cache: Path) -> tuple[float, dict]:
     return seconds, json.loads((out / "build-manifest.json").read_text())
 
 
-def rebuilds(work: Path, cold_s: float, cache: Path) -> dict[str, float]:
-    """Warm rebuilds from the cache the cold build filled: one file changed, one package
-    added (on a copy of the recipes)."""
-    recipes = work / "recipes"
+def one_file_rebuild(work: Path, recipe_name: str, cache: Path) -> tuple[Path, float]:
+    """A warm rebuild from the cache a cold build of RECIPE_NAME filled, with one file of
+    the recipe changed (on a copy of the recipes). Returns the copied recipe, the seconds."""
+    recipes = work / f"recipes-{Path(recipe_name).stem}"
     shutil.copytree(ROOT / "recipes", recipes)
-    recipe = recipes / "debian-13-minimal.yaml"
+    recipe = recipes / recipe_name
     build(recipe, work / "warm", cache)  # same inputs as the cold build: fills nothing new
     (recipes / "files/motd").write_text("changed for the benchmark\n")
-    one_file_s, _ = build(recipe, work / "warm", cache)
+    seconds, _ = build(recipe, work / "warm", cache)
+    return recipe, seconds
+
+
+def rebuilds(work: Path, cold_s: float, cache: Path) -> dict[str, float]:
+    """Warm rebuilds of the default recipe: one file changed, then one package added."""
+    recipe, one_file_s = one_file_rebuild(work, "debian-13-minimal.yaml", cache)
     recipe.write_text(recipe.read_text().replace("packages: [openssh-server]",
                                                  "packages: [openssh-server, less]"))
     package_s, _ = build(recipe, work / "warm", cache)
     return {"warm_one_file_s": one_file_s, "warm_one_file_over_cold": one_file_s / cold_s,
             "warm_add_package_s": package_s, "warm_add_package_over_cold": package_s / cold_s}
+
+
+def arm64(work: Path, amd64_cold_s: float) -> dict[str, float]:
+    """The Graviton recipe built on this x86_64 host (qemu-user) from an empty cache, as the
+    amd64 cold build was; a warm one-file rebuild; its boot to the login prompt (TCG)."""
+    cache = work / "cache-arm64"
+    cold_s, manifest = build(ROOT / "recipes/debian-13-arm64.yaml", work / "out-arm64", cache)
+    _, one_file_s = one_file_rebuild(work, "debian-13-arm64.yaml", cache)
+    with VirtualMachine(work / "out-arm64/disk.qcow2", "uefi", arch="arm64") as vm:
+        boot_s = vm.wait_for(timeout=900)
+    return {"arm64_cold_build_s": cold_s, "arm64_stages_s": manifest["timings"],
+            "arm64_cold_over_amd64_cold": cold_s / amd64_cold_s,
+            "arm64_warm_one_file_s": one_file_s,
+            "arm64_warm_one_file_over_cold": one_file_s / cold_s, "arm64_boot_uefi_s": boot_s}
 
 
 def compressed_qcow2_mib(raw: Path, work: Path) -> float:
@@ -191,7 +211,7 @@ def boot_seconds(image: Path, firmware: str) -> float:
         return vm.wait_for(timeout=300)
 
 
-SECTIONS = ("build", "rebuild", "bundle", "boot", "upload")
+SECTIONS = ("build", "rebuild", "bundle", "boot", "upload", "arm64")
 
 
 def main() -> int:
@@ -225,6 +245,8 @@ def main() -> int:
             results["boot_uefi_s"] = boot_seconds(qcow2, "uefi")
         if "upload" in only:
             results.update(upload_speed(work))
+        if "arm64" in only:
+            results.update(arm64(work, cold_s))
     for key, value in results.items():
         shown = f"{value:.2f}" if isinstance(value, float) else value
         print(f"{key:<28} {shown}")

@@ -54,9 +54,24 @@ class Built:
         return self.output_dir / name
 
 
-def run_build(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_build(*args: str, cwd: Path = ROOT, timeout: int = 900,
+              epoch: int | None = None) -> subprocess.CompletedProcess:
+    """`build ARGS`; with ``epoch``, a reproducible build (SOURCE_DATE_EPOCH)."""
+    env = {**os.environ, **({"SOURCE_DATE_EPOCH": str(epoch)} if epoch is not None else {})}
     return subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def build_shipped(recipe: str, out: Path, cache: Path, ssh_key: Path, *extra: str,
+                  epoch: int | None = None) -> Built:
+    """Build recipes/RECIPE with the tests' SSH key as its admin key."""
+    public = ssh_key.with_suffix(".pub").read_text().strip()
+    result = run_build(f"recipes/{recipe}", "--output-dir", str(out), "--cache-dir",
+                       str(cache), "--var", f"admin_key={public}", *extra, timeout=1800,
+                       epoch=epoch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "build-manifest.json").read_text())
+    return Built(recipe, out, manifest, result.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -71,19 +86,13 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path, suite_cache: Path):
     """Build a shipped recipe once per test session (with the tests' SSH key), with the
     suite's own stage cache (removed with the session's temporary files)."""
-    cache: dict[str, Built] = {}
+    cache: dict[tuple, Built] = {}
 
-    def build(recipe: str, *extra: str) -> Built:
-        key = " ".join((recipe, *extra))
+    def build(recipe: str, *extra: str, epoch: int | None = None) -> Built:
+        key = (recipe, *extra, epoch)
         if key not in cache:
             out = tmp_path_factory.mktemp(Path(recipe).stem) / "out"
-            public = ssh_key.with_suffix(".pub").read_text().strip()
-            result = run_build(f"recipes/{recipe}", "--output-dir", str(out),
-                               "--cache-dir", str(suite_cache),
-                               "--var", f"admin_key={public}", *extra, timeout=1800)
-            assert result.returncode == 0, result.stderr[-3000:]
-            manifest = json.loads((out / "build-manifest.json").read_text())
-            cache[key] = Built(recipe, out, manifest, result.stderr)
+            cache[key] = build_shipped(recipe, out, suite_cache, ssh_key, *extra, epoch=epoch)
         return cache[key]
 
     return build
