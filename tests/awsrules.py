@@ -26,6 +26,8 @@ import boto3
 BLOCK = 512 << 10
 EBS_BLOCK_DEVICE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_EbsBlockDevice.html"
 START_SNAPSHOT = "https://docs.aws.amazon.com/ebs/latest/APIReference/API_StartSnapshot.html"
+PUT_BLOCK = ("https://docs.aws.amazon.com/ebs/latest/APIReference/API_PutSnapshotBlock.html"
+             "#API_PutSnapshotBlock_Errors")
 ENCRYPTION_BY_DEFAULT = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
                          "encryption-by-default.html")
 COPY_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CopyImage.html"
@@ -42,6 +44,8 @@ class Snapshots:
 
     encrypted: dict[str, bool] = field(default_factory=dict)
     written: dict[str, set[int]] = field(default_factory=dict)
+    not_yet_found: set[str] = field(default_factory=set)  # started, not seen by a PUT yet
+    not_found_answers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -167,6 +171,9 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             problem = start_snapshot_problem(json.loads(body or b"{}"))
             if problem:
                 return self._json_error(400, "ValidationException", problem)
+        if self._not_found_yet():
+            return self._json_error(404, "ResourceNotFoundException",
+                                    "The snapshot was not found")
         form: dict[str, list[str]] = {}
         if self.command == "POST" and self.path == "/":
             form = urllib.parse.parse_qs(body.decode(errors="replace"))
@@ -184,6 +191,21 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if status < 300 and form.get("Action") == ["DescribeImages"]:
             data = self._with_deprecations(data)
         self._reply(status, headers, data)
+
+    def _not_found_yet(self) -> bool:
+        """A snapshot is not visible to PutSnapshotBlock at once: the first PUT after
+        StartSnapshot answers ResourceNotFoundException (PUT_BLOCK's errors; seen on real
+        EBS for up to minutes after StartSnapshot: awslabs/coldsnap#43)."""
+        match = re.fullmatch(r"/snapshots/([^/]+)/blocks/\d+", self.path.split("?")[0])
+        if self.command != "PUT" or not match:
+            return False
+        snapshots = self.server.snapshots
+        with snapshots.lock:
+            if match[1] not in snapshots.not_yet_found:
+                return False
+            snapshots.not_yet_found.discard(match[1])
+            snapshots.not_found_answers += 1
+            return True
 
     # --- EC2 calls moto does not have --------------------------------------------------
 
@@ -251,6 +273,7 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             with snapshots.lock:
                 snapshots.encrypted[snapshot_id] = encrypted
                 snapshots.written[snapshot_id] = set()
+                snapshots.not_yet_found.add(snapshot_id)
         match = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", self.path.split("?")[0])
         if self.command == "PUT" and match:
             with snapshots.lock:

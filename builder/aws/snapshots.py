@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from builder.host.fsutil import data_extents
 
 BLOCK = 512 << 10
@@ -79,6 +81,23 @@ class Encryption:
     kms_key_arn: str | None = None
 
 
+def while_snapshot_appears(call: Callable[[], Any], attempts: int = 10,
+                           first_delay: float = 0.25) -> Any:
+    """A snapshot StartSnapshot just made can be unknown to PutSnapshotBlock for a while
+    ("The snapshot does not exist": awslabs/coldsnap#43, where the EBS team advised waiting
+    and retrying for up to 2 minutes, coldsnap#56). botocore does not retry that error:
+    retried here with backoff, 0.25 s doubling, just over 2 minutes in all."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code != "ResourceNotFoundException" or attempt == attempts - 1:
+                raise
+            time.sleep(first_delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str],
                  workers: int = 16, client_token: str | None = None,
                  snapshot_id: str | None = None, encryption: Encryption = Encryption(),
@@ -113,9 +132,9 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
         with open(path, "rb") as handle:
             data = os.pread(handle.fileno(), BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
         digest = hashlib.sha256(data).digest()
-        ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data,
-                               DataLength=BLOCK, Checksum=base64.b64encode(digest).decode(),
-                               ChecksumAlgorithm="SHA256")
+        while_snapshot_appears(lambda: ebs.put_snapshot_block(
+            SnapshotId=snapshot_id, BlockIndex=index, BlockData=data, DataLength=BLOCK,
+            Checksum=base64.b64encode(digest).decode(), ChecksumAlgorithm="SHA256"))
         digests[index] = digest
         stats.sent(BLOCK)
 

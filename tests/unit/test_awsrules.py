@@ -9,6 +9,7 @@ import hashlib
 import pytest
 from botocore.exceptions import ClientError
 
+from builder.aws.snapshots import upload_image, while_snapshot_appears
 from tests.awsrules import BLOCK, copy_image_problem, deprecation_problem, register_image_problem
 from tests.awstools import REGION, client
 
@@ -73,9 +74,10 @@ def _snapshot_with_one_block(url: str, **start: object) -> str:
     ebs = client("ebs", url)
     snapshot = ebs.start_snapshot(VolumeSize=1, **start)["SnapshotId"]
     data = b"x" * BLOCK
-    ebs.put_snapshot_block(SnapshotId=snapshot, BlockIndex=1, BlockData=data,
-                           DataLength=BLOCK, ChecksumAlgorithm="SHA256",
-                           Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode())
+    while_snapshot_appears(lambda: ebs.put_snapshot_block(
+        SnapshotId=snapshot, BlockIndex=1, BlockData=data, DataLength=BLOCK,
+        ChecksumAlgorithm="SHA256",
+        Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode()), first_delay=0)
     return snapshot
 
 
@@ -112,3 +114,24 @@ def test_register_image_takes_no_kms_key_id() -> None:
     form = {"Action": ["RegisterImage"], "BlockDeviceMapping.1.Ebs.VolumeSize": ["4"],
             "BlockDeviceMapping.1.Ebs.KmsKeyId": ["alias/k"]}
     assert "KmsKeyId is not recognized" in register_image_problem(form)
+
+
+def test_a_new_snapshot_is_not_found_at_first_and_upload_waits_for_it(aws_rules,
+                                                                       tmp_path) -> None:
+    ebs = client("ebs", aws_rules.url)
+    snapshot = ebs.start_snapshot(VolumeSize=1, Timeout=60)["SnapshotId"]
+    data = bytes(BLOCK)
+    checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    put = {"SnapshotId": snapshot, "BlockIndex": 0, "BlockData": data, "DataLength": BLOCK,
+           "Checksum": checksum, "ChecksumAlgorithm": "SHA256"}
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        ebs.put_snapshot_block(**put)
+    ebs.put_snapshot_block(**put)  # visible now
+
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"x" * BLOCK * 3)
+    before = aws_rules.snapshots.not_found_answers
+    snapshot, stats = upload_image(ebs, image, description="t", tags={}, workers=2)
+    assert aws_rules.snapshots.not_found_answers == before + 1
+    assert stats.blocks_sent == 3
+    assert aws_rules.volume_block(REGION, snapshot, 2) == b"x" * BLOCK
