@@ -12,6 +12,7 @@ encrypted one (coldsnap #395: an encrypted snapshot's unwritten blocks are not z
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import http.client
 import http.server
 import json
@@ -19,6 +20,7 @@ import os
 import re
 import threading
 import urllib.parse
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import boto3
@@ -30,12 +32,15 @@ PUT_BLOCK = ("https://docs.aws.amazon.com/ebs/latest/APIReference/API_PutSnapsho
              "#API_PutSnapshotBlock_Errors")
 ENCRYPTION_BY_DEFAULT = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
                          "encryption-by-default.html")
+DEFAULT_KEY = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
+               "API_GetEbsDefaultKmsKeyId.html")
 COPY_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CopyImage.html"
 DEPRECATION = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
                "API_EnableImageDeprecation.html")
 BLOCK_PUBLIC_ACCESS = ("https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/"
                        "block-public-access-to-amis.html")
 TEN_YEARS = dt.timedelta(days=3650)
+ERRORS = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html"
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Images:
 
     deprecations: dict[str, str] = field(default_factory=dict)
     copies: dict[str, dict[str, object]] = field(default_factory=dict)
+    # image id -> (root device, mappings as RegisterImage got them): moto keeps neither
+    registered: dict[str, tuple[str, list[dict[str, object]]]] = field(default_factory=dict)
     block_public_access: dict[str, str] = field(default_factory=dict)
     snapshot_block_public_access: dict[str, str] = field(default_factory=dict)
 
@@ -70,7 +77,11 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), RuleHandler)
 
     def ec2(self, region: str):
-        return boto3.client("ec2", region_name=region, endpoint_url=self.upstream_url)
+        return self.client("ec2", region)
+
+    @functools.cache  # noqa: B019 - one server per session; boto3 clients are thread-safe
+    def client(self, service: str, region: str):
+        return boto3.client(service, region_name=region, endpoint_url=self.upstream_url)
 
     @property
     def url(self) -> str:
@@ -78,8 +89,7 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
 
     def encrypted_by_default(self, region: str) -> bool:
         """The account's setting, as moto keeps it (EnableEbsEncryptionByDefault)."""
-        ec2 = boto3.client("ec2", region_name=region, endpoint_url=self.upstream_url)
-        return bool(ec2.get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
+        return bool(self.ec2(region).get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
 
     def volume_block(self, region: str, snapshot_id: str, index: int,
                      encrypted_volume: bool = True) -> bytes:
@@ -93,7 +103,7 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
             encrypted = self.snapshots.encrypted.get(snapshot_id, False) or encrypted_volume
         if not written:
             return os.urandom(BLOCK) if encrypted else bytes(BLOCK)
-        ebs = boto3.client("ebs", region_name=region, endpoint_url=self.upstream_url)
+        ebs = self.client("ebs", region)
         blocks = {b["BlockIndex"]: b["BlockToken"] for b in ebs.list_snapshot_blocks(
             SnapshotId=snapshot_id, StartingBlockIndex=index, MaxResults=100)["Blocks"]}
         return ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
@@ -155,6 +165,50 @@ def deprecation_problem(form: dict[str, list[str]], now: dt.datetime) -> str | N
     return None
 
 
+def registered_mappings(form: dict[str, list[str]]) -> tuple[str, list[dict[str, object]]]:
+    """RegisterImage's root device and block device mappings, from its query form."""
+    mappings: dict[int, dict[str, object]] = {}
+    for key, values in form.items():
+        match = re.fullmatch(r"BlockDeviceMapping\.(\d+)\.(\w+)(?:\.(\w+))?", key)
+        if not match:
+            continue
+        mapping = mappings.setdefault(int(match[1]), {})
+        if match[3]:
+            mapping.setdefault(match[2], {})[match[3]] = values[0]
+        else:
+            mapping[match[2]] = values[0]
+    return (form.get("RootDeviceName") or [""])[0], [mappings[i] for i in sorted(mappings)]
+
+
+def _set_mappings(item: ET.Element, ns: str, root_device: str,
+                  mappings: list[dict[str, object]], snapshots: Snapshots) -> None:
+    for old in item.findall(f"{ns}blockDeviceMapping"):
+        item.remove(old)
+    if item.find(f"{ns}rootDeviceName") is not None:
+        item.find(f"{ns}rootDeviceName").text = root_device
+    listing = ET.SubElement(item, f"{ns}blockDeviceMapping")
+    names = {"SnapshotId": "snapshotId", "VolumeSize": "volumeSize", "VolumeType": "volumeType",
+             "DeleteOnTermination": "deleteOnTermination", "Encrypted": "encrypted",
+             "Iops": "iops", "Throughput": "throughput"}
+    for mapping in mappings:
+        entry = ET.SubElement(listing, f"{ns}item")
+        ET.SubElement(entry, f"{ns}deviceName").text = str(mapping["DeviceName"])
+        if "VirtualName" in mapping:
+            ET.SubElement(entry, f"{ns}virtualName").text = str(mapping["VirtualName"])
+        if "NoDevice" in mapping:
+            ET.SubElement(entry, f"{ns}noDevice").text = ""
+        ebs = dict(mapping.get("Ebs") or {})
+        if not ebs:
+            continue
+        if "SnapshotId" in ebs:  # a snapshot's volume is as encrypted as the snapshot
+            ebs["Encrypted"] = str(snapshots.encrypted.get(str(ebs["SnapshotId"]),
+                                                           False)).lower()
+        element = ET.SubElement(entry, f"{ns}ebs")
+        for key, value in ebs.items():
+            if key in names:
+                ET.SubElement(element, f"{ns}{names[key]}").text = str(value)
+
+
 class RuleHandler(http.server.BaseHTTPRequestHandler):
     server: ValidatingProxy
 
@@ -182,14 +236,20 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                        "CopyImage": copy_image_problem}.get(action, lambda f: None)(form)
             if problem:
                 return self._ec2_error("InvalidParameterCombination", problem)
+            if action in ("RegisterImage", "CopyImage") and self._name_taken(form):
+                return self._ec2_error("InvalidAMIName.Duplicate", "AMI name "
+                                       f"{form['Name'][0]} is already in use by an AMI")
             if action in self.ANSWERED:
                 return getattr(self, f"_answer_{action}")(form)
         status, headers, data = self._forward(body)
         self._observe(body, status, data)
+        if status < 300 and form.get("Action") == ["RegisterImage"]:
+            image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
+            self.server.images.registered[image_id] = registered_mappings(form)
         if status < 300 and form.get("Action") == ["CopyImage"]:
             self._copied(form, data)
         if status < 300 and form.get("Action") == ["DescribeImages"]:
-            data = self._with_deprecations(data)
+            data = self._as_registered(data)
         self._reply(status, headers, data)
 
     def _not_found_yet(self) -> bool:
@@ -210,7 +270,13 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
     # --- EC2 calls moto does not have --------------------------------------------------
 
     ANSWERED = ("EnableImageDeprecation", "GetImageBlockPublicAccessState",
-                "GetSnapshotBlockPublicAccessState")
+                "GetSnapshotBlockPublicAccessState", "GetEbsDefaultKmsKeyId")
+
+    def _answer_GetEbsDefaultKmsKeyId(self, form: dict) -> None:
+        """The account's default key for EBS encryption: the AWS managed key aws/ebs until
+        one is set (DEFAULT_KEY), which AWS does not let snapshots be shared under."""
+        arn = f"arn:aws:kms:{self._region()}:123456789012:alias/aws/ebs"
+        self._ec2_reply("GetEbsDefaultKmsKeyId", f"<kmsKeyId>{arn}</kmsKeyId>")
 
     def _answer_EnableImageDeprecation(self, form: dict[str, list[str]]) -> None:
         image_id = (form.get("ImageId") or [""])[0]
@@ -234,13 +300,38 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                                                                     "unblocked")
         self._ec2_reply("GetSnapshotBlockPublicAccessState", f"<state>{state}</state>")
 
-    def _with_deprecations(self, data: bytes) -> bytes:
-        """DescribeImages shows the deprecation time EnableImageDeprecation set."""
-        for image_id, when in self.server.images.deprecations.items():
-            data = data.replace(f"<imageId>{image_id}</imageId>".encode(),
-                                f"<imageId>{image_id}</imageId><deprecationTime>{when}"
-                                "</deprecationTime>".encode())
-        return data
+    def _name_taken(self, form: dict[str, list[str]]) -> bool:
+        """AMI names are unique per account and region (InvalidAMIName.Duplicate, ERRORS);
+        moto registers and copies any number of AMIs of one name."""
+        name = (form.get("Name") or [""])[0]
+        images = self.server.ec2(self._region()).describe_images(
+            Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+        return any(i.get("State") != "deregistered" for i in images)
+
+    def _as_registered(self, data: bytes) -> bytes:
+        """DescribeImages as EC2 answers it: the block device mappings and root device the
+        AMI was registered (or copied) with, which moto replaces with its own; the
+        deprecation time EnableImageDeprecation set; a copy's source (SourceImageId)."""
+        root = ET.fromstring(data)
+        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        ET.register_namespace("", ns.strip("{}"))
+        images = self.server.images
+        for item in list(root.iter(f"{ns}item")):
+            image_id = item.findtext(f"{ns}imageId")
+            if image_id is None:
+                continue
+            if image_id in images.registered:
+                root_device, mappings = images.registered[image_id]
+                _set_mappings(item, ns, root_device, mappings, self.server.snapshots)
+            extra = {"deprecationTime": images.deprecations.get(image_id)}
+            if image_id in images.copies:
+                copy = images.copies[image_id]
+                extra.update(sourceImageId=copy["source"],
+                             sourceImageRegion=copy["source_region"])
+            for tag, value in extra.items():
+                if value is not None:
+                    ET.SubElement(item, f"{ns}{tag}").text = str(value)
+        return ET.tostring(root, xml_declaration=True, encoding="utf-8")
 
     def _copied(self, form: dict[str, list[str]], data: bytes) -> None:
         """Record how the copy was asked to be encrypted; CopyImageTags "Indicates whether
@@ -248,10 +339,14 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         ignores it, the layer copies the tags."""
         copy_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
         source, source_region = form["SourceImageId"][0], form["SourceRegion"][0]
+        encrypted = form.get("Encrypted") == ["true"]
         self.server.images.copies[copy_id] = {
-            "region": self._region(), "source": source,
-            "encrypted": form.get("Encrypted") == ["true"],
-            "kms_key_id": (form.get("KmsKeyId") or [None])[0]}
+            "region": self._region(), "source": source, "source_region": source_region,
+            "encrypted": encrypted, "kms_key_id": (form.get("KmsKeyId") or [None])[0]}
+        if source in self.server.images.registered:  # new snapshots, in this region
+            root_device, mappings = self.server.images.registered[source]
+            copied = [self._copy_snapshot(m, encrypted) for m in mappings]
+            self.server.images.registered[copy_id] = (root_device, copied)
         if form.get("CopyImageTags") == ["true"]:
             tags = self.server.ec2(source_region).describe_images(
                 ImageIds=[source])["Images"][0].get("Tags", [])
@@ -298,6 +393,22 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         data = json.dumps({"Message": message, "Reason": code}).encode()
         self._reply(status, [("Content-Type", "application/json"),
                              ("x-amzn-ErrorType", code)], data)
+
+    def _copy_snapshot(self, mapping: dict[str, object], encrypted: bool
+                       ) -> dict[str, object]:
+        """CopyImage copies each snapshot into the destination region, encrypted when the
+        copy is asked to be or the source snapshot was (COPY_IMAGE)."""
+        ebs = dict(mapping.get("Ebs") or {})
+        if "SnapshotId" not in ebs:
+            return mapping
+        ec2 = self.server.ec2(self._region())
+        volume = ec2.create_volume(Size=int(ebs.get("VolumeSize") or 1),
+                                   AvailabilityZone=f"{self._region()}a")["VolumeId"]
+        snapshot_id = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+        with self.server.snapshots.lock:
+            was = self.server.snapshots.encrypted.get(str(ebs["SnapshotId"]), False)
+            self.server.snapshots.encrypted[snapshot_id] = encrypted or was
+        return {**mapping, "Ebs": {**ebs, "SnapshotId": snapshot_id}}
 
     def _ec2_reply(self, action: str, inner: str) -> None:
         xml = (f'<?xml version="1.0" encoding="UTF-8"?><{action}Response xmlns='

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import boto3
 
+from builder.amiplan import LaunchPermissions
 from builder.aws.snapshots import BLOCK, nonzero_blocks
 from builder.host.fsutil import create_sparse
 from builder.image.filesystem import make_ext4
@@ -38,12 +39,16 @@ def small_output(target: Path, name: str, root_data: int = 2 * MiB,
     the real ones: ``root_data`` bytes of random data in a sparse disk.raw 8 MiB larger
     (block 0 a hole), and volume-sdf.raw a real 8 MiB ext4 of a few files made as a build makes it
     (assume_storage_prezeroed: its unwritten blocks must read as zeros). The recipe
-    encrypts /dev/sdf; ``encrypted_volume=False`` makes it plain. ``ami_changes`` replace
+    encrypts /dev/sdf (with the account's default key, so the AMI is not shared unless
+    ``launch_permissions`` says so); ``encrypted_volume=False`` makes it plain and shared
+    as the recipe says. ``ami_changes`` replace
     fields of the plan's AMI (e.g. deprecate_after_days)."""
     plan = make_plan(load_recipe(RECIPES / "debian-12-ebs.yaml",
                                  LoadOptions(source_date_epoch=FIXED_EPOCH)))
     devices = tuple(dataclasses.replace(d, ebs=dataclasses.replace(
         d.ebs, encrypted=encrypted_volume)) if d.volume else d for d in plan.ami.block_devices)
+    if encrypted_volume:  # AWS shares no AMI whose snapshots use the AWS managed key
+        ami_changes.setdefault("launch_permissions", LaunchPermissions())
     plan = dataclasses.replace(plan, ami=dataclasses.replace(
         plan.ami, name=name, block_devices=devices, **ami_changes))
     target.mkdir(parents=True)

@@ -18,7 +18,17 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from builder.aws import state
-from builder.aws.distribute import Distribution, aws_time, check_public_sharing, finish_image
+from builder.aws.distribute import (
+    Distribution,
+    aws_time,
+    check_public_sharing,
+    default_key_is_aws_managed,
+    deprecation_problem,
+    finish_image,
+    parse_time,
+)
+from builder.aws.kms import usable_key_arn
+from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN
 from builder.aws.session import Aws
 from builder.aws.snapshots import Encryption, upload_image
 from builder.errors import BuildFailed, InputError
@@ -71,12 +81,12 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
                       options.kms_key_id, skip_zero_blocks=options.skip_zero_blocks,
                       distribution=Distribution.of_output(output_dir),
                       deprecate_at=options.deprecate_at, force=options.force)
-    if not aws.dry_run:  # what would fail after the upload, asked before it
-        check_public_sharing(aws.client("ec2"), _public(output_dir),
-                             job.distribution.public_snapshots)
     job.record = state.load(output_dir, job.target)
     if job.record.get("image_id") and not aws.dry_run and _still_there(job):
-        if not job.record.get("finished"):  # registered, but tags or permissions missing
+        if job.deprecate_at and job.record.get("deprecate_at") != aws_time(job.deprecate_at):
+            job.record.pop("deprecate_at", None)  # a new --deprecate-at for a done AMI
+            job.record["finished"] = False
+        if not job.record.get("finished"):  # registered, but not everything done after
             _after_register(job, job.record["image_id"])
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
@@ -85,18 +95,55 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
         job.record.setdefault(key, {})
     job.record["region"] = aws.region
     if "ImageLocation" in request:
+        _refuse_what_aws_would(job, [])
         request["ImageLocation"] = _upload_bundle(job, options.bucket)
     else:
+        entries = read_json(output_dir / "snapshots.json")["snapshots"]
         job.encrypted_by_default = _encryption_by_default(aws)
-        _upload_snapshots(job, read_json(output_dir / "snapshots.json")["snapshots"])
+        _refuse_what_aws_would(job, entries)
+        _upload_snapshots(job, entries)
     image_id = _register(job)
     if image_id is None:  # dry run
         return job.record
     job.record["image_id"] = image_id
     job.save()
+    _finish_replacement(job)
     _after_register(job, image_id)
     say(f"published {request['Name']} as {image_id} in {aws.region}")
     return job.record
+
+
+def _refuse_what_aws_would(job: Publication, entries: list[dict[str, Any]]) -> None:
+    """What AWS refuses only after the upload, asked before it: public sharing the account
+    blocks; a public AMI's deprecation more than 2 years ahead; encrypted snapshots made
+    public ("AMIs with encrypted volumes cannot be made public"), or shared while encrypted
+    with the AWS managed key ("Snapshots encrypted with your default KMS key cannot be
+    shared", ModifySnapshotAttribute). The plan checked what the recipe asks; this adds
+    --kms-key-id, --deprecate-at and the account's encryption by default.
+    https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/sharingamis-intro.html"""
+    if job.aws.dry_run:
+        return
+    ec2, launch = job.aws.client("ec2"), launch_permission_entries(job.output_dir)
+    public = {"Group": "all"} in launch
+    shared = any("Group" not in entry for entry in launch)
+    sharing = job.distribution.share_snapshots
+    check_public_sharing(ec2, public, sharing.public)
+    now = dt.datetime.now(dt.UTC)
+    late = public and job.deprecate_at and deprecation_problem(job.deprecate_at, now, True)
+    if late:
+        raise InputError(f"--deprecate-at: {late}")
+    encrypted = [e["device"] for e in entries
+                 if _asked(job, e)["encrypted"] or job.encrypted_by_default]
+    why = " (the account encrypts new snapshots by default)" if job.encrypted_by_default else ""
+    if encrypted and (public or sharing.public):
+        raise InputError(f"{', '.join(encrypted)} will be encrypted{why}, and AWS does not "
+                         "let an AMI or snapshots with encrypted volumes be public")
+    default_keyed = [e["device"] for e in entries if e["device"] in encrypted
+                     and not _asked(job, e)["kms_key_id"]]
+    if default_keyed and (shared or sharing.accounts) and default_key_is_aws_managed(ec2):
+        raise InputError(f"{', '.join(default_keyed)} will be encrypted with the AWS managed "
+                         f"key{why}, which AWS does not let be shared with other accounts: "
+                         "give --kms-key-id (a customer managed key they may use)")
 
 
 def _refuse_old_output(output_dir: Path, request: dict[str, Any]) -> None:
@@ -230,12 +277,8 @@ def _key_arn(job: Publication, key: str) -> str:
     if key not in job.key_arns:
         if job.aws.dry_run:
             return key
-        try:
-            arn = job.aws.client("kms").describe_key(KeyId=key)["KeyMetadata"]["Arn"]
-        except ClientError as exc:
-            raise InputError(f"KMS key {key!r}: {_code(exc) or 'not usable'} "
-                             f"({job.target})") from None
-        job.key_arns[key] = str(arn)
+        job.key_arns[key] = usable_key_arn(job.aws.client("kms"), key,
+                                           f"KMS key {key!r} ({job.target})")
     return job.key_arns[key]
 
 
@@ -314,87 +357,121 @@ def _upload_bundle(job: Publication, bucket: str | None) -> str:
 
 
 def _register(job: Publication) -> str | None:
-    request, aws, snapshot_ids = job.request, job.aws, job.record["snapshot_ids"]
+    request, aws = job.request, job.aws
     if aws.dry_run:
         aws.would("ec2.DescribeImages", Owners=["self"], Name=request["Name"])
         aws.would("ec2.RegisterImage", **request)
         return None
     ec2 = aws.client("ec2")
     existing = find_image(ec2, request["Name"])
-    if existing:  # registered by an earlier run that stopped before recording it
+    if existing:  # registered by an earlier run that stopped before recording it, or not
         image = ec2.describe_images(ImageIds=[existing])["Images"][0]
-        theirs = {m["DeviceName"]: m["Ebs"]["SnapshotId"]
-                  for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in
-                  m.get("Ebs", {})}
-        ours = bool(snapshot_ids) and theirs == snapshot_ids
-        if not ours and job.force:
-            return _replace(job, existing, sorted(set(theirs.values()) |
-                                                  tagged_snapshots(ec2, existing)))
-        if snapshot_ids and theirs and not ours:
-            raise InputError(f"an AMI named {request['Name']} exists ({existing}) with "
-                             "other snapshots: deregister it, give the AMI another name, or "
-                             "publish --force to replace it")
-        say(f"an AMI named {request['Name']} exists: {existing}; not registering another")
-        return existing
+        theirs = mapped_snapshots(image)
+        if _made_here(job, image, theirs):
+            say(f"an AMI named {request['Name']} exists: {existing}, made by an earlier run; "
+                "not registering another")
+            return existing
+        if not job.force:
+            raise InputError(f"an AMI named {request['Name']} exists ({existing}) with other "
+                             "content: deregister it, give the AMI another name, or publish "
+                             "--force to replace it")
+        return _replace(job, existing, sorted(set(theirs.values())))
     # RegisterImage takes no ClientToken: the name lookup above is what makes re-runs safe
     # (AMI names are unique per account and region).
     return str(ec2.register_image(**request)["ImageId"])
 
 
-def tagged_snapshots(ec2: Any, image_id: str) -> set[str]:
-    """The snapshots publish tagged as this AMI's."""
-    return {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        {"Name": f"tag:{IMAGE_TAG}", "Values": [image_id]}])["Snapshots"]}
+def _made_here(job: Publication, image: dict[str, Any], theirs: dict[str, str]) -> bool:
+    """The AMI holds this publish's snapshots (or, instance-store, its bundle)."""
+    if "ImageLocation" in job.request:
+        return image.get("ImageLocation") == job.request["ImageLocation"]
+    return bool(theirs) and theirs == job.record["snapshot_ids"]
+
+
+def mapped_snapshots(image: dict[str, Any]) -> dict[str, str]:
+    """Device -> snapshot id of an AMI's mappings (DescribeImages)."""
+    return {m["DeviceName"]: m["Ebs"]["SnapshotId"]
+            for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in m.get("Ebs", {})}
 
 
 def _replace(job: Publication, old_image: str, old_snapshots: list[str]) -> str:
     """--force: AMI names are unique per account and region, so the old AMI is deregistered
-    first (the new one's snapshots are already uploaded: the name is free for moments
-    only), the new one registered, then the old one's snapshots deleted."""
+    first (the new snapshots are uploaded by now: the name is free for a moment only), then
+    the new one registered; the old one's snapshots are deleted once it is
+    (_finish_replacement, which a re-run also does if this run stops in between)."""
     ec2 = job.aws.client("ec2")
-    job.record["replaced"] = {"image_id": old_image, "snapshot_ids": old_snapshots}
+    job.record["replaced"] = {"image_id": old_image, "snapshot_ids": old_snapshots,
+                              "done": False}
     job.save()
+    say(f"--force: deregistering {old_image}, an AMI of the same name; its snapshots "
+        f"({', '.join(old_snapshots) or 'none'}) go once the new AMI is registered")
     ec2.deregister_image(ImageId=old_image)
-    image_id = str(ec2.register_image(**job.request)["ImageId"])
-    deleted = []
-    for snapshot_id in sorted(set(old_snapshots) - set(job.record["snapshot_ids"].values())):
+    return str(ec2.register_image(**job.request)["ImageId"])
+
+
+def _finish_replacement(job: Publication) -> None:
+    replaced = job.record.get("replaced")
+    if not replaced or replaced.get("done"):
+        return
+    ec2, deleted = job.aws.client("ec2"), []
+    for snapshot_id in sorted(set(replaced["snapshot_ids"]) -
+                              set(job.record["snapshot_ids"].values())):
         try:
             ec2.delete_snapshot(SnapshotId=snapshot_id)
             deleted.append(snapshot_id)
-        except ClientError as exc:  # another AMI uses it too
-            if _code(exc) != "InvalidSnapshot.InUse":
+        except ClientError as exc:
+            if _code(exc) == "InvalidSnapshot.InUse":  # another AMI uses it too
+                say(f"{snapshot_id} (of {replaced['image_id']}) is used by another AMI: kept")
+            elif _code(exc) != "InvalidSnapshot.NotFound":
                 raise
-    say(f"replaced {old_image} with {image_id} (deleted its snapshots: "
+    replaced["done"] = True
+    job.save()
+    say(f"replaced {replaced['image_id']} (deleted its snapshots: "
         f"{', '.join(deleted) or 'none'})")
-    return image_id
 
 
 def _after_register(job: Publication, image_id: str) -> None:
-    """Tag the snapshots with the AMI (deregister --delete-snapshots finds them by it) and
-    grant the recipe's launch permissions."""
+    """Tag the snapshots with the AMI, grant the recipe's launch permissions, then
+    distribution.json's steps."""
     ec2 = job.aws.client("ec2")
-    if job.record["snapshot_ids"]:
-        ec2.create_tags(Resources=sorted(job.record["snapshot_ids"].values()),
-                        Tags=[{"Key": IMAGE_TAG, "Value": image_id}])
-    permission_path = job.output_dir / "launch-permission.json"
-    if permission_path.exists():
-        permission = read_json(permission_path)
-        permission["ImageId"] = image_id
-        ec2.modify_image_attribute(**permission)
+    snapshots = sorted(job.record["snapshot_ids"].values())
+    if snapshots:
+        ec2.create_tags(Resources=snapshots, Tags=[{"Key": IMAGE_TAG, "Value": image_id}])
+    launch = launch_permission_entries(job.output_dir)
+    if launch:
+        ec2.modify_image_attribute(ImageId=image_id, Attribute="launchPermission",
+                                   LaunchPermission={"Add": launch})
     if "deprecate_at" not in job.record:  # set once: a re-run keeps the first run's time
         when = job.deprecate_at or job.distribution.deprecation(dt.datetime.now(dt.UTC))
         job.record["deprecate_at"] = aws_time(when) if when else None
+        job.save()
     deprecate_at = job.record["deprecate_at"]
-    finish_image(ec2, job.aws.client("ssm"), image_id,
-                 sorted(job.record["snapshot_ids"].values()), job.distribution,
-                 dt.datetime.fromisoformat(deprecate_at) if deprecate_at else None)
+    finish_image(ec2, job.aws.client("ssm"), image_id, snapshots, job.distribution,
+                 parse_time(deprecate_at) if deprecate_at else None, say)
     job.record["finished"] = True
     job.save()
 
 
-def _public(output_dir: Path) -> bool:
+def launch_permission_entries(output_dir: Path) -> list[dict[str, str]]:
+    """launch-permission.json's grants, each one of AWS's four kinds with a valid value
+    (the file is read from an output directory that may have been edited)."""
     path = output_dir / "launch-permission.json"
-    return path.exists() and {"Group": "all"} in read_json(path)["LaunchPermission"]["Add"]
+    if not path.exists():
+        return []
+    try:
+        return [_launch_entry(entry) for entry in read_json(path)["LaunchPermission"]["Add"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{path}: not what a build writes ({exc})") from None
+
+
+def _launch_entry(entry: dict[str, str]) -> dict[str, str]:
+    [(kind, value)] = entry.items()
+    valid = {"Group": lambda v: v == "all", "UserId": ACCOUNT_ID.match,
+             "OrganizationArn": ORGANIZATION_ARN.match,
+             "OrganizationalUnitArn": ORGANIZATION_ARN.match}
+    if kind not in valid or not isinstance(value, str) or not valid[kind](value):
+        raise ValueError(f"{kind}: {value!r}")
+    return {kind: value}
 
 
 def find_image(ec2: Any, name: str) -> str | None:

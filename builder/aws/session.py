@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class Aws:
         a second; boto3's clients are safe to share between threads)."""
         key = (service, region or self.region)
         if key not in self._clients:
-            self._clients[key] = boto3.session.Session().client(
+            self._clients[key] = _session().client(
                 service, region_name=key[1], endpoint_url=self.endpoint_url, config=RETRIES)
         return self._clients[key]
 
@@ -44,6 +45,13 @@ class Aws:
         line = f"would call {operation}({shown})"
         self.calls.append(line)
         print(line, file=sys.stdout)
+
+
+@functools.cache
+def _session() -> boto3.session.Session:
+    """One boto3 session per process: each new one loads the service models from disk
+    again (a good part of a second per client)."""
+    return boto3.session.Session()
 
 
 def _short(value: Any) -> str:

@@ -5,7 +5,6 @@ region starts its own record instead of reporting the first one's AMI."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,6 @@ STATE = "publish.json"
 
 def target_of(account: str, region: str, endpoint: str | None) -> str:
     return f"{account}/{region}" + (f"@{endpoint}" if endpoint else "")
-
-
-def token(*parts: str) -> str:
-    """An idempotency token (ClientToken) made from what identifies the request."""
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:64]
 
 
 def load(output_dir: Path, target: str) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def cmd_share(argv: Sequence[str]) -> int:
 
 
 def cmd_copy(argv: Sequence[str]) -> int:
-    from builder.aws.lifecycle import CopyOptions, copy_image
+    from builder.aws.copy import CopyOptions, copy_image
 
     parser = Parser(prog="build copy", description="Copy an AMI to other regions at once, "
                      "with its tags, launch permissions and deprecation time.")

@@ -140,16 +140,12 @@ def launch_permission_input(ami: AmiPlan, image_id: str = IMAGE_ID_PLACEHOLDER
 def distribution_input(ami: AmiPlan) -> dict[str, Any] | None:
     """What publish and copy do to an AMI after RegisterImage (distribution.json), or None
     when nothing: the days until its deprecation, the SSM parameters that get its id, and
-    the ModifySnapshotAttribute input (less the SnapshotId) that shares its snapshots."""
+    who may create volumes from its snapshots."""
     permissions = ami.launch_permissions
-    snapshot_permission = None
-    if ami.share_snapshots:
-        snapshot_permission = {"Attribute": "createVolumePermission", "OperationType": "add",
-                               "UserIds": list(permissions.accounts),
-                               "GroupNames": ["all"] if permissions.public else []}
+    sharing = {"accounts": list(permissions.accounts), "public": permissions.public}
     settings = {"deprecate_after_days": ami.deprecate_after_days,
                 "ssm_parameters": list(ami.ssm_parameters),
-                "snapshot_permission": snapshot_permission}
+                "share_snapshots": sharing if ami.share_snapshots else None}
     return settings if any(settings.values()) else None
 
 

@@ -209,6 +209,7 @@ class BlockDeviceMapping(Strict):
 
 
 AccountId = Annotated[str, Field(pattern=r"^\d{12}$")]
+SsmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]+$", max_length=1011)]
 
 
 class LaunchPermissions(Strict):
@@ -243,8 +244,7 @@ class Ami(Strict):
     deprecate_after: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}d$")] | None = Field(
         None, description="deprecate the AMI and its copies this many days after publishing, "
         "e.g. 365d (AWS: at most 10 years; 2 years for a public AMI)")
-    ssm_parameters: list[Annotated[str, Field(
-        pattern=r"^/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,14}$", max_length=1011)]] = Field(
+    ssm_parameters: list[SsmName] = Field(
         [], description="SSM parameters that get the new AMI id (DataType aws:ec2:image), in "
         "the publish region and in each copy's region")
     bundle: Bundle = Bundle()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from builder import distros
+from builder.aws.limits import deprecation_limit_days, ssm_name_problem
 from builder.errors import InputError
 from builder.host.aptauth import split_credentials
 from builder.recipe.model import Recipe
@@ -168,15 +169,13 @@ def ami_rules(recipe: Recipe) -> Found:
 
 
 def distribution_rules(recipe: Recipe) -> Found:
-    """What publish and copy do after RegisterImage, checked before any upload.
-    EnableImageDeprecation: "The upper limit for DeprecateAt is 10 years from now, except for
-    public AMIs, where the upper limit is 2 years". ModifySnapshotAttribute's
-    createVolumePermission takes accounts and the group "all" only. PutParameter: "Parameter
-    names can't be prefixed with aws or ssm (case-insensitive)"."""
+    """What publish and copy do after RegisterImage, checked before any upload (the limits
+    and their AWS pages: builder.aws.limits). ModifySnapshotAttribute's
+    createVolumePermission takes accounts and the group "all" only."""
     ami = recipe.ami
     permissions = ami.launch_permissions
     if ami.deprecate_after:
-        days, limit = int(ami.deprecate_after[:-1]), 730 if permissions.public else 3650
+        days, limit = int(ami.deprecate_after[:-1]), deprecation_limit_days(permissions.public)
         if days > limit:
             which = "a public AMI" if permissions.public else "an AMI"
             yield (("ami", "deprecate_after"),
@@ -191,9 +190,9 @@ def distribution_rules(recipe: Recipe) -> Found:
         if ami.backing == "instance-store":
             yield ("ami", "share_snapshots"), "instance-store AMIs have no snapshots"
     for index, name in enumerate(ami.ssm_parameters):
-        if name.lstrip("/").split("/")[0].lower().startswith(("aws", "ssm")):
-            yield (("ami", "ssm_parameters", index),
-                   "SSM parameter names may not begin with aws or ssm")
+        problem = ssm_name_problem(name)
+        if problem:
+            yield ("ami", "ssm_parameters", index), problem
 
 
 def device_rules(recipe: Recipe) -> Found:

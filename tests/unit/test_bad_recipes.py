@@ -219,6 +219,9 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "ssm-reserved-name": (
         {"recipe.yaml": "name: xyz\nami:\n  ssm_parameters: [/AWS/images/latest]\n"},
         ["recipe.yaml:3:20: ami.ssm_parameters[0]: SSM parameter names may not begin with aws or ssm"]),
+    "ssm-hierarchy-without-slash": (
+        {"recipe.yaml": "name: xyz\nami:\n  ssm_parameters: [images/latest]\n"},
+        ["recipe.yaml:3:20: ami.ssm_parameters[0]: not an SSM parameter name: letters, digits and _ . - with / between levels (a hierarchy starts with /, at most 15 levels)"]),
     "several-errors-at-once": (
         {"recipe.yaml": "name: xyz\nroot_volume:\n  size: big\n  boot: efi\n  pacakges: []\n"},
         ["recipe.yaml:3:9: root_volume.size: 'big' is not a size (try 2GiB)",

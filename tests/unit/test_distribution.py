@@ -39,13 +39,12 @@ def describe(url: str, image_id: str, region: str = REGION) -> dict:
 
 def test_publish_then_copy_to_three_regions_with_their_own_keys(aws, aws_rules,
                                                                  tmp_path: Path) -> None:
-    out = small_output(tmp_path / "out", "distributed-image", deprecate_after_days=30,
-                       ssm_parameters=(PARAMETER,), share_snapshots=True,
+    out = small_output(tmp_path / "out", "distributed-image", encrypted_volume=False,
+                       deprecate_after_days=30, ssm_parameters=(PARAMETER,),
+                       share_snapshots=True,
                        launch_permissions=LaunchPermissions(accounts=(SHARED_WITH,)))
     settings = json.loads((out / "distribution.json").read_text())
-    assert settings["snapshot_permission"] == {
-        "Attribute": "createVolumePermission", "OperationType": "add",
-        "UserIds": [SHARED_WITH], "GroupNames": []}
+    assert settings["share_snapshots"] == {"accounts": [SHARED_WITH], "public": False}
     before = dt.datetime.now(dt.UTC)
     result = aws("publish", str(out), url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,9 +75,17 @@ def test_publish_then_copy_to_three_regions_with_their_own_keys(aws, aws_rules,
     assert {r: c["image_id"] for r, c in published(out)["copies"].items()} == copies
     for region, copy_id in copies.items():
         asked = aws_rules.images.copies[copy_id]
-        assert asked == {"region": region, "source": image_id, "encrypted": True,
-                         "kms_key_id": keys[region]}
+        assert asked == {"region": region, "source": image_id, "source_region": REGION,
+                         "encrypted": True, "kms_key_id": keys[region]}
         image = describe(aws_rules.url, copy_id, region)
+        assert image["SourceImageId"] == image_id
+        copied = [m["Ebs"]["SnapshotId"] for m in image["BlockDeviceMappings"]
+                  if "SnapshotId" in m.get("Ebs", {})]
+        assert len(copied) == 2 and all(aws_rules.snapshots.encrypted[s] for s in copied)
+        for snapshot_id in copied:  # the source's snapshot permissions, on the copy's
+            assert client("ec2", aws_rules.url, region).describe_snapshot_attribute(
+                SnapshotId=snapshot_id, Attribute="createVolumePermission"
+            )["CreateVolumePermissions"] == [{"UserId": SHARED_WITH}]
         assert image["DeprecationTime"] == record["deprecate_at"]
         assert {"Key": "release", "Value": "2026.11"} in image["Tags"]  # CopyImageTags
         launch = client("ec2", aws_rules.url, region).describe_image_attribute(
@@ -131,7 +138,7 @@ def test_a_public_ami_is_refused_before_the_upload_when_the_account_blocks_it(
     finally:
         del aws_rules.images.block_public_access[REGION]
     assert result.returncode == 2
-    assert "block public access for AMIs" in result.stderr
+    assert "blocks public access for AMIs" in result.stderr
     assert not (out / "publish.json").exists()  # nothing uploaded
     assert aws("publish", str(out), url=aws_rules.url).returncode == 0
 
@@ -141,7 +148,7 @@ def test_deprecate_at_is_checked_before_anything(aws, aws_rules, tmp_path: Path)
     past = aws("publish", str(out), "--deprecate-at", "2020-01-01", url=aws_rules.url)
     assert past.returncode == 2 and "in the past" in past.stderr
     far = aws("publish", str(out), "--deprecate-at", "2099-01-01", url=aws_rules.url)
-    assert far.returncode == 2 and "10 years" in far.stderr
+    assert far.returncode == 2 and "at most 3650 days ahead" in far.stderr
     when = (dt.datetime.now(dt.UTC) + dt.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = aws("publish", str(out), "--deprecate-at", when, url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -159,3 +166,99 @@ def test_manifests_an_earlier_build_wrote_are_removed(tmp_path: Path) -> None:
     remove_stale_manifests(tmp_path, [tmp_path / "register-image.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "disk.raw", "publish.json", "register-image.json"]
+
+
+def test_copy_resumes_rather_than_copying_twice(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "resumed-copy-image")
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    image_id = published(out)["image_id"]
+    same_region = aws("copy", str(out), "--to-region", REGION, url=aws_rules.url)
+    assert same_region.returncode == 2 and "in that region already" in same_region.stderr
+    first = aws("copy", str(out), "--to-region", "eu-central-1", url=aws_rules.url)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = aws("copy", image_id, "--to-region", "eu-central-1", url=aws_rules.url)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    assert "a copy an earlier run started" in again.stderr
+    named = client("ec2", aws_rules.url, "eu-central-1").describe_images(
+        Owners=["self"], Filters=[{"Name": "name", "Values": ["resumed-copy-image"]}])
+    assert len(named["Images"]) == 1
+
+
+def test_share_private_also_unshares_the_snapshots(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "unshared-image", encrypted_volume=False,
+                       share_snapshots=True,
+                       launch_permissions=LaunchPermissions(accounts=(SHARED_WITH,)))
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    record = published(out)
+    ec2 = client("ec2", aws_rules.url)
+
+    def grants() -> list:
+        return [g for s in record["snapshot_ids"].values() for g in
+                ec2.describe_snapshot_attribute(SnapshotId=s, Attribute="createVolumePermission")
+                ["CreateVolumePermissions"]]
+    assert grants() == [{"UserId": SHARED_WITH}] * 2
+    assert aws("share", record["image_id"], "--private", url=aws_rules.url).returncode == 0
+    assert grants() == []
+    assert ec2.describe_image_attribute(ImageId=record["image_id"],
+                                        Attribute="launchPermission")["LaunchPermissions"] == []
+
+
+def test_force_deletes_only_the_old_amis_own_snapshots(aws, aws_rules, tmp_path: Path) -> None:
+    """A snapshot someone tagged as the old AMI's (tags anyone may set) is not deleted."""
+    first = small_output(tmp_path / "first", "forced-twice-image")
+    assert aws("publish", str(first), url=aws_rules.url).returncode == 0
+    old = published(first)["image_id"]
+    ec2 = client("ec2", aws_rules.url)
+    bystander = ec2.create_snapshot(VolumeId=ec2.create_volume(
+        Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"])["SnapshotId"]
+    ec2.create_tags(Resources=[bystander], Tags=[{"Key": "amiforge:image-id", "Value": old}])
+    second = small_output(tmp_path / "second", "forced-twice-image", root_data=3 << 20)
+    assert aws("publish", str(second), "--force", url=aws_rules.url).returncode == 0
+    assert published(second)["replaced"]["done"] is True
+    assert ec2.describe_snapshots(SnapshotIds=[bystander])["Snapshots"]
+
+
+def test_an_edited_output_directory_is_refused(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "edited-image", encrypted_volume=False,
+                       share_snapshots=True)
+    settings = json.loads((out / "distribution.json").read_text())
+    (out / "distribution.json").write_text(json.dumps(
+        {**settings, "share_snapshots": {"accounts": ["all"], "public": False}}))
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 2 and "distribution.json: not what a build writes" in result.stderr
+    (out / "distribution.json").write_text(json.dumps(settings))
+    (out / "launch-permission.json").write_text(json.dumps(
+        {"LaunchPermission": {"Add": [{"Group": "everyone"}]}}))
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 2 and "launch-permission.json" in result.stderr
+    assert not (out / "publish.json").exists()
+
+
+def test_a_disabled_kms_key_is_refused_before_the_upload(aws, aws_rules,
+                                                         tmp_path: Path) -> None:
+    kms = client("kms", aws_rules.url)
+    key = kms.create_key()["KeyMetadata"]["KeyId"]
+    kms.disable_key(KeyId=key)
+    out = small_output(tmp_path / "out", "disabled-key-image")
+    result = aws("publish", str(out), "--kms-key-id", key, url=aws_rules.url)
+    assert result.returncode == 2 and "its state is Disabled" in result.stderr
+
+
+def test_an_ssm_parameter_is_not_rolled_back_to_an_older_ami(aws_rules) -> None:
+    import time
+
+    from builder.aws.distribute import write_parameters
+
+    ec2, ssm = client("ec2", aws_rules.url), client("ssm", aws_rules.url)
+    mapping = [{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 1}}]
+    older = ec2.register_image(Name="ssm-older", RootDeviceName="/dev/xvda",
+                               BlockDeviceMappings=mapping)["ImageId"]
+    time.sleep(1.1)  # CreationDate has seconds
+    newer = ec2.register_image(Name="ssm-newer", RootDeviceName="/dev/xvda",
+                               BlockDeviceMappings=mapping)["ImageId"]
+    said: list[str] = []
+    write_parameters(ec2, ssm, newer, ("/amiforge/test/rollback",), said.append)
+    write_parameters(ec2, ssm, older, ("/amiforge/test/rollback",), said.append)
+    assert ssm.get_parameter(Name="/amiforge/test/rollback")["Parameter"]["Value"] == newer
+    assert "newer than" in said[0]

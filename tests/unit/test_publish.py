@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.amiplan import LaunchPermissions
 from builder.aws.snapshots import BLOCK
 from builder.cli import main
 from tests.awstools import (
@@ -43,7 +44,7 @@ def images_named(url: str, name: str) -> list[dict]:
 
 
 def test_publish_then_copy_and_deregister(aws, aws_rules, tmp_path: Path) -> None:
-    out = small_output(tmp_path / "out", "lifecycle-image")
+    out = small_output(tmp_path / "out", "lifecycle-image", encrypted_volume=False)
     result = aws("publish", str(out), url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
     state = published(out)
@@ -151,20 +152,27 @@ def test_the_accounts_encryption_by_default_is_honoured(aws, aws_rules,
     GetEbsEncryptionByDefault and writes every block, so the filesystem reads back clean.
     Skipping zero blocks there (what publish did before) leaves random bytes where ext4
     was made to expect zeros (its unused inode tables, which e2fsck does not read but the
-    kernel trusts when it allocates there): the volume no longer reads as the image."""
+    kernel trusts when it allocates there): the volume no longer reads as the image.
+    The recipe shares the AMI with an account: under the AWS managed key (the default
+    key's) AWS would refuse that after the upload, so publish refuses it before."""
     from builder.aws.snapshots import Encryption, upload_image
 
-    out = small_output(tmp_path / "out", "default-encrypted", encrypted_volume=False)
+    shared = small_output(tmp_path / "shared", "default-encrypted", encrypted_volume=False)
+    out = small_output(tmp_path / "out", "default-encrypted", encrypted_volume=False,
+                       launch_permissions=LaunchPermissions())
     volume = out / "volume-sdf.raw"
     ec2 = client("ec2", aws_rules.url)
     ec2.enable_ebs_encryption_by_default()
     try:
+        refused = aws("publish", str(shared), url=aws_rules.url)
         result = aws("publish", str(out), url=aws_rules.url)
         skipped, _ = upload_image(client("ebs", aws_rules.url), volume, description="old",
                                   tags={}, encryption=Encryption(False),
                                   skip_zero_blocks=True)
     finally:
         ec2.disable_ebs_encryption_by_default()
+    assert refused.returncode == 2 and "AWS managed key" in refused.stderr
+    assert not (shared / "publish.json").exists()  # refused before any upload
     assert result.returncode == 0, result.stderr[-3000:]
     record = published(out)
     assert all(u["encrypted"] for u in record["uploads"].values())
