@@ -34,6 +34,7 @@ ENCRYPTION_BY_DEFAULT = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
                          "encryption-by-default.html")
 DEFAULT_KEY = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
                "API_GetEbsDefaultKmsKeyId.html")
+REGISTER_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_RegisterImage.html"
 COPY_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CopyImage.html"
 DEPRECATION = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
                "API_EnableImageDeprecation.html")
@@ -180,6 +181,22 @@ def registered_mappings(form: dict[str, list[str]]) -> tuple[str, list[dict[str,
     return (form.get("RootDeviceName") or [""])[0], [mappings[i] for i in sorted(mappings)]
 
 
+def image_tags(form: dict[str, list[str]]) -> list[dict[str, str]]:
+    """RegisterImage's TagSpecification.N of ResourceType image: "To tag the AMI, the value
+    for ResourceType must be image" (REGISTER_IMAGE)."""
+    tags = []
+    for key, values in sorted(form.items()):
+        match = re.fullmatch(r"TagSpecification\.(\d+)\.ResourceType", key)
+        if not match or values != ["image"]:
+            continue
+        prefix = f"TagSpecification.{match[1]}.Tag."
+        indexes = sorted({int(k[len(prefix):].split(".")[0]) for k in form
+                          if k.startswith(prefix)})
+        tags += [{"Key": form[f"{prefix}{i}.Key"][0],
+                  "Value": (form.get(f"{prefix}{i}.Value") or [""])[0]} for i in indexes]
+    return tags
+
+
 def _set_mappings(item: ET.Element, ns: str, root_device: str,
                   mappings: list[dict[str, object]], snapshots: Snapshots) -> None:
     for old in item.findall(f"{ns}blockDeviceMapping"):
@@ -246,6 +263,9 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if status < 300 and form.get("Action") == ["RegisterImage"]:
             image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
             self.server.images.registered[image_id] = registered_mappings(form)
+            tags = image_tags(form)  # moto's RegisterImage drops TagSpecifications
+            if tags:
+                self.server.ec2(self._region()).create_tags(Resources=[image_id], Tags=tags)
         if status < 300 and form.get("Action") == ["CopyImage"]:
             self._copied(form, data)
         if status < 300 and form.get("Action") == ["DescribeImages"]:

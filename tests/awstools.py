@@ -17,9 +17,9 @@ import boto3
 
 from builder.amiplan import LaunchPermissions
 from builder.aws.snapshots import BLOCK, nonzero_blocks
-from builder.host.fsutil import create_sparse
+from builder.host.fsutil import atomic_write_json, create_sparse
 from builder.image.filesystem import make_ext4
-from builder.outputs.manifest import ami_manifests
+from builder.outputs.manifest import ami_manifests, build_manifest
 from builder.plan import make_plan, sha256_file
 from builder.recipe.load import LoadOptions, load_recipe
 from tests.conftest import FIXED_EPOCH, RECIPES
@@ -67,6 +67,7 @@ def small_output(target: Path, name: str, root_data: int = 2 * MiB,
     artifacts = [{"path": p.name, "format": "raw", "virtual_size": p.stat().st_size,
                   "sha256": sha256_file(p)} for p in (disk, volume)]
     ami_manifests(plan, target, artifacts)
+    atomic_write_json(target / "build-manifest.json", build_manifest(plan, artifacts, [], {}))
     return target
 
 

@@ -29,7 +29,8 @@ from builder.aws.distribute import (
     parse_time,
 )
 from builder.aws.kms import usable_key_arn
-from builder.aws.publish import current_target, find_image, mapped_snapshots, say
+from builder.aws.provenance import write_packer_manifest
+from builder.aws.publish import current_target, find_image, mapped_snapshots, read_json, say
 from builder.aws.session import Aws
 from builder.errors import BuildFailed, InputError
 
@@ -97,6 +98,9 @@ def copy_image(source: str, aws: Aws, options: CopyOptions) -> dict[str, str]:
             _finish(aws, region, copy_id, src, distribution, deprecate_at)
         except (WaiterError, ClientError) as exc:  # the other regions still get finished
             failed[region] = f"{copy_id}: {exc}"
+    if output_dir is not None:
+        write_packer_manifest(output_dir, read_json(output_dir / "build-manifest.json"),
+                              state.all_targets(output_dir))
     if failed:
         raise BuildFailed("copies not finished (run build copy again to resume): " +
                           "; ".join(f"{r}: {why}" for r, why in failed.items()))

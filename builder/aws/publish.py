@@ -29,6 +29,7 @@ from builder.aws.distribute import (
 )
 from builder.aws.kms import usable_key_arn
 from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN
+from builder.aws.provenance import provenance_tags, with_image_tags, write_packer_manifest
 from builder.aws.session import Aws
 from builder.aws.snapshots import Encryption, upload_image
 from builder.errors import BuildFailed, InputError
@@ -77,6 +78,8 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
             ) -> dict[str, Any]:
     request = read_json(output_dir / "register-image.json")
     _refuse_old_output(output_dir, request)
+    build = read_json(output_dir / "build-manifest.json")
+    request = with_image_tags(request, provenance_tags(build))
     job = Publication(output_dir, aws, current_target(aws), {}, request, options.workers,
                       options.kms_key_id, skip_zero_blocks=options.skip_zero_blocks,
                       distribution=Distribution.of_output(output_dir),
@@ -90,6 +93,7 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
             _after_register(job, job.record["image_id"])
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
+        write_packer_manifest(output_dir, build, state.all_targets(output_dir))
         return job.record
     for key in ("snapshot_ids", "uploaded", "pending", "uploads"):
         job.record.setdefault(key, {})
@@ -109,8 +113,17 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
     job.save()
     _finish_replacement(job)
     _after_register(job, image_id)
+    write_packer_manifest(output_dir, build, state.all_targets(output_dir))
     say(f"published {request['Name']} as {image_id} in {aws.region}")
     return job.record
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What `publish --json` prints: region -> AMI id (the AMI and its copies), and more."""
+    image_ids = {record.get("region"): record.get("image_id"),
+                 **{r: c.get("image_id") for r, c in record.get("copies", {}).items()}}
+    return {"image_ids": image_ids, "snapshot_ids": record.get("snapshot_ids", {}),
+            "deprecate_at": record.get("deprecate_at")}
 
 
 def _refuse_what_aws_would(job: Publication, entries: list[dict[str, Any]]) -> None:
@@ -338,7 +351,7 @@ def _upload_bundle(job: Publication, bucket: str | None) -> str:
         raise InputError("instance-store images are uploaded to S3: pass --bucket")
     files = sorted(p for p in (job.output_dir / "bundle").iterdir()
                    if p.name.startswith("image."))
-    prefix = read_json(job.output_dir / "build-manifest.json")["name"]
+    prefix = read_json(job.output_dir / "build-manifest.json")["name"]  # checked: a name
     s3 = None if job.aws.dry_run else job.aws.client("s3")
     for path in files:
         key = f"{prefix}/{path.name}"

@@ -27,6 +27,11 @@ def load(output_dir: Path, target: str) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def all_targets(output_dir: Path) -> dict[str, Any]:
+    """Every target's record (target -> record)."""
+    return {k: v for k, v in _targets(_read(output_dir / STATE)).items() if isinstance(v, dict)}
+
+
 def save(output_dir: Path, target: str, record: dict[str, Any]) -> None:
     """Write this target's record, keeping the others; publishes of one output directory
     to two regions at once take turns (a lock beside the file)."""

@@ -48,7 +48,7 @@ def _deprecate_at(args: argparse.Namespace) -> Any:
 
 
 def cmd_publish(argv: Sequence[str]) -> int:
-    from builder.aws.publish import PublishOptions, publish
+    from builder.aws.publish import PublishOptions, publish, summary
 
     parser = Parser(prog="build publish", description="Upload a build's images (EBS "
                      "snapshots or an S3 bundle), register the AMI and share it.")
@@ -66,6 +66,10 @@ def cmd_publish(argv: Sequence[str]) -> int:
                         "UTC date or time (ISO 8601); default: the recipe's ami.deprecate_after")
     parser.add_argument("--force", action="store_true", help="replace an AMI of the same name "
                         "(deregistered, its snapshots deleted once the new AMI is registered)")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print a summary for tools: "
+                       "image_ids (region -> AMI id), snapshot_ids, deprecate_at")
+    shown.add_argument("--quiet", action="store_true", help="print only the AMI id")
     _aws_args(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -73,8 +77,12 @@ def cmd_publish(argv: Sequence[str]) -> int:
     options = PublishOptions(args.bucket, args.workers, args.kms_key_id, args.skip_zero_blocks,
                              _deprecate_at(args), args.force)
     state = publish(args.output_dir, _aws(args), options)
-    if not args.dry_run:
-        print(json.dumps(state, indent=2, sort_keys=True))
+    if args.dry_run:
+        return EXIT_OK
+    if args.quiet:
+        print(state["image_id"])
+    else:
+        print(json.dumps(summary(state) if args.json else state, indent=2, sort_keys=True))
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from builder import __version__
 from builder.host import treepath
 from builder.host.fsutil import allocated_bytes, atomic_write_json
+from builder.host.gitrev import checked_out_commit
 from builder.outputs.ami import (
     distribution_input,
     launch_permission_input,
@@ -17,6 +18,7 @@ from builder.outputs.ami import (
     snapshots_input,
 )
 from builder.plan import Plan, sha256_file
+from builder.recipe.load import build_id
 from builder.stages.convert import image_info
 from builder.stages.disk import partitions_report
 
@@ -48,7 +50,9 @@ def build_manifest(plan: Plan, artifacts: list[dict[str, Any]],
     return {
         "amiforge_version": __version__,
         "name": plan.name,
-        "recipe": {"path": recipe.path, "sha256": recipe.sha256},
+        "recipe": {"path": recipe.path, "sha256": recipe.sha256,
+                   "git_commit": checked_out_commit(Path(recipe.path))},
+        "build_id": build_id(plan.source_date_epoch),
         # every file the recipe pulled in (extended recipes, apps, templates, files): what a
         # reviewer needs to know exactly what went into the image
         "inputs": [{"path": s.name, "sha256": s.sha256} for s in plan.sources],

@@ -124,6 +124,11 @@ def _variables(data: LocDict, options: LoadOptions, build_time: int) -> dict[str
     return variables
 
 
+def build_id(build_time: int) -> str:
+    """The build's id as recipes see it ({{ build_id }}): its time, to the second, UTC."""
+    return datetime.datetime.fromtimestamp(build_time, datetime.UTC).strftime("%Y%m%d%H%M%S")
+
+
 def _facts(data: LocDict, build_time: int) -> dict[str, Any]:
     when = datetime.datetime.fromtimestamp(build_time, datetime.UTC)
     os_data = data.get("os") if isinstance(data.get("os"), dict) else {}
@@ -132,7 +137,7 @@ def _facts(data: LocDict, build_time: int) -> dict[str, Any]:
     arch = data.get("arch", "x86_64")
     return {
         "build_date": when.strftime("%Y-%m-%d"),
-        "build_id": when.strftime("%Y%m%d%H%M%S"),
+        "build_id": build_id(build_time),
         "arch": arch if isinstance(arch, str) else "x86_64",
         "os": {"distribution": distribution.name,
                "release": os_data.get("release") or distribution.default_release},

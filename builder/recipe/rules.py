@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from builder import distros
-from builder.aws.limits import deprecation_limit_days, ssm_name_problem
+from builder.aws.limits import MAX_RECIPE_TAGS, deprecation_limit_days, ssm_name_problem
 from builder.errors import InputError
 from builder.host.aptauth import split_credentials
 from builder.recipe.model import Recipe
@@ -162,6 +162,9 @@ def ami_rules(recipe: Recipe) -> Found:
             yield ("ami", "backing"), "instance-store AMIs support neither NitroTPM nor UEFI data"
     if recipe.ami.description is not None and len(recipe.ami.description) > 255:
         yield ("ami", "description"), "must be at most 255 characters"
+    if len(recipe.ami.tags) > MAX_RECIPE_TAGS:
+        yield (("ami", "tags"), f"at most {MAX_RECIPE_TAGS} tags: AWS allows 50 per resource "
+               "and publish adds 4 amiforge:* provenance tags")
     for key in recipe.ami.tags:
         if key.lower().startswith("aws:"):
             yield ("ami", "tags", key), "tag keys starting with 'aws:' are reserved by AWS"

@@ -262,3 +262,40 @@ def test_an_ssm_parameter_is_not_rolled_back_to_an_older_ami(aws_rules) -> None:
     write_parameters(ec2, ssm, older, ("/amiforge/test/rollback",), said.append)
     assert ssm.get_parameter(Name="/amiforge/test/rollback")["Parameter"]["Value"] == newer
     assert "newer than" in said[0]
+
+
+def test_provenance_tags_packer_manifest_and_the_json_summary(aws, aws_rules,
+                                                              tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "provenance-image")
+    result = aws("publish", str(out), "--json", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    image_id = published(out)["image_id"]
+    assert summary["image_ids"] == {REGION: image_id}
+    build = json.loads((out / "build-manifest.json").read_text())
+    expected = {"amiforge:recipe-sha256": build["recipe"]["sha256"],
+                "amiforge:build-id": build["build_id"],
+                "amiforge:version": build["amiforge_version"],
+                "amiforge:git-commit": build["recipe"]["git_commit"]}
+    assert build["recipe"]["git_commit"]  # the tests run in a git checkout
+    tags = {t["Key"]: t["Value"] for t in describe(aws_rules.url, image_id)["Tags"]}
+    assert expected.items() <= tags.items()
+    ec2 = client("ec2", aws_rules.url)
+    for snapshot_id in published(out)["snapshot_ids"].values():
+        [snapshot] = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        assert expected.items() <= {t["Key"]: t["Value"] for t in snapshot["Tags"]}.items()
+
+    copied = aws("copy", str(out), "--to-region", "us-west-1", "--to-region", "sa-east-1",
+                 url=aws_rules.url)
+    assert copied.returncode == 0, copied.stderr[-2000:]
+    copies = json.loads(copied.stdout)
+    packer = json.loads((out / "packer-manifest.json").read_text())
+    [entry] = packer["builds"]
+    assert entry["artifact_id"].split(",") == [
+        f"{REGION}:{image_id}", f"sa-east-1:{copies['sa-east-1']}",
+        f"us-west-1:{copies['us-west-1']}"]
+    assert entry["builder_type"] == "amiforge" and packer["last_run_uuid"] == entry[
+        "packer_run_uuid"]
+    assert entry["custom_data"]["amiforge:recipe-sha256"] == build["recipe"]["sha256"]
+    quiet = aws("publish", str(out), "--quiet", url=aws_rules.url)
+    assert quiet.returncode == 0 and quiet.stdout == f"{image_id}\n"
