@@ -34,6 +34,8 @@ ENCRYPTION_BY_DEFAULT = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
                          "encryption-by-default.html")
 DEFAULT_KEY = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
                "API_GetEbsDefaultKmsKeyId.html")
+SHARING = "https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/sharingamis-intro.html"
+AMI_ENCRYPTION = "https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/AMIEncryption.html"
 REGISTER_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_RegisterImage.html"
 COPY_IMAGE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_CopyImage.html"
 DEPRECATION = ("https://docs.aws.amazon.com/AWSEC2/latest/APIReference/"
@@ -51,6 +53,8 @@ class Snapshots:
     encrypted: dict[str, bool] = field(default_factory=dict)
     written: dict[str, set[int]] = field(default_factory=dict)
     not_yet_found: set[str] = field(default_factory=set)  # started, not seen by a PUT yet
+    completed: set[str] = field(default_factory=set)  # CompleteSnapshot seen
+    keys: dict[str, str | None] = field(default_factory=dict)  # None: the default key
     not_found_answers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,6 +71,7 @@ class Images:
     registered: dict[str, tuple[str, list[dict[str, object]]]] = field(default_factory=dict)
     block_public_access: dict[str, str] = field(default_factory=dict)
     snapshot_block_public_access: dict[str, str] = field(default_factory=dict)
+    default_keys: dict[str, str] = field(default_factory=dict)  # ModifyEbsDefaultKmsKeyId
 
 
 class ValidatingProxy(http.server.ThreadingHTTPServer):
@@ -166,6 +171,21 @@ def deprecation_problem(form: dict[str, list[str]], now: dt.datetime) -> str | N
     return None
 
 
+def _without_status_filter(form: dict[str, list[str]]
+                           ) -> tuple[dict[str, list[str]], set[str] | None]:
+    """DescribeSnapshots' form less its status filter (applied by the layer), and the
+    states it asks for."""
+    numbers = [k.split(".")[1] for k, v in form.items()
+               if re.fullmatch(r"Filter\.\d+\.Name", k) and v == ["status"]]
+    if not numbers:
+        return form, None
+    wanted = {v for n in numbers for k, vs in form.items()
+              if k.startswith(f"Filter.{n}.Value.") for v in vs}
+    kept = {k: v for k, v in form.items()
+            if not any(k.startswith(f"Filter.{n}.") for n in numbers)}
+    return kept, wanted
+
+
 def registered_mappings(form: dict[str, list[str]]) -> tuple[str, list[dict[str, object]]]:
     """RegisterImage's root device and block device mappings, from its query form."""
     mappings: dict[int, dict[str, object]] = {}
@@ -256,9 +276,19 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             if action in ("RegisterImage", "CopyImage") and self._name_taken(form):
                 return self._ec2_error("InvalidAMIName.Duplicate", "AMI name "
                                        f"{form['Name'][0]} is already in use by an AMI")
+            problem = self._sharing_problem(action, form)
+            if problem:
+                return self._ec2_error("InvalidParameter", problem)
             if action in self.ANSWERED:
                 return getattr(self, f"_answer_{action}")(form)
+        wanted_states = None
+        if form.get("Action") == ["DescribeSnapshots"]:
+            form, wanted_states = _without_status_filter(form)
+            body = urllib.parse.urlencode(form, doseq=True).encode()
+            self.headers.replace_header("Content-Length", str(len(body)))
         status, headers, data = self._forward(body)
+        if status < 300 and form.get("Action") == ["DescribeSnapshots"]:
+            data = self._snapshot_states(data, wanted_states)
         self._observe(body, status, data)
         if status < 300 and form.get("Action") == ["RegisterImage"]:
             image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
@@ -290,13 +320,76 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
     # --- EC2 calls moto does not have --------------------------------------------------
 
     ANSWERED = ("EnableImageDeprecation", "GetImageBlockPublicAccessState",
-                "GetSnapshotBlockPublicAccessState", "GetEbsDefaultKmsKeyId")
+                "GetSnapshotBlockPublicAccessState", "GetEbsDefaultKmsKeyId",
+                "ModifyEbsDefaultKmsKeyId")
+
+    def _default_key(self) -> str:
+        """The account's default key for EBS encryption: the AWS managed key aws/ebs until
+        ModifyEbsDefaultKmsKeyId sets one (DEFAULT_KEY)."""
+        return self.server.images.default_keys.get(
+            self._region(), f"arn:aws:kms:{self._region()}:123456789012:alias/aws/ebs")
 
     def _answer_GetEbsDefaultKmsKeyId(self, form: dict) -> None:
-        """The account's default key for EBS encryption: the AWS managed key aws/ebs until
-        one is set (DEFAULT_KEY), which AWS does not let snapshots be shared under."""
-        arn = f"arn:aws:kms:{self._region()}:123456789012:alias/aws/ebs"
-        self._ec2_reply("GetEbsDefaultKmsKeyId", f"<kmsKeyId>{arn}</kmsKeyId>")
+        self._ec2_reply("GetEbsDefaultKmsKeyId", f"<kmsKeyId>{self._default_key()}</kmsKeyId>")
+
+    def _answer_ModifyEbsDefaultKmsKeyId(self, form: dict) -> None:
+        self.server.images.default_keys[self._region()] = form["KmsKeyId"][0]
+        self._ec2_reply("ModifyEbsDefaultKmsKeyId", f"<kmsKeyId>{form['KmsKeyId'][0]}</kmsKeyId>")
+
+    def _shares_under_aws_key(self, snapshot_id: str) -> bool:
+        snapshots = self.server.snapshots
+        return (snapshots.encrypted.get(snapshot_id, False)
+                and (snapshots.keys.get(snapshot_id) or self._default_key())
+                .endswith("alias/aws/ebs"))
+
+    def _sharing_problem(self, action: str, form: dict[str, list[str]]) -> str | None:
+        """SHARING: "AMIs with encrypted volumes cannot be made public"; snapshots
+        encrypted with the AWS managed key cannot be shared (ModifySnapshotAttribute:
+        "Encrypted snapshots and snapshots with Amazon Web Services Marketplace product
+        codes cannot be made public. Snapshots encrypted with your default KMS key cannot
+        be shared with other accounts.")."""
+        values = [v for k, vs in form.items() for v in vs]
+        if action == "ModifyImageAttribute" and any(
+                k.startswith("LaunchPermission.Add.") for k in form):
+            image_id = form["ImageId"][0]
+            _, mappings = self.server.images.registered.get(image_id, ("", []))
+            snaps = [str(m["Ebs"]["SnapshotId"]) for m in mappings
+                     if "SnapshotId" in (m.get("Ebs") or {})]
+            adds = {k: v for k, v in form.items() if k.startswith("LaunchPermission.Add.")}
+            public = ["all"] in [v for k, v in adds.items() if k.endswith(".Group")]
+            others = any(not k.endswith(".Group") for k in adds)
+            if public and any(self.server.snapshots.encrypted.get(s) for s in snaps):
+                return "AMIs with encrypted volumes cannot be made public"
+            if others and any(self._shares_under_aws_key(s) for s in snaps):
+                return "AMIs whose snapshots use the AWS managed key cannot be shared"
+        if action == "ModifySnapshotAttribute" and form.get("OperationType") == ["add"]:
+            snapshot_id = form["SnapshotId"][0]
+            public = any(k.startswith("UserGroup.") for k in form) and "all" in values
+            users = any(k.startswith("UserId.") for k in form)
+            if public and self.server.snapshots.encrypted.get(snapshot_id):
+                return "Encrypted snapshots cannot be made public"
+            if users and self._shares_under_aws_key(snapshot_id):
+                return "Snapshots encrypted with your default KMS key cannot be shared"
+        return None
+
+    def _snapshot_states(self, data: bytes, wanted: set[str] | None) -> bytes:
+        """A snapshot started with the EBS direct API is "pending" until CompleteSnapshot
+        (START_SNAPSHOT); moto shows it "completed" at once. The status filter is applied
+        here, on the states EBS would show."""
+        root = ET.fromstring(data)
+        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        ET.register_namespace("", ns.strip("{}"))
+        snapshots = self.server.snapshots
+        for listing in root.iter(f"{ns}snapshotSet"):
+            for item in list(listing):
+                snapshot_id = item.findtext(f"{ns}snapshotId")
+                state = item.find(f"{ns}status")
+                if (state is not None and snapshot_id in snapshots.written
+                        and snapshot_id not in snapshots.completed):
+                    state.text = "pending"
+                if wanted is not None and (state is None or state.text not in wanted):
+                    listing.remove(item)
+        return ET.tostring(root, xml_declaration=True, encoding="utf-8")
 
     def _answer_EnableImageDeprecation(self, form: dict[str, list[str]]) -> None:
         image_id = (form.get("ImageId") or [""])[0]
@@ -365,7 +458,8 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             "encrypted": encrypted, "kms_key_id": (form.get("KmsKeyId") or [None])[0]}
         if source in self.server.images.registered:  # new snapshots, in this region
             root_device, mappings = self.server.images.registered[source]
-            copied = [self._copy_snapshot(m, encrypted) for m in mappings]
+            key = (form.get("KmsKeyId") or [None])[0]
+            copied = [self._copy_snapshot(m, encrypted, key) for m in mappings]
             self.server.images.registered[copy_id] = (root_device, copied)
         if form.get("CopyImageTags") == ["true"]:
             tags = self.server.ec2(source_region).describe_images(
@@ -387,8 +481,13 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             encrypted = asked or self.server.encrypted_by_default(self._region())
             with snapshots.lock:
                 snapshots.encrypted[snapshot_id] = encrypted
+                snapshots.keys[snapshot_id] = json.loads(body or b"{}").get("KmsKeyArn")
                 snapshots.written[snapshot_id] = set()
                 snapshots.not_yet_found.add(snapshot_id)
+        done = re.fullmatch(r"/snapshots/completion/([^/?]+)", self.path.split("?")[0])
+        if self.command == "POST" and done:
+            with snapshots.lock:
+                snapshots.completed.add(done[1])
         match = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", self.path.split("?")[0])
         if self.command == "PUT" and match:
             with snapshots.lock:
@@ -414,8 +513,8 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         self._reply(status, [("Content-Type", "application/json"),
                              ("x-amzn-ErrorType", code)], data)
 
-    def _copy_snapshot(self, mapping: dict[str, object], encrypted: bool
-                       ) -> dict[str, object]:
+    def _copy_snapshot(self, mapping: dict[str, object], encrypted: bool,
+                       key_arn: str | None) -> dict[str, object]:
         """CopyImage copies each snapshot into the destination region, encrypted when the
         copy is asked to be or the source snapshot was (COPY_IMAGE)."""
         ebs = dict(mapping.get("Ebs") or {})
@@ -425,9 +524,13 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         volume = ec2.create_volume(Size=int(ebs.get("VolumeSize") or 1),
                                    AvailabilityZone=f"{self._region()}a")["VolumeId"]
         snapshot_id = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-        with self.server.snapshots.lock:
-            was = self.server.snapshots.encrypted.get(str(ebs["SnapshotId"]), False)
-            self.server.snapshots.encrypted[snapshot_id] = encrypted or was
+        snapshots, source = self.server.snapshots, str(ebs["SnapshotId"])
+        by_default = self.server.encrypted_by_default(self._region())
+        with snapshots.lock:  # COPY_IMAGE, and AMI_ENCRYPTION's table of outcomes
+            was = snapshots.encrypted.get(source, False)
+            snapshots.encrypted[snapshot_id] = encrypted or was or by_default
+            snapshots.keys[snapshot_id] = key_arn
+            snapshots.completed.add(snapshot_id)
         return {**mapping, "Ebs": {**ebs, "SnapshotId": snapshot_id}}
 
     def _ec2_reply(self, action: str, inner: str) -> None:

@@ -84,6 +84,8 @@ def copy_image(source: str, aws: Aws, options: CopyOptions) -> dict[str, str]:
         raise InputError(f"{source}: not published to {current_target(aws)} yet "
                          "(build publish first)")
     src = _read_source(aws.client("ec2"), image_id)
+    if output_dir is not None:
+        _check_recorded(src, output_dir, current_target(aws))
     deprecate_at = _deprecation(options, src)
     keys = {region: usable_key_arn(aws.client("kms", region), key,
                                    f"--kms-key-id {region}={key}")
@@ -96,7 +98,7 @@ def copy_image(source: str, aws: Aws, options: CopyOptions) -> dict[str, str]:
     for region, copy_id in copies.items():
         try:
             _finish(aws, region, copy_id, src, distribution, deprecate_at)
-        except (WaiterError, ClientError) as exc:  # the other regions still get finished
+        except (WaiterError, ClientError, BuildFailed) as exc:  # the others still finish
             failed[region] = f"{copy_id}: {exc}"
     if output_dir is not None:
         write_packer_manifest(output_dir, read_json(output_dir / "build-manifest.json"),
@@ -113,6 +115,15 @@ def _record(output_dir: Path | None, aws: Aws) -> tuple[dict[str, Any], Callable
     target = current_target(aws)
     record = state.load(output_dir, target)
     return record, lambda: state.save(output_dir, target, record)
+
+
+def _check_recorded(src: Source, output_dir: Path, target: str) -> None:
+    """The AMI publish.json records is copied (and its permissions with it) only if it is
+    this account's and of the build's name: the file may have been edited."""
+    name = read_json(output_dir / "register-image.json").get("Name")
+    if src.image.get("OwnerId") != target.split("/", 1)[0] or src.image.get("Name") != name:
+        raise InputError(f"{output_dir}: publish.json records {src.image_id}, which is not "
+                         "this build's AMI in this account")
 
 
 def _read_source(ec2: Any, image_id: str) -> Source:
@@ -164,7 +175,9 @@ def _refuse_what_aws_would(ec2: Any, src: Source, key_arn: str | None,
     public AMI is deprecated at most 2 years after its creation (the copy's is now)."""
     region = ec2.meta.region_name
     check_public_sharing(ec2, src.public, src.sharing.public)
-    encrypted = bool(key_arn) or src.encrypted
+    # AMI_ENCRYPTION: unencrypted snapshots are copied unencrypted "unless encryption by
+    # default is enabled, in which case all the newly created snapshots will be encrypted"
+    encrypted = bool(key_arn) or src.encrypted or _encrypts_by_default(ec2)
     if encrypted and (src.public or src.sharing.public):
         raise InputError(f"{region}: the copy would be encrypted, and AWS does not let an AMI "
                          f"with encrypted snapshots be public ({src.image_id} is)")
@@ -178,6 +191,13 @@ def _refuse_what_aws_would(ec2: Any, src: Source, key_arn: str | None,
         raise InputError(f"{region}: the deprecation time {deprecate_at}: {late}")
 
 
+def _encrypts_by_default(ec2: Any) -> bool:
+    try:
+        return bool(ec2.get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
+    except ClientError:  # not allowed to ask: assume it does (the stricter case)
+        return True
+
+
 def _start(ec2: Any, src: Source, key_arn: str | None, record: dict[str, Any],
            save: Callable[[], None]) -> str:
     """CopyImage, or the copy an earlier run started (recorded, or found by its name)."""
@@ -185,14 +205,19 @@ def _start(ec2: Any, src: Source, key_arn: str | None, record: dict[str, Any],
     existing = find_image(ec2, name)
     if existing:
         image = ec2.describe_images(ImageIds=[existing])["Images"][0]
-        recorded = record.get("copies", {}).get(region, {}).get("image_id")
-        if existing != recorded and image.get("SourceImageId") != src.image_id:
+        if (image.get("SourceImageId"), image.get("SourceImageRegion")) != (src.image_id,
+                                                                            src.region):
             raise InputError(f"{region} has an AMI named {name} ({existing}) that is not a "
                              f"copy of {src.image_id}: AMI names are unique per region")
-        if image.get("State") != "failed":
+        recorded = record.get("copies", {}).get(region, {})
+        if recorded.get("image_id") == existing and recorded.get("kms_key_id") != key_arn:
+            raise InputError(f"{region}: {existing} was copied with another key "
+                             f"({recorded.get('kms_key_id')}): deregister it to copy again")
+        if image.get("State") in ("pending", "available"):
             say(f"{region}: {existing}, a copy an earlier run started")
             return existing
-        say(f"{region}: the earlier copy {existing} failed: deregistering it, copying again")
+        say(f"{region}: the earlier copy {existing} is {image.get('State')}: deregistering "
+            "it, copying again")
         ec2.deregister_image(ImageId=existing)
     params: dict[str, Any] = {
         "SourceImageId": src.image_id, "SourceRegion": src.region, "Name": name,

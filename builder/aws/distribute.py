@@ -203,12 +203,23 @@ def _parameter(ssm: Any, name: str) -> str | None:
 
 
 def _newer(ec2: Any, other: str, image_id: str) -> bool:
+    """Whether ``other`` was built after ``image_id``: by their amiforge:build-id tags
+    (copies carry them; a copy's CreationDate is when it was copied), else by creation."""
     try:
         found = ec2.describe_images(ImageIds=[other, image_id])["Images"]
     except ClientError:  # the other AMI is gone (or not ours to see): replace it
         return False
-    created = {i["ImageId"]: i.get("CreationDate", "") for i in found}
-    return other in created and created[other] > created.get(image_id, "")
+    built = {i["ImageId"]: _built(i) for i in found}
+    return other in built and built[other] > built.get(image_id, "")
+
+
+def _built(image: dict[str, Any]) -> str:
+    tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
+    build_id = tags.get("amiforge:build-id", "")
+    if len(build_id) == 14 and build_id.isdigit():  # YYYYmmddHHMMSS, as ISO 8601
+        return (f"{build_id[:4]}-{build_id[4:6]}-{build_id[6:8]}T{build_id[8:10]}:"
+                f"{build_id[10:12]}:{build_id[12:]}")
+    return str(image.get("CreationDate", ""))
 
 
 def finish_image(ec2: Any, ssm: Any, image_id: str, snapshot_ids: list[str],

@@ -8,6 +8,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from builder.aws.distribute import check_public_sharing
+from builder.aws.limits import SNAPSHOT_PERMISSION_BATCH
 from builder.aws.publish import mapped_snapshots
 from builder.aws.publish import say as _say
 from builder.aws.session import Aws
@@ -25,6 +26,11 @@ def share(image_id: str, aws: Aws, accounts: list[str], public: bool, private: b
     else:
         if public and ec2 is not None:
             check_public_sharing(ec2, True, False)
+            image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+            if any(m.get("Ebs", {}).get("Encrypted") for m in image.get("BlockDeviceMappings",
+                                                                          [])):
+                raise InputError(f"{image_id} has encrypted snapshots: AWS does not let it "
+                                 "be public")
         add = [{"UserId": a} for a in accounts] + ([{"Group": "all"}] if public else [])
         change = {"Add": add}
     params = {"ImageId": image_id, "Attribute": "launchPermission", "LaunchPermission": change}
@@ -44,11 +50,15 @@ def _unshare_snapshots(ec2: Any, image_id: str) -> None:
         ).get("CreateVolumePermissions", [])
         users = [g["UserId"] for g in grants if "UserId" in g]
         groups = [g["Group"] for g in grants if "Group" in g]
+        for start in range(0, max(len(users), 1), SNAPSHOT_PERMISSION_BATCH):
+            batch = users[start:start + SNAPSHOT_PERMISSION_BATCH]
+            group = groups if start == 0 else []
+            if batch or group:
+                ec2.modify_snapshot_attribute(SnapshotId=snapshot_id,
+                                              Attribute="createVolumePermission",
+                                              OperationType="remove", UserIds=batch,
+                                              GroupNames=group)
         if users or groups:
-            ec2.modify_snapshot_attribute(SnapshotId=snapshot_id,
-                                          Attribute="createVolumePermission",
-                                          OperationType="remove", UserIds=users,
-                                          GroupNames=groups)
             _say(f"{snapshot_id}: no longer shared")
 
 

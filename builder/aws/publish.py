@@ -59,6 +59,10 @@ class Publication:
         state.save(self.output_dir, self.target, self.record)
 
     @property
+    def account(self) -> str:
+        return self.target.split("/", 1)[0]
+
+    @property
     def tags(self) -> dict[str, str]:
         return {t["Key"]: t["Value"] for spec in self.request.get("TagSpecifications", [])
                 for t in spec["Tags"]}
@@ -85,11 +89,16 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
                       distribution=Distribution.of_output(output_dir),
                       deprecate_at=options.deprecate_at, force=options.force)
     job.record = state.load(output_dir, job.target)
+    entries = [] if "ImageLocation" in request else \
+        read_json(output_dir / "snapshots.json")["snapshots"]
     if job.record.get("image_id") and not aws.dry_run and _still_there(job):
         if job.deprecate_at and job.record.get("deprecate_at") != aws_time(job.deprecate_at):
             job.record.pop("deprecate_at", None)  # a new --deprecate-at for a done AMI
             job.record["finished"] = False
         if not job.record.get("finished"):  # registered, but not everything done after
+            job.encrypted_by_default = bool(entries) and _encryption_by_default(aws)
+            _refuse_what_aws_would(job, entries)
+            _finish_replacement(job)
             _after_register(job, job.record["image_id"])
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
@@ -102,7 +111,6 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
         _refuse_what_aws_would(job, [])
         request["ImageLocation"] = _upload_bundle(job, options.bucket)
     else:
-        entries = read_json(output_dir / "snapshots.json")["snapshots"]
         job.encrypted_by_default = _encryption_by_default(aws)
         _refuse_what_aws_would(job, entries)
         _upload_snapshots(job, entries)
@@ -142,9 +150,10 @@ def _refuse_what_aws_would(job: Publication, entries: list[dict[str, Any]]) -> N
     sharing = job.distribution.share_snapshots
     check_public_sharing(ec2, public, sharing.public)
     now = dt.datetime.now(dt.UTC)
-    late = public and job.deprecate_at and deprecation_problem(job.deprecate_at, now, True)
+    when = job.deprecate_at or job.distribution.deprecation(now)
+    late = public and when and deprecation_problem(when, now, True)
     if late:
-        raise InputError(f"--deprecate-at: {late}")
+        raise InputError(f"the deprecation time {aws_time(when)}: {late}")
     encrypted = [e["device"] for e in entries
                  if _asked(job, e)["encrypted"] or job.encrypted_by_default]
     why = " (the account encrypts new snapshots by default)" if job.encrypted_by_default else ""
@@ -192,6 +201,7 @@ def _still_there(job: Publication) -> bool:
         raise InputError(f"{image_id} (recorded in {state.STATE}) is disabled: enable it "
                          "(EnableImage) or deregister it before publishing again")
     if images and images[0].get("State") != "deregistered":
+        _check_recorded_image(job, images[0])
         return True
     say(f"{image_id}, recorded in {state.STATE}, is gone from {job.target}: publishing again")
     job.record.pop("image_id", None)
@@ -199,6 +209,39 @@ def _still_there(job: Publication) -> bool:
     live = _existing_snapshots(ec2, sorted(recorded.values()))
     job.record["snapshot_ids"] = {d: s for d, s in recorded.items() if s in live}
     return False
+
+
+def _check_recorded_image(job: Publication, image: dict[str, Any]) -> None:
+    """publish.json is a file in the output directory, not a source of truth: the AMI it
+    records is acted on (permissions, deprecation, SSM) only if it is this account's, of
+    this build's name, and (EBS) holds the snapshots the record says."""
+    problems = []
+    if image.get("OwnerId") != job.account:
+        problems.append(f"owned by {image.get('OwnerId')}")
+    if image.get("Name") != job.request["Name"]:
+        problems.append(f"named {image.get('Name')!r}")
+    if "ImageLocation" not in job.request and \
+            mapped_snapshots(image) != job.record.get("snapshot_ids"):
+        problems.append("holding other snapshots")
+    if problems:
+        raise InputError(f"{state.STATE} records {image['ImageId']}, which is not this "
+                         f"build's AMI ({', '.join(problems)}): remove the record")
+
+
+def _our_snapshot(job: Publication, snapshot_id: str, device: str) -> bool:
+    """A recorded snapshot is reused only if it is this account's, completed, and made by
+    publish for this AMI name and device (StartSnapshot's description, fixed since)."""
+    try:
+        [snapshot] = job.aws.client("ec2").describe_snapshots(
+            SnapshotIds=[snapshot_id])["Snapshots"]
+    except (ClientError, ValueError):
+        return False
+    return (snapshot.get("OwnerId") == job.account and snapshot.get("State") == "completed"
+            and snapshot.get("Description") == _description(job, device))
+
+
+def _description(job: Publication, device: str) -> str:
+    return f"{job.request['Name']} {device}"
 
 
 def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
@@ -248,7 +291,8 @@ def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None
         done = job.record["snapshot_ids"].get(entry["device"])
         made = job.record["uploads"].get(entry["device"], {})
         if done and job.record["uploaded"].get(entry["image"]) == digest and \
-                made.get("asked") == _asked(job, entry):
+                made.get("asked") == _asked(job, entry) and \
+                (ebs is None or _our_snapshot(job, done, entry["device"])):
             say(f"{entry['device']}: reusing {done} from an earlier run")
         elif ebs is None:
             job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
@@ -298,7 +342,7 @@ def _key_arn(job: Publication, key: str) -> str:
 def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
                 digest: str) -> str:
     """Upload one image; a snapshot left pending by an interrupted run is filled again."""
-    device, name = entry["device"], job.request["Name"]
+    device = entry["device"]
     asked = _asked(job, entry)
     pending = job.record["pending"].get(device, {})
     same = pending.get("sha256") == digest and pending.get("asked") == asked
@@ -320,7 +364,7 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
 
     say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
         f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
-    common = {"description": f"{name} {device}", "tags": job.tags, "workers": job.workers,
+    common = {"description": _description(job, device), "tags": job.tags, "workers": job.workers,
               "encryption": encryption, "started": started,
               "skip_zero_blocks": job.skip_zero_blocks}
     token = pending.get("token") if same and not resume else None
@@ -429,6 +473,9 @@ def _finish_replacement(job: Publication) -> None:
     ec2, deleted = job.aws.client("ec2"), []
     for snapshot_id in sorted(set(replaced["snapshot_ids"]) -
                               set(job.record["snapshot_ids"].values())):
+        if not _made_for_this_name(job, snapshot_id):
+            say(f"{snapshot_id} was not made by publish for {job.request['Name']}: kept")
+            continue
         try:
             ec2.delete_snapshot(SnapshotId=snapshot_id)
             deleted.append(snapshot_id)
@@ -441,6 +488,18 @@ def _finish_replacement(job: Publication) -> None:
     job.save()
     say(f"replaced {replaced['image_id']} (deleted its snapshots: "
         f"{', '.join(deleted) or 'none'})")
+
+
+def _made_for_this_name(job: Publication, snapshot_id: str) -> bool:
+    """An old AMI's snapshot that --force may delete: this account's, and made by publish
+    for an AMI of this name (its description)."""
+    try:
+        [snapshot] = job.aws.client("ec2").describe_snapshots(
+            SnapshotIds=[snapshot_id])["Snapshots"]
+    except (ClientError, ValueError):
+        return False
+    return (snapshot.get("OwnerId") == job.account and
+            str(snapshot.get("Description", "")).startswith(f"{job.request['Name']} /dev/"))
 
 
 def _after_register(job: Publication, image_id: str) -> None:
@@ -488,7 +547,7 @@ def _launch_entry(entry: dict[str, str]) -> dict[str, str]:
 
 
 def find_image(ec2: Any, name: str) -> str | None:
-    images = ec2.describe_images(Owners=["self"],
+    images = ec2.describe_images(Owners=["self"], IncludeDisabled=True,
                                  Filters=[{"Name": "name", "Values": [name]}])["Images"]
     live = [i for i in images if i.get("State") != "deregistered"]
     return str(live[0]["ImageId"]) if live else None

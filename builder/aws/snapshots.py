@@ -30,6 +30,9 @@ from botocore.exceptions import ClientError
 from builder.host.fsutil import data_extents
 
 BLOCK = 512 << 10
+# StartSnapshot's Timeout: EBS cancels a snapshot not completed this long after its last
+# write (publish --sweep removes what that leaves behind)
+START_TIMEOUT_MINUTES = 60
 GiB = 1 << 30
 
 
@@ -113,7 +116,7 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
         indexes = list(range(total))
     if snapshot_id is None:
         params: dict[str, Any] = {"VolumeSize": size_gib, "Description": description,
-                                  "Timeout": 60}
+                                  "Timeout": START_TIMEOUT_MINUTES}
         if encryption.enabled:
             params["Encrypted"] = True
         if encryption.kms_key_arn:

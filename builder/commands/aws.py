@@ -52,7 +52,10 @@ def cmd_publish(argv: Sequence[str]) -> int:
 
     parser = Parser(prog="build publish", description="Upload a build's images (EBS "
                      "snapshots or an S3 bundle), register the AMI and share it.")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("output_dir", type=Path, nargs="?")
+    parser.add_argument("--sweep", action="store_true", help="instead: delete the snapshots "
+                        "interrupted publishes left (pending past StartSnapshot's timeout, or "
+                        "cancelled), found by amiforge's tag in this account and region")
     parser.add_argument("--bucket", help="S3 bucket for instance-store bundles")
     parser.add_argument("--workers", type=int, default=16, help="parallel block uploads")
     parser.add_argument("--kms-key-id", help="encrypt every snapshot with this KMS key "
@@ -72,6 +75,13 @@ def cmd_publish(argv: Sequence[str]) -> int:
     shown.add_argument("--quiet", action="store_true", help="print only the AMI id")
     _aws_args(parser)
     args = parser.parse_args(argv)
+    if args.sweep:
+        from builder.aws.sweep import sweep
+
+        print(json.dumps(sweep(_aws(args))))
+        return EXIT_OK
+    if args.output_dir is None:
+        raise InputError("build publish: give OUTPUT_DIR (or --sweep)")
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
     options = PublishOptions(args.bucket, args.workers, args.kms_key_id, args.skip_zero_blocks,

@@ -135,3 +135,33 @@ def test_a_new_snapshot_is_not_found_at_first_and_upload_waits_for_it(aws_rules,
     assert aws_rules.snapshots.not_found_answers == before + 1
     assert stats.blocks_sent == 3
     assert aws_rules.volume_block(REGION, snapshot, 2) == b"x" * BLOCK
+
+
+def test_encrypted_snapshots_are_neither_public_nor_shared_under_the_aws_key(aws_rules) -> None:
+    ec2 = client("ec2", aws_rules.url)
+    snapshot = _snapshot_with_one_block(aws_rules.url, Encrypted=True)
+    for change in ({"GroupNames": ["all"]}, {"UserIds": ["210987654321"]}):
+        with pytest.raises(ClientError, match="InvalidParameter"):
+            ec2.modify_snapshot_attribute(SnapshotId=snapshot, Attribute="createVolumePermission",
+                                          OperationType="add", **change)
+    key = client("kms", aws_rules.url).create_key()["KeyMetadata"]["Arn"]
+    ec2.modify_ebs_default_kms_key_id(KmsKeyId=key)
+    try:  # under the account's own default key it may be shared, still not made public
+        assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == key
+        ec2.modify_snapshot_attribute(SnapshotId=snapshot, Attribute="createVolumePermission",
+                                      OperationType="add", UserIds=["210987654321"])
+    finally:
+        aws_rules.images.default_keys.clear()
+    plain = _snapshot_with_one_block(aws_rules.url)
+    ec2.modify_snapshot_attribute(SnapshotId=plain, Attribute="createVolumePermission",
+                                  OperationType="add", GroupNames=["all"])
+
+
+def test_a_snapshot_is_pending_until_completed(aws_rules) -> None:
+    ebs, ec2 = client("ebs", aws_rules.url), client("ec2", aws_rules.url)
+    snapshot = _snapshot_with_one_block(aws_rules.url)
+    pending = ec2.describe_snapshots(Filters=[{"Name": "status", "Values": ["pending"]}])
+    assert snapshot in {s["SnapshotId"] for s in pending["Snapshots"]}
+    ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=1)
+    [listed] = ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
+    assert listed["State"] == "completed"

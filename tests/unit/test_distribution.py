@@ -299,3 +299,64 @@ def test_provenance_tags_packer_manifest_and_the_json_summary(aws, aws_rules,
     assert entry["custom_data"]["amiforge:recipe-sha256"] == build["recipe"]["sha256"]
     quiet = aws("publish", str(out), "--quiet", url=aws_rules.url)
     assert quiet.returncode == 0 and quiet.stdout == f"{image_id}\n"
+
+
+def test_sweep_deletes_only_abandoned_amiforge_snapshots(aws_rules) -> None:
+    from builder.aws.session import Aws
+    from builder.aws.sweep import MARK, sweep
+
+    ebs, ec2 = client("ebs", aws_rules.url), client("ec2", aws_rules.url)
+    mine = ebs.start_snapshot(VolumeSize=1, Tags=[{"Key": MARK, "Value": "x"}])["SnapshotId"]
+    other = ebs.start_snapshot(VolumeSize=1, Tags=[{"Key": "team", "Value": "x"}])["SnapshotId"]
+    aws = Aws(region=REGION, endpoint_url=aws_rules.url)
+    assert mine not in sweep(aws)  # pending, but within StartSnapshot's timeout
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    assert mine in sweep(Aws(region=REGION, endpoint_url=aws_rules.url, dry_run=True), later)
+    assert ec2.describe_snapshots(SnapshotIds=[mine])["Snapshots"]  # a dry run deletes none
+    assert mine in sweep(aws, later)
+    left = {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    assert mine not in left and other in left
+
+
+def test_a_crafted_publish_json_cannot_reach_other_resources(aws, aws_rules,
+                                                             tmp_path: Path) -> None:
+    """publish.json naming someone else's AMI (to be made public) or a snapshot to delete
+    (as a replaced AMI's): refused, and the snapshot kept."""
+    ec2 = client("ec2", aws_rules.url)
+    victim_image = ec2.register_image(Name="victim-image", RootDeviceName="/dev/xvda",
+                                      BlockDeviceMappings=[{"DeviceName": "/dev/xvda",
+                                                            "Ebs": {"VolumeSize": 1}}])["ImageId"]
+    victim_snapshot = ec2.create_snapshot(VolumeId=ec2.create_volume(
+        Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"])["SnapshotId"]
+    out = small_output(tmp_path / "out", "crafted-image", encrypted_volume=False,
+                       launch_permissions=LaunchPermissions(public=True))
+    target = f"123456789012/{REGION}@{aws_rules.url}"
+    (out / "publish.json").write_text(json.dumps({"targets": {target: {
+        "image_id": victim_image, "snapshot_ids": {}, "finished": False}}}))
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 2 and "not this build's AMI" in result.stderr
+    assert ec2.describe_image_attribute(ImageId=victim_image, Attribute="launchPermission")[
+        "LaunchPermissions"] == []
+
+    (out / "publish.json").write_text(json.dumps({"targets": {target: {
+        "replaced": {"image_id": "ami-00000000", "snapshot_ids": [victim_snapshot],
+                     "done": False}}}}))
+    result = aws("publish", str(out), url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{victim_snapshot} was not made by publish" in result.stderr
+    assert ec2.describe_snapshots(SnapshotIds=[victim_snapshot])["Snapshots"]
+
+
+def test_a_copy_encrypted_by_the_regions_default_cannot_stay_public(aws, aws_rules,
+                                                                    tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "public-copy-image", encrypted_volume=False,
+                       launch_permissions=LaunchPermissions(public=True))
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    other = client("ec2", aws_rules.url, "ca-central-1")
+    other.enable_ebs_encryption_by_default()
+    try:
+        result = aws("copy", str(out), "--to-region", "ca-central-1", url=aws_rules.url)
+    finally:
+        other.disable_ebs_encryption_by_default()
+    assert result.returncode == 2 and "would be encrypted" in result.stderr
+    assert "copies" not in published(out)

@@ -90,7 +90,11 @@ def test_an_image_changed_after_the_build_is_not_published(aws, aws_rules,
 
 
 def test_share_public_and_private(aws, aws_rules, tmp_path: Path) -> None:
-    out = small_output(tmp_path / "out", "share-test-image")
+    encrypted = small_output(tmp_path / "encrypted", "share-encrypted-image")
+    assert aws("publish", str(encrypted), url=aws_rules.url).returncode == 0
+    refused = aws("share", published(encrypted)["image_id"], "--public", url=aws_rules.url)
+    assert refused.returncode == 2 and "encrypted snapshots" in refused.stderr
+    out = small_output(tmp_path / "out", "share-test-image", encrypted_volume=False)
     assert aws("publish", str(out), url=aws_rules.url).returncode == 0
     image_id = published(out)["image_id"]
     ec2 = client("ec2", aws_rules.url)
