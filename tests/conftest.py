@@ -189,3 +189,18 @@ def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
                  "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def aws(capsys: pytest.CaptureFixture[str]):
+    """amiforge's AWS commands run in this process (the same code as `build publish ...`,
+    without a Python start per call) against URL: returns the exit code, stdout, stderr."""
+    from builder.cli import main
+    from tests.awstools import REGION
+
+    def call(*args: str, url: str, region: str = REGION) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([*args, "--region", region, "--endpoint-url", url])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return call

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from builder.amiplan import LaunchPermissions
-from builder.cli import main
 from builder.outputs.manifest import remove_stale_manifests
 from tests.awstools import REGION, client, published, small_output
 
@@ -21,16 +19,6 @@ pytestmark = pytest.mark.usefixtures("fake_credentials")
 COPY_REGIONS = ("us-west-2", "eu-west-1", "ap-southeast-2")
 PARAMETER = "/amiforge/test/latest"
 SHARED_WITH = "210987654321"  # not moto's own account (123456789012)
-
-
-@pytest.fixture
-def aws(capsys: pytest.CaptureFixture[str]):
-    def call(*args: str, url: str, region: str = REGION) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = main([*args, "--region", region, "--endpoint-url", url])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return call
 
 
 def describe(url: str, image_id: str, region: str = REGION) -> dict:

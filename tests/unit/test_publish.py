@@ -13,7 +13,6 @@ import pytest
 
 from builder.amiplan import LaunchPermissions
 from builder.aws.snapshots import BLOCK
-from builder.cli import main
 from tests.awstools import (
     OTHER,
     REGION,
@@ -24,18 +23,6 @@ from tests.awstools import (
 )
 
 pytestmark = pytest.mark.usefixtures("fake_credentials")
-
-
-@pytest.fixture
-def aws(capsys: pytest.CaptureFixture[str]):
-    """The CLI in this process (the same code as `build publish ...`, without a Python
-    start per call): returns the exit code, stdout and stderr."""
-    def call(*args: str, url: str, region: str = REGION) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = main([*args, "--region", region, "--endpoint-url", url])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return call
 
 
 def images_named(url: str, name: str) -> list[dict]:
