@@ -3,6 +3,7 @@ builder.aws.publish, copy in builder.aws.copy)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -15,9 +16,29 @@ from builder.aws.session import Aws
 from builder.errors import InputError
 
 
-def share(image_id: str, aws: Aws, accounts: list[str], public: bool, private: bool) -> None:
+@dataclass(frozen=True)
+class Grants:
+    """Who is to be allowed to launch an AMI."""
+
+    accounts: tuple[str, ...] = ()
+    organizations: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
+    public: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.accounts or self.organizations or self.units or self.public)
+
+    def launch_permissions(self) -> list[dict[str, str]]:
+        return ([{"UserId": a} for a in self.accounts]
+                + [{"OrganizationArn": a} for a in self.organizations]
+                + [{"OrganizationalUnitArn": a} for a in self.units]
+                + ([{"Group": "all"}] if self.public else []))
+
+
+def share(image_id: str, aws: Aws, grants: Grants, private: bool) -> None:
     """Grant launch permissions, or (--private) take every one away, and every
     createVolumePermission of the AMI's snapshots with them."""
+    public = grants.public
     ec2 = None if aws.dry_run else aws.client("ec2")
     if private:
         current = [] if ec2 is None else ec2.describe_image_attribute(
@@ -31,8 +52,7 @@ def share(image_id: str, aws: Aws, accounts: list[str], public: bool, private: b
                                                                           [])):
                 raise InputError(f"{image_id} has encrypted snapshots: AWS does not let it "
                                  "be public")
-        add = [{"UserId": a} for a in accounts] + ([{"Group": "all"}] if public else [])
-        change = {"Add": add}
+        change = {"Add": grants.launch_permissions()}
     params = {"ImageId": image_id, "Attribute": "launchPermission", "LaunchPermission": change}
     if ec2 is None:
         aws.would("ec2.ModifyImageAttribute", **params)

@@ -42,9 +42,12 @@ def deprecation_limit_days(public: bool) -> int:
 
 # LaunchPermission's OrganizationArn / OrganizationalUnitArn
 # https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_LaunchPermission.html
-ORGANIZATION_ARN = re.compile(r"^arn:aws[a-z-]*:organizations::\d{12}:"
-                              r"(organization/o-[a-z0-9]{10,32}"
-                              r"|ou/o-[a-z0-9]{10,32}/ou-[a-z0-9]{4,32}-[a-z0-9]{8,32})$")
+ORGANIZATION_ARN_PATTERN = (r"^arn:aws[a-z-]*:organizations::\d{12}:"
+                            r"organization/o-[a-z0-9]{10,32}$")
+OU_ARN_PATTERN = (r"^arn:aws[a-z-]*:organizations::\d{12}:"
+                  r"ou/o-[a-z0-9]{10,32}/ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}$")
+ORGANIZATION_ARN = re.compile(ORGANIZATION_ARN_PATTERN)
+OU_ARN = re.compile(OU_ARN_PATTERN)
 
 # "You can assign a maximum of 50 tags to each resource"; publish adds 4 amiforge:* tags
 # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/Using_Tags.html#tag-restrictions

@@ -28,7 +28,7 @@ from builder.aws.distribute import (
     parse_time,
 )
 from builder.aws.kms import usable_key_arn
-from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN
+from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN, OU_ARN
 from builder.aws.provenance import provenance_tags, with_image_tags, write_packer_manifest
 from builder.aws.session import Aws
 from builder.aws.snapshots import Encryption, upload_image
@@ -540,7 +540,7 @@ def _launch_entry(entry: dict[str, str]) -> dict[str, str]:
     [(kind, value)] = entry.items()
     valid = {"Group": lambda v: v == "all", "UserId": ACCOUNT_ID.match,
              "OrganizationArn": ORGANIZATION_ARN.match,
-             "OrganizationalUnitArn": ORGANIZATION_ARN.match}
+             "OrganizationalUnitArn": OU_ARN.match}
     if kind not in valid or not isinstance(value, str) or not valid[kind](value):
         raise ValueError(f"{kind}: {value!r}")
     return {kind: value}

@@ -97,20 +97,35 @@ def cmd_publish(argv: Sequence[str]) -> int:
 
 
 def cmd_share(argv: Sequence[str]) -> int:
-    from builder.aws.lifecycle import share
+    from builder.aws.lifecycle import Grants, share
+    from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN, OU_ARN
 
     parser = Parser(prog="build share", description="Change who may launch an AMI.")
     parser.add_argument("image_id")
-    who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--account", action="append", default=[], help="a 12-digit account id")
-    who.add_argument("--public", action="store_true")
-    who.add_argument("--private", action="store_true", help="remove every launch permission")
+    parser.add_argument("--account", action="append", default=[], help="a 12-digit account id")
+    parser.add_argument("--organization-arn", action="append", default=[],
+                        help="arn:aws:organizations::ACCOUNT:organization/o-...")
+    parser.add_argument("--ou-arn", action="append", default=[],
+                        help="arn:aws:organizations::ACCOUNT:ou/o-.../ou-...")
+    parser.add_argument("--public", action="store_true")
+    parser.add_argument("--private", action="store_true", help="remove every launch permission "
+                        "and the snapshots' createVolumePermission")
     _aws_args(parser)
     args = parser.parse_args(argv)
-    bad = [a for a in args.account if not (len(a) == 12 and a.isdigit())]
-    if bad:
-        raise InputError(f"--account {bad[0]!r}: an AWS account id is 12 digits")
-    share(args.image_id, _aws(args), args.account, args.public, args.private)
+    grants = Grants(tuple(args.account), tuple(args.organization_arn), tuple(args.ou_arn),
+                    args.public)
+    if args.private == bool(grants):
+        raise InputError("build share: give --private, or who to share with (--account, "
+                         "--organization-arn, --ou-arn, --public)")
+    checks = [(value, pattern, option) for option, pattern, values in (
+        ("--account", ACCOUNT_ID, args.account),
+        ("--organization-arn", ORGANIZATION_ARN, args.organization_arn),
+        ("--ou-arn", OU_ARN, args.ou_arn)) for value in values]
+    for value, pattern, option in checks:
+        if not pattern.match(value):
+            raise InputError(f"{option} {value!r}: not {option.removeprefix('--')} "
+                             "(see build share --help)")
+    share(args.image_id, _aws(args), grants, args.private)
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from builder.aws.limits import ORGANIZATION_ARN_PATTERN, OU_ARN_PATTERN
 from builder.recipe.sizes import SizeError, parse_size
 
 SCHEMA_URL = "https://amiforge.dev/schema/recipe.json"
@@ -215,8 +216,8 @@ SsmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]+$", max_length=1011)]
 class LaunchPermissions(Strict):
     public: bool = False
     accounts: list[AccountId] = []
-    organization_arns: list[Annotated[str, Field(pattern=r"^arn:aws:organizations::")]] = []
-    organizational_unit_arns: list[Annotated[str, Field(pattern=r"^arn:aws:organizations::")]] = []
+    organization_arns: list[Annotated[str, Field(pattern=ORGANIZATION_ARN_PATTERN)]] = []
+    organizational_unit_arns: list[Annotated[str, Field(pattern=OU_ARN_PATTERN)]] = []
 
 
 class Bundle(Strict):

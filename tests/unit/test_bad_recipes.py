@@ -211,7 +211,7 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         {"recipe.yaml": "name: xyz\nami: {deprecate_after: 1y}\n"},
         ["recipe.yaml:2:24: ami.deprecate_after: '1y' does not match the pattern ^[1-9][0-9]{0,3}d$"]),
     "share-snapshots-with-an-ou": (
-        {"recipe.yaml": "name: xyz\nami:\n  share_snapshots: true\n  launch_permissions: {organizational_unit_arns: ['arn:aws:organizations::123456789012:ou/o-1/ou-1']}\n"},
+        {"recipe.yaml": "name: xyz\nami:\n  share_snapshots: true\n  launch_permissions: {organizational_unit_arns: ['arn:aws:organizations::123456789012:ou/o-abcdef1234/ou-ab12-cdef5678']}\n"},
         ["recipe.yaml:3:20: ami.share_snapshots: snapshots can be shared with accounts and made public, not with organizations or OUs"]),
     "share-snapshots-with-nobody": (
         {"recipe.yaml": "name: xyz\nami: {share_snapshots: true}\n"},

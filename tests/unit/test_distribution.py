@@ -348,3 +348,32 @@ def test_a_copy_encrypted_by_the_regions_default_cannot_stay_public(aws, aws_rul
         other.disable_ebs_encryption_by_default()
     assert result.returncode == 2 and "would be encrypted" in result.stderr
     assert "copies" not in published(out)
+
+
+ORG = "arn:aws:organizations::123456789012:organization/o-abcdef1234"
+OU = "arn:aws:organizations::123456789012:ou/o-abcdef1234/ou-ab12-cdef5678"
+
+
+def test_organizations_and_ous_in_publish_share_and_copy(aws, aws_rules,
+                                                         tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "org-image", encrypted_volume=False,
+                       launch_permissions=LaunchPermissions(organization_arns=(ORG,),
+                                                            organizational_unit_arns=(OU,)))
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    image_id = published(out)["image_id"]
+
+    def launch(image: str, region: str = REGION) -> list:
+        return client("ec2", aws_rules.url, region).describe_image_attribute(
+            ImageId=image, Attribute="launchPermission")["LaunchPermissions"]
+    assert {"OrganizationArn": ORG} in launch(image_id)
+    assert {"OrganizationalUnitArn": OU} in launch(image_id)
+    other_org = ORG.replace("o-abcdef1234", "o-zyxwvu9876")
+    assert aws("share", image_id, "--organization-arn", other_org,
+               url=aws_rules.url).returncode == 0
+    assert {"OrganizationArn": other_org} in launch(image_id)
+    bad = aws("share", image_id, "--ou-arn", ORG, url=aws_rules.url)
+    assert bad.returncode == 2 and "--ou-arn" in bad.stderr
+    copied = aws("copy", str(out), "--to-region", "eu-north-1", url=aws_rules.url)
+    assert copied.returncode == 0, copied.stderr[-2000:]
+    copy_id = json.loads(copied.stdout)["eu-north-1"]
+    assert {"OrganizationalUnitArn": OU} in launch(copy_id, "eu-north-1")
