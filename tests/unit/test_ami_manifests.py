@@ -104,7 +104,8 @@ def test_default_root_mapping_is_as_large_as_the_image(tmp_path: Path) -> None:
 def test_public_and_organizations(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(
         "name: xyz\nami:\n  launch_permissions:\n    public: true\n"
-        "    organization_arns: ['arn:aws:organizations::123456789012:organization/o-abcdef1234']\n")
+        "    organization_arns:\n"
+        "      ['arn:aws:organizations::123456789012:organization/o-abcdef1234']\n")
     _, permission = requests_of(make_plan(load_recipe(tmp_path / "r.yaml")))
     assert permission["LaunchPermission"]["Add"] == [
         {"Group": "all"},
