@@ -31,7 +31,7 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
     # the bootstrap's shortcuts are gone: update-initramfs is dpkg's own again, and dpkg
     # syncs its writes on the instance
     assert "amiforge" not in vm.ssh("admin", key, "dpkg-divert --list")
-    assert "initramfs-tools" in vm.ssh("admin", key, "update-initramfs --version")
+    assert "initramfs-tools" in vm.ssh("admin", key, "/usr/sbin/update-initramfs --version")
     assert "unsafe-io" not in vm.ssh("admin", key, "cat /etc/dpkg/dpkg.cfg.d/*")
 
 
