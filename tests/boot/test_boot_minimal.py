@@ -31,7 +31,8 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
     # the bootstrap's shortcuts are gone: update-initramfs is dpkg's own again, and dpkg
     # syncs its writes on the instance
     assert "amiforge" not in vm.ssh("admin", key, "dpkg-divert --list")
-    assert "initramfs-tools" in vm.ssh("admin", key, "/usr/sbin/update-initramfs --version")
+    # (as root: --version runs mkinitramfs, which is in /usr/sbin, off the admin's PATH)
+    assert "initramfs-tools" in vm.ssh("admin", key, "sudo -n update-initramfs --version")
     assert "unsafe-io" not in vm.ssh("admin", key, "cat /etc/dpkg/dpkg.cfg.d/*")
 
 
