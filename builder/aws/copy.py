@@ -25,12 +25,20 @@ from builder.aws.distribute import (
     check_public_sharing,
     default_key_is_aws_managed,
     deprecation_problem,
+    encrypts_by_default,
     finish_image,
     parse_time,
 )
 from builder.aws.kms import usable_key_arn
 from builder.aws.provenance import write_packer_manifest
-from builder.aws.publish import current_target, find_image, mapped_snapshots, read_json, say
+from builder.aws.publish import (
+    current_target,
+    find_image,
+    has_encrypted_snapshots,
+    mapped_snapshots,
+    read_json,
+    say,
+)
 from builder.aws.session import Aws
 from builder.errors import BuildFailed, InputError
 
@@ -137,7 +145,7 @@ def _read_source(ec2: Any, image_id: str) -> Source:
             ImageId=image_id, Attribute="launchPermission")["LaunchPermissions"]
     except ClientError:  # an AMI shared with this account: its permissions are not ours
         say(f"{image_id} is not this account's: its copies get no launch permissions")
-        return Source(image, [], SnapshotSharing(), _encrypted(image),
+        return Source(image, [], SnapshotSharing(), has_encrypted_snapshots(image),
                       ec2.meta.region_name)
     accounts, public = set(), False
     for snapshot_id in mapped_snapshots(image).values():
@@ -147,11 +155,7 @@ def _read_source(ec2: Any, image_id: str) -> Source:
             accounts |= {grant["UserId"]} if "UserId" in grant else set()
             public |= grant.get("Group") == "all"
     return Source(image, launch, SnapshotSharing(tuple(sorted(accounts)), public),
-                  _encrypted(image), ec2.meta.region_name)
-
-
-def _encrypted(image: dict[str, Any]) -> bool:
-    return any(m.get("Ebs", {}).get("Encrypted") for m in image.get("BlockDeviceMappings", []))
+                  has_encrypted_snapshots(image), ec2.meta.region_name)
 
 
 def _deprecation(options: CopyOptions, src: Source) -> dt.datetime | None:
@@ -177,7 +181,7 @@ def _refuse_what_aws_would(ec2: Any, src: Source, key_arn: str | None,
     check_public_sharing(ec2, src.public, src.sharing.public)
     # AMI_ENCRYPTION: unencrypted snapshots are copied unencrypted "unless encryption by
     # default is enabled, in which case all the newly created snapshots will be encrypted"
-    encrypted = bool(key_arn) or src.encrypted or _encrypts_by_default(ec2)
+    encrypted = bool(key_arn) or src.encrypted or encrypts_by_default(ec2)
     if encrypted and (src.public or src.sharing.public):
         raise InputError(f"{region}: the copy would be encrypted, and AWS does not let an AMI "
                          f"with encrypted snapshots be public ({src.image_id} is)")
@@ -189,13 +193,6 @@ def _refuse_what_aws_would(ec2: Any, src: Source, key_arn: str | None,
                                                 src.public)
     if late:
         raise InputError(f"{region}: the deprecation time {deprecate_at}: {late}")
-
-
-def _encrypts_by_default(ec2: Any) -> bool:
-    try:
-        return bool(ec2.get_ebs_encryption_by_default()["EbsEncryptionByDefault"])
-    except ClientError:  # not allowed to ask: assume it does (the stricter case)
-        return True
 
 
 def _start(ec2: Any, src: Source, key_arn: str | None, record: dict[str, Any],

@@ -146,6 +146,20 @@ def _blocked(ask: Any) -> bool:
     return state not in ("unblocked", "")
 
 
+def encrypts_by_default(ec2: Any) -> bool:
+    """The account's "EBS encryption by default" in ec2's region: it encrypts every new
+    snapshot (StartSnapshot, or a copy's), whatever the call says. Not allowed to ask
+    (ec2:GetEbsEncryptionByDefault): taken as on, the safe guess."""
+    try:
+        answer = ec2.get_ebs_encryption_by_default()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in (
+                "UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+            raise
+        return True
+    return bool(answer["EbsEncryptionByDefault"])
+
+
 def default_key_is_aws_managed(ec2: Any) -> bool:
     """Whether snapshots encrypted without a named key get the AWS managed key (aws/ebs),
     which AWS does not let anyone share, or the account's own default key."""

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 
 from builder.aws.distribute import check_public_sharing
 from builder.aws.limits import SNAPSHOT_PERMISSION_BATCH
-from builder.aws.publish import mapped_snapshots
+from builder.aws.publish import has_encrypted_snapshots, mapped_snapshots
 from builder.aws.publish import say as _say
 from builder.aws.session import Aws
 from builder.errors import InputError
@@ -47,9 +47,7 @@ def share(image_id: str, aws: Aws, grants: Grants, private: bool) -> None:
     else:
         if public and ec2 is not None:
             check_public_sharing(ec2, True, False)
-            image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
-            if any(m.get("Ebs", {}).get("Encrypted") for m in image.get("BlockDeviceMappings",
-                                                                          [])):
+            if has_encrypted_snapshots(ec2.describe_images(ImageIds=[image_id])["Images"][0]):
                 raise InputError(f"{image_id} has encrypted snapshots: AWS does not let it "
                                  "be public")
         change = {"Add": grants.launch_permissions()}

@@ -24,6 +24,7 @@ from builder.aws.distribute import (
     check_public_sharing,
     default_key_is_aws_managed,
     deprecation_problem,
+    encrypts_by_default,
     finish_image,
     parse_time,
 )
@@ -96,7 +97,7 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
             job.record.pop("deprecate_at", None)  # a new --deprecate-at for a done AMI
             job.record["finished"] = False
         if not job.record.get("finished"):  # registered, but not everything done after
-            job.encrypted_by_default = bool(entries) and _encryption_by_default(aws)
+            job.encrypted_by_default = bool(entries) and encrypts_by_default(aws.client("ec2"))
             _refuse_what_aws_would(job, entries)
             _finish_replacement(job)
             _after_register(job, job.record["image_id"])
@@ -111,7 +112,7 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
         _refuse_what_aws_would(job, [])
         request["ImageLocation"] = _upload_bundle(job, options.bucket)
     else:
-        job.encrypted_by_default = _encryption_by_default(aws)
+        job.encrypted_by_default = not aws.dry_run and encrypts_by_default(aws.client("ec2"))
         _refuse_what_aws_would(job, entries)
         _upload_snapshots(job, entries)
     image_id = _register(job)
@@ -262,21 +263,6 @@ def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _encryption_by_default(aws: Aws) -> bool:
-    """The account's "EBS encryption by default": it encrypts every new snapshot, whatever
-    StartSnapshot says (recorded in publish.json; every block is written either way). Not
-    allowed to ask (ec2:GetEbsEncryptionByDefault): taken as on, the safe guess."""
-    if aws.dry_run:
-        return False
-    try:
-        answer = aws.client("ec2").get_ebs_encryption_by_default()
-    except ClientError as exc:
-        if _code(exc) not in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
-            raise
-        return True
-    return bool(answer["EbsEncryptionByDefault"])
 
 
 def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
@@ -443,6 +429,10 @@ def _made_here(job: Publication, image: dict[str, Any], theirs: dict[str, str]) 
     if "ImageLocation" in job.request:
         return image.get("ImageLocation") == job.request["ImageLocation"]
     return bool(theirs) and theirs == job.record["snapshot_ids"]
+
+
+def has_encrypted_snapshots(image: dict[str, Any]) -> bool:
+    return any(m.get("Ebs", {}).get("Encrypted") for m in image.get("BlockDeviceMappings", []))
 
 
 def mapped_snapshots(image: dict[str, Any]) -> dict[str, str]:
