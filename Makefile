@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 # system site-packages, so python3-guestfs (`build audit`) is importable in it; libguestfs
 # boots its appliance with the host's kernel (linux-image-amd64).
 # arm64 (Graviton) images: qemu-user through binfmt_misc runs the image's programs during
-# the build; qemu-system-arm and AAVMF (qemu-efi-aarch64) boot them.
+# the build (patchelf readies the host's dpkg-deb and dash to stand in for the slowest);
+# qemu-system-arm and AAVMF (qemu-efi-aarch64) boot them.
 APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-bin \
 	grub-efi-amd64-bin mtools dosfstools fdisk e2fsprogs xfsprogs util-linux \
 	python3 python3-venv python3-pip openssh-client openssl ca-certificates gpgv \
 	python3-guestfs linux-image-amd64 \
-	qemu-user-static binfmt-support arch-test qemu-system-arm qemu-efi-aarch64
+	qemu-user-static binfmt-support arch-test qemu-system-arm qemu-efi-aarch64 patchelf
 
 .PHONY: build test check unit lint deps venv bench clean
 

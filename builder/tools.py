@@ -11,6 +11,7 @@ from pathlib import Path
 from builder.errors import ToolFailed, ToolMissing
 from builder.host.run import package_for, run
 from builder.plan import Plan
+from builder.stages import native_tools
 
 STAGE_FORMAT = 3  # bump when a stage's output changes for the same inputs
 
@@ -63,6 +64,8 @@ def required_programs(plan: Plan, filesystems: set[str]) -> dict[str, str]:
         needed.update(UEFI)
     if plan.partition("bios-boot"):
         needed.update(BIOS)
+    if native_tools.wanted(plan.os.architecture):
+        needed["patchelf"] = "the host's dpkg-deb and dash standing in for the emulated ones"
     return needed
 
 

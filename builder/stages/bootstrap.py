@@ -17,6 +17,7 @@ from builder.image.filesystem import clamp_times
 from builder.pipeline.cache import Entry, StageCache, copy_tree
 from builder.pipeline.runner import Context
 from builder.plan import OSPlan, Plan
+from builder.stages import native_tools
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT, tool_version
 
@@ -41,6 +42,13 @@ DEFER_INITRAMFS = (f'chroot "$1" {DIVERT.format("add")} && '
 MAKE_INITRAMFS = (f'rm -f "$1"{UPDATE_INITRAMFS} && chroot "$1" {DIVERT.format("remove")} && '
                   f'if [ -x "$1"{UPDATE_INITRAMFS} ]; then '
                   f'chroot "$1" update-initramfs -c -k all; fi')
+# openssh-server's postinst makes the host keys unless they exist (RSA 3072 alone takes
+# seconds emulated); the image must not have any (configure removes them, the first boot
+# makes its own), so empty placeholders stand in while apt installs and go afterwards.
+HOST_KEYS = " ".join(f'"$1"/etc/ssh/ssh_host_{kind}_key' for kind in ("rsa", "ecdsa", "ed25519"))
+PLACE_HOST_KEYS = f'mkdir -p "$1"/etc/ssh && touch {HOST_KEYS}'
+DROP_HOST_KEYS = (f'for key in {HOST_KEYS}; do if [ ! -s "$key" ]; then rm -f "$key"; fi; done'
+                  ' && rmdir --ignore-fail-on-non-empty "$1"/etc/ssh')
 # dpkg skips its fsync()s while the tree is made (a failed bootstrap is thrown away
 # whole); the option is taken out of the image's dpkg configuration afterwards.
 UNSAFE_IO = "force-unsafe-io"
@@ -48,7 +56,8 @@ SAFE_IO_AGAIN = f"sed -i '/^{UNSAFE_IO}$/d' \"$1\"/etc/dpkg/dpkg.cfg.d/99mmdebst
 
 
 def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
-                    seed: Path | None = None, auth: Path | None = None) -> list[str]:
+                    seed: Path | None = None, auth: Path | None = None,
+                    native: Path | None = None) -> list[str]:
     """mmdebstrap's argument list; a pure function so tests can check it."""
     argv = [
         "mmdebstrap",
@@ -61,6 +70,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         "--aptopt=Acquire::Languages \"none\"",
         *(f"--dpkgopt={option}" for option in (*os_plan.dpkg_options, UNSAFE_IO)),
         f"--customize-hook={SAFE_IO_AGAIN}",
+        f"--essential-hook={PLACE_HOST_KEYS}",
+        f"--customize-hook={DROP_HOST_KEYS}",
         # Keep the package lists: a cached bootstrap can then take more packages without
         # downloading them again. The configure stage removes them from the image.
         "--skip=cleanup/apt/lists",
@@ -72,6 +83,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
                  for name, folder, _, _ in SEED_FILES]
         argv += [f"--essential-hook={DEFER_INITRAMFS}", f"--customize-hook={MAKE_INITRAMFS}"]
+    if native is not None:  # (after the seed's hooks: mkinitramfs runs with the stand-ins)
+        argv += native_tools.hooks(native)
     if auth is not None:  # the mirror's credentials, for apt during the bootstrap only
         folder = shlex.quote(AUTH_FILE.rsplit("/", 1)[0])
         argv += [f"--setup-hook=mkdir -p \"$1\"{folder}",
@@ -101,8 +114,11 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
         auth = seed / "apt-auth.conf"
         auth.touch(mode=0o600)
         auth.write_text(os_plan.apt_auth)
+    native = None
+    if native_tools.wanted(os_plan.architecture):
+        native = native_tools.collect(seed / "native")
     try:
-        run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth))
+        run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth, native))
     finally:
         if auth is not None:
             auth.unlink(missing_ok=True)

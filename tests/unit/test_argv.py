@@ -13,7 +13,9 @@ from builder.image.filesystem import fat_volume_id, make_ext4, mkfs_ext4_argv, m
 from builder.plan import OSPlan
 from builder.stages.bootstrap import (
     DEFER_INITRAMFS,
+    DROP_HOST_KEYS,
     MAKE_INITRAMFS,
+    PLACE_HOST_KEYS,
     SAFE_IO_AGAIN,
     mmdebstrap_argv,
     write_seed_files,
@@ -49,6 +51,7 @@ def test_mmdebstrap_seeds_the_initramfs_config_before_the_kernel_is_installed() 
     hooks = [a.removeprefix("--essential-hook=") for a in argv
              if a.startswith("--essential-hook=")]
     assert hooks == [
+        PLACE_HOST_KEYS,
         'mkdir -p "$1"/etc/initramfs-tools/conf.d "$1"/etc/initramfs-tools/hooks',
         "copy-in '/w/tree seed/amiforge.conf' /etc/initramfs-tools/conf.d",
         "copy-in '/w/tree seed/amiforge-drivers' /etc/initramfs-tools/hooks",
@@ -66,6 +69,29 @@ def test_dpkg_skips_fsync_while_bootstrapping_but_not_in_the_image() -> None:
     assert "--dpkgopt=force-unsafe-io" in argv
     assert f"--customize-hook={SAFE_IO_AGAIN}" in argv
     assert "99mmdebstrap" in SAFE_IO_AGAIN
+
+
+def test_openssh_makes_no_host_keys_while_bootstrapping() -> None:
+    """Empty placeholders stop openssh-server's postinst from making keys (seconds of
+    emulated RSA); only the empty ones are removed again."""
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), None)
+    assert f"--essential-hook={PLACE_HOST_KEYS}" in argv
+    assert f"--customize-hook={DROP_HOST_KEYS}" in argv
+    for kind in ("rsa", "ecdsa", "ed25519"):
+        assert f"/etc/ssh/ssh_host_{kind}_key" in PLACE_HOST_KEYS
+    assert '[ ! -s "$key" ]' in DROP_HOST_KEYS
+
+
+def test_host_tools_stand_in_until_the_initramfs_is_made() -> None:
+    argv = mmdebstrap_argv(OS, Path("/w/tree"), None, Path("/w/seed"), None,
+                           Path("/w/seed/native"))
+    extract = [a for a in argv if a.startswith("--extract-hook=")]
+    assert len(extract) == 1 and '[ ! -e "$1"/amiforge-native ]' in extract[0]
+    customize = [a.removeprefix("--customize-hook=") for a in argv
+                 if a.startswith("--customize-hook=")]
+    put_back = next(i for i, hook in enumerate(customize) if "amiforge-native/tree" in hook)
+    assert put_back > customize.index(MAKE_INITRAMFS)  # mkinitramfs runs with native dash
+    assert not any("native" in a for a in mmdebstrap_argv(OS, Path("/w/tree"), None))
 
 
 def test_initramfs_seed_lists_the_plans_drivers(tmp_path: Path) -> None:

@@ -1,0 +1,65 @@
+"""The host's dpkg-deb and dash standing in for an emulated tree's own."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.stages import native_tools
+
+pytestmark = pytest.mark.unit
+
+
+def test_wanted_only_for_an_emulated_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_tools.platform, "machine", lambda: "x86_64")
+    assert native_tools.wanted("arm64")
+    assert not native_tools.wanted("amd64")
+    monkeypatch.setattr(native_tools.platform, "machine", lambda: "aarch64")
+    assert not native_tools.wanted("amd64")  # no stand-ins known for this host
+
+
+def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
+    extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
+    assert extract.startswith('--extract-hook=[ ! -e "$1"/amiforge-native ] && ')
+    assert essential.startswith("--essential-hook=mkdir -p ")
+    for hook in (extract, essential):
+        for tool in native_tools.TOOLS:
+            # kept aside unless what is in place is the stand-in itself
+            assert (f"cmp -s \"$1\"{tool} '/w/my seed/native'{tool} || "
+                    f'cp -p "$1"{tool} "$1"/amiforge-native/tree/') in hook
+        assert hook.endswith("cp -R --preserve=mode '/w/my seed/native'/. \"$1\"/")
+    assert customize == ('--customize-hook=mv "$1"/amiforge-native/tree/dpkg-deb '
+                         '"$1"/usr/bin/dpkg-deb && mv "$1"/amiforge-native/tree/dash '
+                         '"$1"/usr/bin/dash && rm -rf "$1"/amiforge-native')
+
+
+@pytest.mark.skipif(shutil.which("patchelf") is None or not native_tools.wanted("arm64"),
+                    reason="needs patchelf on an x86_64 Debian host")
+def test_collected_tools_load_from_their_folder(tmp_path: Path) -> None:
+    folder = native_tools.collect(tmp_path / "native")
+    libraries = folder / "amiforge-native"
+    assert {p.name for p in folder.rglob("*") if p.parent.name == "bin"} == {"dpkg-deb",
+                                                                             "dash"}
+    for tool in native_tools.TOOLS:
+        copy = folder / tool.lstrip("/")
+        interpreter = subprocess.run(["patchelf", "--print-interpreter", copy],
+                                     capture_output=True, text=True, check=True).stdout
+        assert interpreter.strip() == "/amiforge-native/ld.so"
+        rpath = subprocess.run(["patchelf", "--print-rpath", copy], capture_output=True,
+                               text=True, check=True).stdout
+        assert rpath.strip() == "/amiforge-native"
+        needed = subprocess.run(["patchelf", "--print-needed", copy], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert needed and all((libraries / name).is_file() for name in needed)
+    # and they run with the folder's loader and libraries
+    done = subprocess.run([libraries / "ld.so", "--inhibit-cache", "--library-path",
+                           libraries, folder / "usr/bin/dpkg-deb", "--version"],
+                          capture_output=True, text=True, env={}, check=True)
+    assert "dpkg-deb" in done.stdout
+    said = subprocess.run([libraries / "ld.so", "--inhibit-cache", "--library-path",
+                           libraries, folder / "usr/bin/dash", "-c", "echo $((6*7))"],
+                          capture_output=True, text=True, env={}, check=True)
+    assert said.stdout == "42\n"
