@@ -29,6 +29,7 @@ from builder.aws.distribute import (
     finish_image,
     parse_time,
 )
+from builder.aws.job import read_json, say
 from builder.aws.kms import usable_key_arn
 from builder.aws.provenance import write_packer_manifest
 from builder.aws.publish import (
@@ -36,8 +37,6 @@ from builder.aws.publish import (
     find_image,
     has_encrypted_snapshots,
     mapped_snapshots,
-    read_json,
-    say,
 )
 from builder.aws.session import Aws
 from builder.errors import BuildFailed, InputError

@@ -9,9 +9,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from builder.aws.distribute import check_public_sharing
+from builder.aws.job import say as _say
 from builder.aws.limits import SNAPSHOT_PERMISSION_BATCH
 from builder.aws.publish import has_encrypted_snapshots, mapped_snapshots
-from builder.aws.publish import say as _say
 from builder.aws.session import Aws
 from builder.errors import InputError
 

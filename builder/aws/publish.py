@@ -8,10 +8,7 @@ twice. A recorded AMI is checked with DescribeImages before it is reported as do
 from __future__ import annotations
 
 import datetime as dt
-import json
-import sys
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,45 +25,15 @@ from builder.aws.distribute import (
     finish_image,
     parse_time,
 )
-from builder.aws.kms import usable_key_arn
+from builder.aws.job import Publication, error_code, read_json, say
 from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN, OU_ARN
 from builder.aws.provenance import provenance_tags, with_image_tags, write_packer_manifest
+from builder.aws.replace import finish_replacement, replace_image
 from builder.aws.session import Aws
-from builder.aws.snapshots import Encryption, upload_image
-from builder.errors import BuildFailed, InputError
-from builder.outputs.ami import is_placeholder
-from builder.plan import sha256_file
+from builder.aws.upload import asked_for, upload_bundle, upload_snapshots
+from builder.errors import InputError
 
 IMAGE_TAG = "amiforge:image-id"
-
-
-@dataclass
-class Publication:
-    output_dir: Path
-    aws: Aws
-    target: str
-    record: dict[str, Any]
-    request: dict[str, Any]
-    workers: int = 16
-    kms_key_id: str | None = None
-    encrypted_by_default: bool = False
-    skip_zero_blocks: bool = False
-    key_arns: dict[str, str] = field(default_factory=dict)
-    distribution: Distribution = field(default_factory=Distribution)
-    deprecate_at: dt.datetime | None = None  # --deprecate-at, else the recipe's days
-    force: bool = False
-
-    def save(self) -> None:
-        state.save(self.output_dir, self.target, self.record)
-
-    @property
-    def account(self) -> str:
-        return self.target.split("/", 1)[0]
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return {t["Key"]: t["Value"] for spec in self.request.get("TagSpecifications", [])
-                for t in spec["Tags"]}
 
 
 @dataclass(frozen=True)
@@ -99,7 +66,7 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
         if not job.record.get("finished"):  # registered, but not everything done after
             job.encrypted_by_default = bool(entries) and encrypts_by_default(aws.client("ec2"))
             _refuse_what_aws_would(job, entries)
-            _finish_replacement(job)
+            finish_replacement(job)
             _after_register(job, job.record["image_id"])
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
@@ -110,17 +77,17 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
     job.record["region"] = aws.region
     if "ImageLocation" in request:
         _refuse_what_aws_would(job, [])
-        request["ImageLocation"] = _upload_bundle(job, options.bucket)
+        request["ImageLocation"] = upload_bundle(job, options.bucket)
     else:
         job.encrypted_by_default = not aws.dry_run and encrypts_by_default(aws.client("ec2"))
         _refuse_what_aws_would(job, entries)
-        _upload_snapshots(job, entries)
+        upload_snapshots(job, entries)
     image_id = _register(job)
     if image_id is None:  # dry run
         return job.record
     job.record["image_id"] = image_id
     job.save()
-    _finish_replacement(job)
+    finish_replacement(job)
     _after_register(job, image_id)
     write_packer_manifest(output_dir, build, state.all_targets(output_dir))
     say(f"published {request['Name']} as {image_id} in {aws.region}")
@@ -156,13 +123,13 @@ def _refuse_what_aws_would(job: Publication, entries: list[dict[str, Any]]) -> N
     if late:
         raise InputError(f"the deprecation time {aws_time(when)}: {late}")
     encrypted = [e["device"] for e in entries
-                 if _asked(job, e)["encrypted"] or job.encrypted_by_default]
+                 if asked_for(job, e)["encrypted"] or job.encrypted_by_default]
     why = " (the account encrypts new snapshots by default)" if job.encrypted_by_default else ""
     if encrypted and (public or sharing.public):
         raise InputError(f"{', '.join(encrypted)} will be encrypted{why}, and AWS does not "
                          "let an AMI or snapshots with encrypted volumes be public")
     default_keyed = [e["device"] for e in entries if e["device"] in encrypted
-                     and not _asked(job, e)["kms_key_id"]]
+                     and not asked_for(job, e)["kms_key_id"]]
     if default_keyed and (shared or sharing.accounts) and default_key_is_aws_managed(ec2):
         raise InputError(f"{', '.join(default_keyed)} will be encrypted with the AWS managed "
                          f"key{why}, which AWS does not let be shared with other accounts: "
@@ -195,7 +162,7 @@ def _still_there(job: Publication) -> bool:
     try:
         images = ec2.describe_images(ImageIds=[image_id], IncludeDisabled=True)["Images"]
     except ClientError as exc:
-        if _code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
+        if error_code(exc) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
             raise
         images = []
     if images and images[0].get("State") == "disabled":
@@ -229,21 +196,6 @@ def _check_recorded_image(job: Publication, image: dict[str, Any]) -> None:
                          f"build's AMI ({', '.join(problems)}): remove the record")
 
 
-def _our_snapshot(job: Publication, snapshot_id: str, device: str) -> bool:
-    """A recorded snapshot is reused only if it is this account's, completed, and made by
-    publish for this AMI name and device (StartSnapshot's description, fixed since)."""
-    try:
-        [snapshot] = job.aws.client("ec2").describe_snapshots(
-            SnapshotIds=[snapshot_id])["Snapshots"]
-    except (ClientError, ValueError):
-        return False
-    return (snapshot.get("OwnerId") == job.account and snapshot.get("State") == "completed"
-            and snapshot.get("Description") == _description(job, device))
-
-
-def _description(job: Publication, device: str) -> str:
-    return f"{job.request['Name']} {device}"
-
 
 def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
     """The recorded snapshots that still exist, completed (an id one cannot see is left
@@ -253,150 +205,12 @@ def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
         try:
             listed = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
         except ClientError as exc:
-            if _code(exc) != "InvalidSnapshot.NotFound":
+            if error_code(exc) != "InvalidSnapshot.NotFound":
                 raise
             continue
         if listed and listed[0].get("State") == "completed":
             found.add(snapshot_id)
     return found
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
-    ebs = None if job.aws.dry_run else job.aws.client("ebs")
-    by_placeholder = {}
-    for entry in snapshots:
-        image = job.output_dir / entry["image"]
-        digest = job.record["uploaded"].get(entry["image"]) or sha256_file(image)
-        if digest != entry["sha256"]:
-            raise InputError(f"{image}: changed since the build (sha256 differs from "
-                             "snapshots.json); rebuild before publishing")
-        done = job.record["snapshot_ids"].get(entry["device"])
-        made = job.record["uploads"].get(entry["device"], {})
-        if done and job.record["uploaded"].get(entry["image"]) == digest and \
-                made.get("asked") == _asked(job, entry) and \
-                (ebs is None or _our_snapshot(job, done, entry["device"])):
-            say(f"{entry['device']}: reusing {done} from an earlier run")
-        elif ebs is None:
-            job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
-                          image=entry["image"], size=entry["size"],
-                          encrypted=_encryption(job, entry).enabled)
-            done = f"snap-{entry['device'].rsplit('/', 1)[-1]}-dry-run"
-        else:
-            done = _upload_one(job, ebs, entry, image, digest)
-        by_placeholder[entry["placeholder"]] = done
-    for mapping in job.request.get("BlockDeviceMappings", []):
-        ebs_shape = mapping.get("Ebs", {})
-        if ebs_shape.get("SnapshotId") in by_placeholder:
-            ebs_shape["SnapshotId"] = by_placeholder[ebs_shape["SnapshotId"]]
-        elif is_placeholder(ebs_shape.get("SnapshotId", "")):
-            raise BuildFailed(f"no image for {mapping['DeviceName']}'s snapshot")
-
-
-def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
-    """What was asked, or the account's encryption by default, which StartSnapshot
-    cannot turn off."""
-    asked = _asked(job, entry)
-    key = asked["kms_key_id"]
-    return Encryption(asked["encrypted"] or job.encrypted_by_default,
-                      _key_arn(job, key) if key else None)
-
-
-def _asked(job: Publication, entry: dict[str, Any]) -> dict[str, Any]:
-    """What a snapshot must have been made with to be reused or resumed: the encryption
-    asked for and whether zero blocks were skipped."""
-    return {"encrypted": bool(entry.get("encrypted") or entry.get("kms_key_id")
-                              or job.kms_key_id),
-            "kms_key_id": entry.get("kms_key_id") or job.kms_key_id,
-            "skip_zero_blocks": job.skip_zero_blocks}
-
-
-def _key_arn(job: Publication, key: str) -> str:
-    """StartSnapshot takes a key's ARN only (KmsKeyArn); a recipe or --kms-key-id may name
-    it by id, alias or alias ARN: KMS DescribeKey answers the key's ARN for all four."""
-    if key not in job.key_arns:
-        if job.aws.dry_run:
-            return key
-        job.key_arns[key] = usable_key_arn(job.aws.client("kms"), key,
-                                           f"KMS key {key!r} ({job.target})")
-    return job.key_arns[key]
-
-
-def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
-                digest: str) -> str:
-    """Upload one image; a snapshot left pending by an interrupted run is filled again."""
-    device = entry["device"]
-    asked = _asked(job, entry)
-    pending = job.record["pending"].get(device, {})
-    same = pending.get("sha256") == digest and pending.get("asked") == asked
-    resume = pending.get("snapshot") if same else None
-    encryption = _encryption(job, entry)
-
-    def started(snapshot_id: str) -> None:
-        job.record["pending"][device] = {**job.record["pending"][device],
-                                         "snapshot": snapshot_id}
-        job.save()
-
-    def fresh_token() -> str:
-        """A new ClientToken per new snapshot, saved before StartSnapshot: a retry after a
-        crash gets the same snapshot back, and a new snapshot never a finished one's."""
-        token = uuid.uuid4().hex
-        job.record["pending"][device] = {"sha256": digest, "asked": asked, "token": token}
-        job.save()
-        return token
-
-    say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
-        f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
-    common = {"description": _description(job, device), "tags": job.tags, "workers": job.workers,
-              "encryption": encryption, "started": started,
-              "skip_zero_blocks": job.skip_zero_blocks}
-    token = pending.get("token") if same and not resume else None
-    try:
-        done, stats = upload_image(ebs, image, client_token=token or fresh_token(),
-                                   snapshot_id=resume, **common)
-    except ClientError:
-        if not (resume or token):
-            raise
-        say(f"{device}: {resume or 'the pending snapshot'} can no longer be written; "
-            "starting a new snapshot")
-        done, stats = upload_image(ebs, image, client_token=fresh_token(), **common)
-    skipped = (f"{stats.blocks_zero} zero blocks skipped" if stats.blocks_zero else
-               "zero blocks written too")
-    say(f"{device}: {done}, {stats.blocks_sent} blocks sent, {skipped}")
-    job.record["pending"].pop(device, None)
-    job.record["snapshot_ids"][device] = done
-    job.record["uploaded"][entry["image"]] = digest
-    job.record["uploads"][device] = {"encrypted": stats.encrypted, "asked": asked,
-                                     "blocks_written": stats.blocks_sent,
-                                     "blocks_skipped": stats.blocks_zero}
-    job.save()
-    return done
-
-
-def _upload_bundle(job: Publication, bucket: str | None) -> str:
-    if not bucket:
-        raise InputError("instance-store images are uploaded to S3: pass --bucket")
-    files = sorted(p for p in (job.output_dir / "bundle").iterdir()
-                   if p.name.startswith("image."))
-    prefix = read_json(job.output_dir / "build-manifest.json")["name"]  # checked: a name
-    s3 = None if job.aws.dry_run else job.aws.client("s3")
-    for path in files:
-        key = f"{prefix}/{path.name}"
-        digest = sha256_file(path)
-        if job.record["uploaded"].get(key) == digest:
-            continue
-        if s3 is None:
-            job.aws.would("s3.PutObject", Bucket=bucket, Key=key, ACL="aws-exec-read")
-            continue
-        with open(path, "rb") as body:
-            s3.put_object(Bucket=bucket, Key=key, Body=body, ACL="aws-exec-read")
-        job.record["uploaded"][key] = digest
-        job.save()
-    say(f"uploaded {len(files)} bundle files to s3://{bucket}/{prefix}/")
-    return f"{bucket}/{prefix}/image.manifest.xml"
 
 
 def _register(job: Publication) -> str | None:
@@ -418,7 +232,7 @@ def _register(job: Publication) -> str | None:
             raise InputError(f"an AMI named {request['Name']} exists ({existing}) with other "
                              "content: deregister it, give the AMI another name, or publish "
                              "--force to replace it")
-        return _replace(job, existing, sorted(set(theirs.values())))
+        return replace_image(job, existing, sorted(set(theirs.values())))
     # RegisterImage takes no ClientToken: the name lookup above is what makes re-runs safe
     # (AMI names are unique per account and region).
     return str(ec2.register_image(**request)["ImageId"])
@@ -439,57 +253,6 @@ def mapped_snapshots(image: dict[str, Any]) -> dict[str, str]:
     """Device -> snapshot id of an AMI's mappings (DescribeImages)."""
     return {m["DeviceName"]: m["Ebs"]["SnapshotId"]
             for m in image.get("BlockDeviceMappings", []) if "SnapshotId" in m.get("Ebs", {})}
-
-
-def _replace(job: Publication, old_image: str, old_snapshots: list[str]) -> str:
-    """--force: AMI names are unique per account and region, so the old AMI is deregistered
-    first (the new snapshots are uploaded by now: the name is free for a moment only), then
-    the new one registered; the old one's snapshots are deleted once it is
-    (_finish_replacement, which a re-run also does if this run stops in between)."""
-    ec2 = job.aws.client("ec2")
-    job.record["replaced"] = {"image_id": old_image, "snapshot_ids": old_snapshots,
-                              "done": False}
-    job.save()
-    say(f"--force: deregistering {old_image}, an AMI of the same name; its snapshots "
-        f"({', '.join(old_snapshots) or 'none'}) go once the new AMI is registered")
-    ec2.deregister_image(ImageId=old_image)
-    return str(ec2.register_image(**job.request)["ImageId"])
-
-
-def _finish_replacement(job: Publication) -> None:
-    replaced = job.record.get("replaced")
-    if not replaced or replaced.get("done"):
-        return
-    ec2, deleted = job.aws.client("ec2"), []
-    for snapshot_id in sorted(set(replaced["snapshot_ids"]) -
-                              set(job.record["snapshot_ids"].values())):
-        if not _made_for_this_name(job, snapshot_id):
-            say(f"{snapshot_id} was not made by publish for {job.request['Name']}: kept")
-            continue
-        try:
-            ec2.delete_snapshot(SnapshotId=snapshot_id)
-            deleted.append(snapshot_id)
-        except ClientError as exc:
-            if _code(exc) == "InvalidSnapshot.InUse":  # another AMI uses it too
-                say(f"{snapshot_id} (of {replaced['image_id']}) is used by another AMI: kept")
-            elif _code(exc) != "InvalidSnapshot.NotFound":
-                raise
-    replaced["done"] = True
-    job.save()
-    say(f"replaced {replaced['image_id']} (deleted its snapshots: "
-        f"{', '.join(deleted) or 'none'})")
-
-
-def _made_for_this_name(job: Publication, snapshot_id: str) -> bool:
-    """An old AMI's snapshot that --force may delete: this account's, and made by publish
-    for an AMI of this name (its description)."""
-    try:
-        [snapshot] = job.aws.client("ec2").describe_snapshots(
-            SnapshotIds=[snapshot_id])["Snapshots"]
-    except (ClientError, ValueError):
-        return False
-    return (snapshot.get("OwnerId") == job.account and
-            str(snapshot.get("Description", "")).startswith(f"{job.request['Name']} /dev/"))
 
 
 def _after_register(job: Publication, image_id: str) -> None:
@@ -543,14 +306,3 @@ def find_image(ec2: Any, name: str) -> str | None:
     return str(live[0]["ImageId"]) if live else None
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (is this a build output directory?)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-
-
-def say(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)

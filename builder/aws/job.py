@@ -1,0 +1,70 @@
+"""What one publish works on: the build's output directory, the target (account, region,
+endpoint), its record in publish.json and the RegisterImage request; and the small helpers
+every publishing step shares."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from builder.aws import state
+from builder.aws.distribute import Distribution
+from builder.aws.session import Aws
+from builder.errors import InputError
+
+
+@dataclass
+class Publication:
+    output_dir: Path
+    aws: Aws
+    target: str
+    record: dict[str, Any]
+    request: dict[str, Any]
+    workers: int = 16
+    kms_key_id: str | None = None
+    encrypted_by_default: bool = False
+    skip_zero_blocks: bool = False
+    key_arns: dict[str, str] = field(default_factory=dict)
+    distribution: Distribution = field(default_factory=Distribution)
+    deprecate_at: dt.datetime | None = None  # --deprecate-at, else the recipe's days
+    force: bool = False
+
+    def save(self) -> None:
+        state.save(self.output_dir, self.target, self.record)
+
+    @property
+    def account(self) -> str:
+        return self.target.split("/", 1)[0]
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for spec in self.request.get("TagSpecifications", [])
+                for t in spec["Tags"]}
+
+
+
+def description(job: Publication, device: str) -> str:
+    return f"{job.request['Name']} {device}"
+
+
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (is this a build output directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
