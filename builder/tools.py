@@ -64,7 +64,7 @@ def required_programs(plan: Plan, filesystems: set[str]) -> dict[str, str]:
         needed.update(UEFI)
     if plan.partition("bios-boot"):
         needed.update(BIOS)
-    if native_tools.wanted(plan.os.architecture):
+    if native_tools.wanted(plan.os):
         needed["patchelf"] = "the host's dpkg-deb and dash standing in for the emulated ones"
     return needed
 

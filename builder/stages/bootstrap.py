@@ -76,6 +76,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         # downloading them again. The configure stage removes them from the image.
         "--skip=cleanup/apt/lists",
     ]
+    if native is not None:  # (before the seed's: put back before mkinitramfs runs)
+        argv += native_tools.hooks(native)
     if seed is not None:
         folders = sorted({folder for _, folder, _, _ in SEED_FILES})
         argv.append("--essential-hook=mkdir -p " +
@@ -83,8 +85,6 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
                  for name, folder, _, _ in SEED_FILES]
         argv += [f"--essential-hook={DEFER_INITRAMFS}", f"--customize-hook={MAKE_INITRAMFS}"]
-    if native is not None:  # (after the seed's hooks: mkinitramfs runs with the stand-ins)
-        argv += native_tools.hooks(native)
     if auth is not None:  # the mirror's credentials, for apt during the bootstrap only
         folder = shlex.quote(AUTH_FILE.rsplit("/", 1)[0])
         argv += [f"--setup-hook=mkdir -p \"$1\"{folder}",
@@ -115,7 +115,7 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
         auth.touch(mode=0o600)
         auth.write_text(os_plan.apt_auth)
     native = None
-    if native_tools.wanted(os_plan.architecture):
+    if native_tools.wanted(os_plan):
         native = native_tools.collect(seed / "native")
     try:
         run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth, native))
@@ -145,7 +145,8 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
             "seed": templates_digest(t for _, _, t, _ in SEED_FILES),
             # a reproducible build clamps the bootstrapped tree's times (so that its
             # configure layer holds only what configure changed)
-            "epoch": plan.source_date_epoch if plan.reproducible else None}
+            "epoch": plan.source_date_epoch if plan.reproducible else None,
+            **native_tools.cache_key(plan.os)}
 
 
 def run_stage(ctx: Context) -> dict[str, Any]:

@@ -25,23 +25,35 @@ import re
 import shlex
 import shutil
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from builder.host.run import run
+from builder.plan import OSPlan, sha256_file
 
 TOOLS = ("/usr/bin/dpkg-deb", "/usr/bin/dash")
 FOLDER = "/amiforge-native"  # in the tree, while it is made
 LOADER = "ld.so"
 # the Debian architecture of the host machines whose tools can stand in
 HOST_ARCH = {"x86_64": "amd64"}
+FORMAT = 1  # bump when the hooks change what the tree goes through
 ASIDE = "tree"  # the tree's own programs, in FOLDER while the stand-ins run
 
 
-def wanted(architecture: str) -> bool:
+def wanted(os_plan: OSPlan) -> bool:
     """Whether the tree's Debian architecture is emulated here and the host's tools can
-    stand in for its own."""
+    stand in for its own. Not with dracut: its kernel hook makes an initramfs while apt
+    installs, and could copy the stand-in /bin/sh into it."""
     host = HOST_ARCH.get(platform.machine())
-    return (host is not None and host != architecture
+    return (host is not None and host != os_plan.architecture
+            and not any(p.startswith("dracut") for p in os_plan.packages)
             and all(Path(tool).is_file() for tool in TOOLS))
+
+
+def cache_key(os_plan: OSPlan) -> dict[str, Any]:
+    """What a bootstrap made with stand-ins also depends on (nothing without them)."""
+    if not wanted(os_plan):
+        return {}
+    return {"stand_ins": {"format": FORMAT, **{tool: sha256_file(Path(tool)) for tool in TOOLS}}}
 
 
 def collect(folder: Path) -> Path:
@@ -79,16 +91,21 @@ def _libraries(binary: Path) -> list[Path]:
 def hooks(folder: Path) -> list[str]:
     """mmdebstrap hooks. The stand-ins go in once the essential packages are extracted,
     and again once dpkg has installed them (installing dash and dpkg put the tree's own
-    programs back); the tree's own programs are kept aside each time and put back when the
-    tree is done. dpkg's database never hears of any of it."""
-    aside = f'"$1"{FOLDER}/{ASIDE}'
-    stand_in = shlex.quote(str(folder)) + "{}"
-    # (keep the tree's own, never a stand-in that is still in place)
-    keep = " && ".join(f'{{ cmp -s "$1"{tool} {stand_in.format(tool)} || cp -p "$1"{tool} '
-                       f"{aside}/; }}" for tool in TOOLS)
-    put_in = (f'mkdir -p {aside} && {keep} && '
-              f'cp -R --preserve=mode {shlex.quote(str(folder))}/. "$1"/')
+    programs back); the tree's own programs are kept aside each time. They are put back
+    before the initramfs is made (nothing can copy a stand-in into it), and a tree that
+    still holds one fails the bootstrap. dpkg's database never hears of any of it."""
+    aside, native = f'"$1"{FOLDER}/{ASIDE}', shlex.quote(str(folder))
+    # keep the tree's own program aside, never a stand-in still in place (cmp: 0 same, 1
+    # different, 2 trouble, which stops the hook); only files are copied, so no folder
+    # of the tree takes the modes of the host's
+    keep = " && ".join(f'{{ cmp -s "$1"{tool} {native}{tool}; case $? in 0) ;; '
+                       f'1) cp -p "$1"{tool} {aside}/ ;; *) false ;; esac; }}' for tool in TOOLS)
+    put_in = (f"mkdir -p {aside} && {keep} && "
+              f'cp --preserve=mode {native}{FOLDER}/* "$1"{FOLDER}/ && '
+              + " && ".join(f'cp --remove-destination --preserve=mode {native}{tool} "$1"{tool}'
+                            for tool in TOOLS))
     put_back = " && ".join(f'mv {aside}/{PurePosixPath(tool).name} "$1"{tool}' for tool in TOOLS)
+    gone = " && ".join(f'! grep -q {FOLDER} "$1"{tool}' for tool in TOOLS)
     return [f'--extract-hook=[ ! -e "$1"{FOLDER} ] && {put_in}',
             f"--essential-hook={put_in}",
-            f'--customize-hook={put_back} && rm -rf "$1"{FOLDER}']
+            f'--customize-hook={put_back} && rm -rf "$1"{FOLDER} && {gone}']
