@@ -126,10 +126,15 @@ def copy_in(root: Path, source: Path, dest: str, mode: int,
     return host
 
 
-def read_text(root: Path, path: str) -> str:
-    """A text file of the image (``/etc/passwd``), read inside the tree."""
-    data = read_regular_file(in_root(root, path), MAX_TEXT, f"{path} in the image",
-                             BuildFailed, follow_links=False)
+def read_text(root: Path, path: str, limit: int = MAX_TEXT) -> str:
+    """A text file of the image (``/etc/passwd``), read inside the tree; a path the host
+    cannot even look up (too long, a NUL byte) is refused like a missing file."""
+    try:
+        host = in_root(root, path)
+        data = read_regular_file(host, limit, f"{path} in the image", BuildFailed,
+                                 follow_links=False)
+    except (OSError, ValueError) as exc:
+        raise BuildFailed(f"{path!r} in the image: {exc}") from None
     return data.decode(errors="replace")
 
 

@@ -3,12 +3,10 @@ partitions), how long each stage took, and which amiforge made it."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from builder import __version__
-from builder.host import treepath
 from builder.host.fsutil import allocated_bytes, atomic_write_json
 from builder.host.gitrev import checked_out_commit
 from builder.outputs.ami import (
@@ -17,6 +15,7 @@ from builder.outputs.ami import (
     register_image_input,
     snapshots_input,
 )
+from builder.outputs.sbom import status_paragraphs
 from builder.plan import Plan, sha256_file
 from builder.recipe.load import build_id
 from builder.stages.convert import image_info
@@ -24,15 +23,10 @@ from builder.stages.disk import partitions_report
 
 
 def installed_packages(tree: Path) -> list[dict[str, str]]:
-    """The installed packages, from dpkg's status file read inside the tree (a host tool
-    given the tree's path would follow a script's ``var/lib/dpkg -> /proc/self/root/...``
-    link to the host's own database)."""
-    packages = []
-    for paragraph in treepath.read_text(tree, "/var/lib/dpkg/status").split("\n\n"):
-        fields = dict(re.findall(r"^([A-Za-z-]+): ?(.*)$", paragraph, re.M))
-        if fields.get("Status") == "install ok installed" and "Package" in fields:
-            packages.append({"name": fields["Package"], "version": fields.get("Version", ""),
-                             "architecture": fields.get("Architecture", "")})
+    """The installed packages (dpkg's status file, read inside the tree)."""
+    packages = [{"name": fields["Package"], "version": fields.get("Version", ""),
+                 "architecture": fields.get("Architecture", "")}
+                for fields in status_paragraphs(tree)]
     return sorted(packages, key=lambda p: p["name"])
 
 

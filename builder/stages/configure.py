@@ -16,6 +16,7 @@ from builder.host.chroot import prepared_root, run_in_root
 from builder.host.run import run
 from builder.image.filesystem import clamp_times
 from builder.outputs.manifest import installed_packages
+from builder.outputs.sbom import package_facts
 from builder.pipeline.runner import Context
 from builder.plan import Plan
 from builder.recipe.model import FileSpec, User
@@ -31,6 +32,9 @@ NOT_CONFIGURE = ("formats", "qcow2_compress", "ami", "os", "recipe_path", "descr
                  "audit_allow")  # waivers are applied when the build checks the facts
 
 
+FACTS_FORMAT = 3  # bump when run_stage reports more or otherwise (2, 3: the SBOM facts)
+
+
 def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     """What the configured tree depends on (besides the bootstrapped tree it starts from):
     the plan, amiforge's templates and the recipe's files."""
@@ -40,13 +44,13 @@ def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     mounts = [(v.label, v.mount_point, v.filesystem) for v in plan.data_volumes]  # fstab
     return {**data, "mounts": mounts, "templates": templates_digest(),
             "sources": plan.digests(plan.files), "amiforge": __version__,
-            "format": STAGE_FORMAT}
+            "format": STAGE_FORMAT, "facts": FACTS_FORMAT}
 
 
 def run_stage(ctx: Context) -> dict[str, Any]:
     """Configure the tree; the facts later stages need: its packages and audit findings."""
     configure(ctx.plan, ctx.output)
-    return {"packages": installed_packages(ctx.output),
+    return {"packages": installed_packages(ctx.output), "sbom": package_facts(ctx.output),
             "audit": [f.to_dict() for f in run_checks(TreeView(ctx.output))]}
 
 

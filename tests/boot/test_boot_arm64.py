@@ -11,7 +11,7 @@ import pytest
 
 from builder.plan import sha256_file
 from builder.vm import VirtualMachine
-from tests.boot.test_boot_minimal import check_configured
+from tests.boot.test_boot_minimal import check_configured, check_sbom
 from tests.conftest import FIXED_EPOCH, Built, build_shipped, needs_root_tools, run_build
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
@@ -31,6 +31,7 @@ def test_arm64_image_boots_and_is_configured(build_recipe, ssh_key: Path) -> Non
         seconds = vm.wait_for(timeout=900)
         print(f"arm64 (uefi): login prompt after {seconds:.1f}s")
         check_configured(vm, ssh_key)
+        check_sbom(vm, ssh_key, built)
         assert vm.ssh("admin", ssh_key, "dpkg --print-architecture").strip() == "arm64"
         assert vm.ssh("admin", ssh_key, "uname -m").strip() == "aarch64"
         assert vm.ssh("admin", ssh_key, "hostname").strip() == "graviton"

@@ -35,7 +35,8 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
             [sys.executable, "-m", "builder", "recipes/debian-13-minimal.yaml", "--cache-dir",
              str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
-        digests.append((sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2")))
+        digests.append((sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2"),
+                        sha256_file(out / "sbom.spdx.json")))  # dated by the epoch too
         time.sleep(2)  # a different wall clock for the second build
     assert digests[0] == digests[1]
 
@@ -53,7 +54,8 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
          str(cache), "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert stages(out)["configure"] == "cache" and stages(out)["filesystem"] == "built"
-    assert (sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2")) == digests[0]
+    assert (sha256_file(out / "disk.raw"), sha256_file(out / "disk.qcow2"),
+            sha256_file(out / "sbom.spdx.json")) == digests[0]
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()  # nothing leaked
 
 
