@@ -9,7 +9,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from builder.commands.args import configure_logging as _logging
-from builder.commands.aws import cmd_copy, cmd_deregister, cmd_publish, cmd_share
+from builder.commands.aws import (
+    cmd_copy,
+    cmd_deregister,
+    cmd_publish,
+    cmd_share,
+    cmd_verify_snapshot,
+)
 from builder.commands.images import cmd_audit, cmd_boot, cmd_cache, cmd_unbundle
 from builder.commands.recipes import SUBCOMMAND_HELP, cmd_build, cmd_plan, cmd_schema, cmd_validate
 from builder.errors import AmiforgeError, Interrupted, RecipeError
@@ -17,7 +23,7 @@ from builder.errors import AmiforgeError, Interrupted, RecipeError
 EXIT_INTERRUPTED = 130
 __all__ = ["SUBCOMMANDS", "SUBCOMMAND_HELP", "_logging", "main"]
 
-AWS_COMMANDS = ("publish", "share", "copy", "deregister")
+AWS_COMMANDS = ("publish", "share", "copy", "deregister", "verify-snapshot")
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
@@ -28,6 +34,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "audit": cmd_audit,
     "publish": cmd_publish,
     "share": cmd_share,
+    "verify-snapshot": cmd_verify_snapshot,
     "copy": cmd_copy,
     "deregister": cmd_deregister,
 }

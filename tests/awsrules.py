@@ -11,8 +11,10 @@ encrypted one (coldsnap #395: an encrypted snapshot's unwritten blocks are not z
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
+import hashlib
 import http.client
 import http.server
 import json
@@ -44,6 +46,8 @@ BLOCK_PUBLIC_ACCESS = ("https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/"
                        "block-public-access-to-amis.html")
 TEN_YEARS = dt.timedelta(days=3650)
 ERRORS = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html"
+EBS_DIRECT_BLOCKS = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
+                     "ebsapi-elements.html")
 
 
 @dataclass
@@ -56,6 +60,10 @@ class Snapshots:
     completed: set[str] = field(default_factory=set)  # CompleteSnapshot seen
     keys: dict[str, str | None] = field(default_factory=dict)  # None: the default key
     not_found_answers: int = 0
+    # fault injection, not an AWS rule: GetSnapshotBlock of these (snapshot, index) answers
+    # the block with its first byte flipped, and a checksum that matches the flipped data
+    # (a snapshot that silently holds other bytes than were sent: NixOS/amis #123)
+    corrupt: set[tuple[str, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -114,6 +122,16 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
             SnapshotId=snapshot_id, StartingBlockIndex=index, MaxResults=100)["Blocks"]}
         return ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
                                       BlockToken=blocks[index])["BlockData"].read()
+
+
+def block_size_as_aws(path: str, data: bytes) -> bytes:
+    """ListSnapshotBlocks and ListChangedBlocks answer BlockSize 524288: the EBS direct
+    APIs' blocks are 512 KiB (EBS_DIRECT_BLOCKS, "Block indexes"); moto answers 512."""
+    if not re.fullmatch(r"/snapshots/[^/]+/(blocks|changedblocks)", path.split("?")[0]):
+        return data
+    answer = json.loads(data)
+    answer["BlockSize"] = BLOCK
+    return json.dumps(answer).encode()
 
 
 def register_image_problem(form: dict[str, list[str]]) -> str | None:
@@ -290,6 +308,9 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if status < 300 and form.get("Action") == ["DescribeSnapshots"]:
             data = self._snapshot_states(data, wanted_states)
         self._observe(body, status, data)
+        if status < 300 and self.command == "GET":
+            headers, data = self._corrupted(headers, data)
+            data = block_size_as_aws(self.path, data)
         if status < 300 and form.get("Action") == ["RegisterImage"]:
             image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
             self.server.images.registered[image_id] = registered_mappings(form)
@@ -492,6 +513,17 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "PUT" and match:
             with snapshots.lock:
                 snapshots.written.setdefault(match[1], set()).add(int(match[2]))
+
+    def _corrupted(self, headers: list[tuple[str, str]], data: bytes
+                   ) -> tuple[list[tuple[str, str]], bytes]:
+        match = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", self.path.split("?")[0])
+        with self.server.snapshots.lock:
+            hit = match is not None and (match[1], int(match[2])) in self.server.snapshots.corrupt
+        if not hit or not data:
+            return headers, data
+        data = bytes([data[0] ^ 0xFF]) + data[1:]
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        return [(k, checksum if k.lower() == "x-amz-checksum" else v) for k, v in headers], data
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)

@@ -31,6 +31,7 @@ from builder.aws.provenance import provenance_tags, with_image_tags, write_packe
 from builder.aws.replace import finish_replacement, replace_image
 from builder.aws.session import Aws
 from builder.aws.upload import asked_for, upload_bundle, upload_snapshots
+from builder.aws.verify import verify_uploads
 from builder.errors import InputError
 
 IMAGE_TAG = "amiforge:image-id"
@@ -44,6 +45,7 @@ class PublishOptions:
     skip_zero_blocks: bool = False
     deprecate_at: dt.datetime | None = None
     force: bool = False  # replace an AMI of the same name
+    verify: bool = False  # read each snapshot back before registering
 
 
 def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions()
@@ -59,6 +61,9 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
     job.record = state.load(output_dir, job.target)
     entries = [] if "ImageLocation" in request else \
         read_json(output_dir / "snapshots.json")["snapshots"]
+    if options.verify and not entries:
+        raise InputError(f"{output_dir}: --verify reads EBS snapshots back; this AMI is "
+                         "instance-store-backed (its bundle is checked by `build unbundle`)")
     if job.record.get("image_id") and not aws.dry_run and _still_there(job):
         if job.deprecate_at and job.record.get("deprecate_at") != aws_time(job.deprecate_at):
             job.record.pop("deprecate_at", None)  # a new --deprecate-at for a done AMI
@@ -68,6 +73,8 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
             _refuse_what_aws_would(job, entries)
             finish_replacement(job)
             _after_register(job, job.record["image_id"])
+        if options.verify:
+            verify_uploads(job, entries)
         say(f"already published as {job.record['image_id']} in {job.target} "
             f"(see {output_dir / state.STATE})")
         write_packer_manifest(output_dir, build, state.all_targets(output_dir))
@@ -82,6 +89,8 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
         job.encrypted_by_default = not aws.dry_run and encrypts_by_default(aws.client("ec2"))
         _refuse_what_aws_would(job, entries)
         upload_snapshots(job, entries)
+        if options.verify:
+            verify_uploads(job, entries)
     image_id = _register(job)
     if image_id is None:  # dry run
         return job.record

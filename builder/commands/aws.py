@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from builder.commands.args import Parser
 from builder.errors import InputError
 
 EXIT_OK = 0
+EXIT_DIFFERS = 1
+SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,17}$")
 
 
 def _aws_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +72,8 @@ def cmd_publish(argv: Sequence[str]) -> int:
                         "UTC date or time (ISO 8601); default: the recipe's ami.deprecate_after")
     parser.add_argument("--force", action="store_true", help="replace an AMI of the same name "
                         "(deregistered, its snapshots deleted once the new AMI is registered)")
+    parser.add_argument("--verify", action="store_true", help="read every snapshot back and "
+                        "compare it with its image before registering (exit 1 if one differs)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print a summary for tools: "
                        "image_ids (region -> AMI id), snapshot_ids, deprecate_at")
@@ -85,7 +90,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
     options = PublishOptions(args.bucket, args.workers, args.kms_key_id, args.skip_zero_blocks,
-                             _deprecate_at(args), args.force)
+                             _deprecate_at(args), args.force, args.verify)
     state = publish(args.output_dir, _aws(args), options)
     if args.dry_run:
         return EXIT_OK
@@ -94,6 +99,32 @@ def cmd_publish(argv: Sequence[str]) -> int:
     else:
         print(json.dumps(summary(state) if args.json else state, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def cmd_verify_snapshot(argv: Sequence[str]) -> int:
+    from builder.aws.verify import verify_snapshot
+
+    parser = Parser(prog="build verify-snapshot", description="Read an EBS snapshot back "
+                     "(EBS direct API) and compare it with an image, block for block: exit 0 "
+                     "when equal, 1 when not (naming the blocks), 2 on bad input.")
+    parser.add_argument("snapshot_id")
+    parser.add_argument("image", type=Path, help="the raw image the snapshot was made from")
+    parser.add_argument("--workers", type=int, default=16, help="parallel block reads")
+    parser.add_argument("--json", action="store_true", help="print the result for tools")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    if not SNAPSHOT_ID.match(args.snapshot_id):
+        raise InputError(f"{args.snapshot_id!r}: not a snapshot id (snap-...)")
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1")
+    aws = _aws(args)
+    if aws.dry_run:
+        raise InputError("build verify-snapshot reads only: --dry-run has nothing to skip")
+    result = verify_snapshot(aws.client("ebs"), aws.client("ec2"), args.snapshot_id,
+                             args.image, args.workers)
+    print(json.dumps(result.to_dict(), indent=2, sort_keys=True) if args.json
+          else result.summary())
+    return EXIT_OK if result.ok else EXIT_DIFFERS
 
 
 def cmd_share(argv: Sequence[str]) -> int:

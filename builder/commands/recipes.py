@@ -72,6 +72,7 @@ SUBCOMMAND_HELP = (
     ("share IMAGE_ID", "change who may launch an AMI (AWS)"),
     ("copy IMAGE_ID", "copy an AMI to other regions (AWS)"),
     ("deregister IMAGE_ID", "deregister an AMI, optionally with its snapshots (AWS)"),
+    ("verify-snapshot SNAP IMAGE", "compare a snapshot with an image, block for block (AWS)"),
 )
 
 

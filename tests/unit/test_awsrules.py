@@ -165,3 +165,16 @@ def test_a_snapshot_is_pending_until_completed(aws_rules) -> None:
     ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=1)
     [listed] = ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
     assert listed["State"] == "completed"
+
+
+def test_block_lists_say_aws_block_size(aws_rules) -> None:
+    ebs = client("ebs", aws_rules.url)
+    snapshot_id = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    data = bytes(BLOCK)
+    while_snapshot_appears(lambda: ebs.put_snapshot_block(
+        SnapshotId=snapshot_id, BlockIndex=0, BlockData=data, DataLength=BLOCK,
+        Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+        ChecksumAlgorithm="SHA256"))
+    listed = ebs.list_snapshot_blocks(SnapshotId=snapshot_id)
+    assert listed["BlockSize"] == BLOCK == 524288
+    assert [b["BlockIndex"] for b in listed["Blocks"]] == [0]

@@ -1,0 +1,176 @@
+"""Read a snapshot back through the EBS direct API and compare it with the image it was
+made from, block for block: a snapshot that silently differs from the image is found at
+publish time, not when an instance fails to boot (NixOS/amis #123, coldsnap #395).
+
+Every block of the image is compared, zeros included. A block the snapshot does not hold
+reads as zeros on an unencrypted volume, so an image block of zeros may be absent from an
+unencrypted snapshot (publish --skip-zero-blocks makes such snapshots); an encrypted
+snapshot's volume reads random bytes there (coldsnap #470), so there an absent block is a
+difference. Blocks the snapshot holds past the image's end must be zeros. Each block read
+is also checked against the SHA-256 GetSnapshotBlock sends with it.
+https://docs.aws.amazon.com/ebs/latest/APIReference/API_GetSnapshotBlock.html"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.aws import state
+from builder.aws.job import Publication, say
+from builder.aws.snapshots import BLOCK, GiB
+from builder.errors import BuildFailed, InputError
+
+ZERO_DIGEST = hashlib.sha256(bytes(BLOCK)).digest()
+LIST_PAGE = 10000  # ListSnapshotBlocks' MaxResults at most
+SHOWN = 10  # differing block indexes named in a message
+
+
+class SnapshotDiffers(BuildFailed):
+    """A snapshot read back is not its image (exit 1)."""
+
+
+@dataclass
+class Verification:
+    snapshot_id: str
+    image: str
+    encrypted: bool
+    blocks_total: int = 0       # the image's blocks, and any the snapshot holds past them
+    blocks_read: int = 0
+    absent_zero: int = 0        # zero blocks of the image the (unencrypted) snapshot lacks
+    differing: list[int] = field(default_factory=list)
+    problem: str | None = None  # what differs before any block (the snapshot's size)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differing and self.problem is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "differing": self.differing[:SHOWN], "ok": self.ok,
+                "differing_count": len(self.differing)}
+
+    def summary(self) -> str:
+        if self.ok:
+            absent = (f", {self.absent_zero} zero blocks absent (read as zeros)"
+                      if self.absent_zero else "")
+            return (f"{self.snapshot_id} equals {self.image}: {self.blocks_read} blocks "
+                    f"read{absent}")
+        if self.problem:
+            return f"{self.snapshot_id} differs from {self.image}: {self.problem}"
+        shown = ", ".join(str(i) for i in self.differing[:SHOWN])
+        more = f" and {len(self.differing) - SHOWN} more" if len(self.differing) > SHOWN else ""
+        return (f"{self.snapshot_id} differs from {self.image} in {len(self.differing)} "
+                f"block(s) of {BLOCK // 1024} KiB: index {shown}{more}")
+
+
+def verify_snapshot(ebs: Any, ec2: Any, snapshot_id: str, image: Path,
+                    workers: int = 16) -> Verification:
+    if not image.is_file():
+        raise InputError(f"{image}: not an image file")
+    [snapshot] = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    result = Verification(snapshot_id, image.name, bool(snapshot.get("Encrypted")))
+    tokens, volume_size = stored_blocks(ebs, snapshot_id)
+    size = image.stat().st_size
+    if volume_size * GiB < size:
+        result.problem = (f"the snapshot's volume ({volume_size} GiB) is smaller than the "
+                          f"image ({size} bytes)")
+        return result
+    total = -(-size // BLOCK)
+    indexes = sorted(set(range(total)) | set(tokens))
+    result.blocks_total = len(indexes)
+
+    def compare(index: int) -> tuple[int, str]:
+        """(index, "same" | "absent-zero" | "differs")"""
+        expected = _image_block_digest(image, index, size)
+        if index not in tokens:
+            absent_ok = expected == ZERO_DIGEST and not result.encrypted
+            return index, "absent-zero" if absent_ok else "differs"
+        return index, "same" if _read_block(ebs, snapshot_id, index, tokens[index]) == \
+            expected else "differs"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, outcome in pool.map(compare, indexes):
+            if outcome == "absent-zero":
+                result.absent_zero += 1
+                continue
+            result.blocks_read += index in tokens
+            if outcome == "differs":
+                result.differing.append(index)
+    return result
+
+
+def stored_blocks(ebs: Any, snapshot_id: str) -> tuple[dict[int, str], int]:
+    """Index -> BlockToken of every block the snapshot holds, and its volume size (GiB)."""
+    tokens: dict[int, str] = {}
+    params: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": LIST_PAGE}
+    while True:
+        page = ebs.list_snapshot_blocks(**params)
+        if page.get("BlockSize", BLOCK) != BLOCK:
+            raise InputError(f"{snapshot_id}: blocks of {page['BlockSize']} bytes, not "
+                             f"{BLOCK}")
+        tokens.update((b["BlockIndex"], b["BlockToken"]) for b in page.get("Blocks", []))
+        if not page.get("NextToken"):
+            return tokens, int(page.get("VolumeSize", 0))
+        params["NextToken"] = page["NextToken"]
+
+
+def _image_block_digest(image: Path, index: int, size: int) -> bytes:
+    if index * BLOCK >= size:
+        return ZERO_DIGEST  # past the image's end: the volume reads zeros there
+    with open(image, "rb") as handle:
+        data = os.pread(handle.fileno(), BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
+    return hashlib.sha256(data).digest()
+
+
+def _read_block(ebs: Any, snapshot_id: str, index: int, token: str) -> bytes | None:
+    """The SHA-256 of a stored block, or None when it does not match the checksum it came
+    with (a transfer gone wrong counts as a difference)."""
+    answer = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
+    data = answer["BlockData"].read()
+    digest = hashlib.sha256(data.ljust(BLOCK, b"\0")).digest()
+    sent = answer.get("Checksum")
+    if sent and base64.b64decode(sent) != hashlib.sha256(data).digest():
+        return None
+    return digest
+
+
+def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
+    """publish --verify: each snapshot against its image, before the AMI is registered
+    (after, for an AMI published before); the results go into publish.json. A snapshot
+    that differs is forgotten by the record (unless an AMI holds it already), so publishing
+    again uploads its image anew."""
+    if job.aws.dry_run:
+        job.aws.would("ebs.ListSnapshotBlocks / GetSnapshotBlock",
+                      devices=[e["device"] for e in entries])
+        return
+    ebs, ec2 = job.aws.client("ebs"), job.aws.client("ec2")
+    verified = job.record.setdefault("verified", {})
+    differing = []
+    for entry in entries:
+        device = entry["device"]
+        snapshot_id = job.record["snapshot_ids"][device]
+        earlier = verified.get(device, {})
+        if earlier.get("snapshot_id") == snapshot_id and earlier.get("ok") and \
+                earlier.get("image_sha256") == entry["sha256"]:
+            say(f"{device}: {snapshot_id} was verified by an earlier run")
+            continue
+        result = verify_snapshot(ebs, ec2, snapshot_id, job.output_dir / entry["image"],
+                                 job.workers)
+        verified[device] = {**result.to_dict(), "image_sha256": entry["sha256"]}
+        job.save()
+        say(f"{device}: {result.summary()}")
+        if not result.ok:
+            differing.append(f"{device}: {result.summary()}")
+            if not job.record.get("image_id"):
+                job.record["snapshot_ids"].pop(device, None)
+                job.record["uploaded"].pop(entry["image"], None)
+                job.save()
+    if differing:
+        kept = ("the AMI holds them" if job.record.get("image_id") else
+                "not registered; the snapshots are kept for a look and forgotten by "
+                f"{state.STATE} (publish again uploads them anew)")
+        raise SnapshotDiffers("; ".join(differing) + f" ({kept})")
