@@ -64,6 +64,8 @@ class Snapshots:
     # the block with its first byte flipped, and a checksum that matches the flipped data
     # (a snapshot that silently holds other bytes than were sent: NixOS/amis #123)
     corrupt: set[tuple[str, int]] = field(default_factory=set)
+    # and these with the byte flipped but the stored block's checksum (a transfer gone bad)
+    garbled: set[tuple[str, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -517,11 +519,15 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
     def _corrupted(self, headers: list[tuple[str, str]], data: bytes
                    ) -> tuple[list[tuple[str, str]], bytes]:
         match = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", self.path.split("?")[0])
+        key = (match[1], int(match[2])) if match else None
         with self.server.snapshots.lock:
-            hit = match is not None and (match[1], int(match[2])) in self.server.snapshots.corrupt
-        if not hit or not data:
+            corrupt = key in self.server.snapshots.corrupt
+            garbled = key in self.server.snapshots.garbled
+        if not (corrupt or garbled) or not data:
             return headers, data
         data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if garbled:
+            return headers, data
         checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
         return [(k, checksum if k.lower() == "x-amz-checksum" else v) for k, v in headers], data
 

@@ -20,12 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+
 from builder.aws import state
 from builder.aws.job import Publication, say
-from builder.aws.snapshots import BLOCK, GiB
+from builder.aws.snapshots import BLOCK, GiB, while_snapshot_appears
 from builder.errors import BuildFailed, InputError
 
 ZERO_DIGEST = hashlib.sha256(bytes(BLOCK)).digest()
+READ_ATTEMPTS = 3
+COMPLETED_WAIT = {"Delay": 15, "MaxAttempts": 40}  # 10 minutes
+EBS_FAQ = "https://docs.aws.amazon.com/ebs/latest/userguide/ebsapi-faq.html"
+EBS_CONCEPTS = "https://docs.aws.amazon.com/ebs/latest/userguide/ebsapi-elements.html"
 LIST_PAGE = 10000  # ListSnapshotBlocks' MaxResults at most
 SHOWN = 10  # differing block indexes named in a message
 
@@ -41,16 +47,23 @@ class Verification:
     encrypted: bool
     blocks_total: int = 0       # the image's blocks, and any the snapshot holds past them
     blocks_read: int = 0
-    absent_zero: int = 0        # zero blocks of the image the (unencrypted) snapshot lacks
+    absent_zero: int = 0        # zero blocks of the image the snapshot lacks (allowed)
     differing: list[int] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)  # no whole block, retries failed
     problem: str | None = None  # what differs before any block (the snapshot's size)
 
     @property
     def ok(self) -> bool:
-        return not self.differing and self.problem is None
+        return not self.differing and not self.unreadable and self.problem is None
+
+    @property
+    def differs(self) -> bool:
+        """Holds other bytes than the image (not merely unreadable here and now)."""
+        return bool(self.differing) or self.problem is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "differing": self.differing[:SHOWN], "ok": self.ok,
+        return {**asdict(self), "differing": self.differing[:SHOWN],
+                "unreadable": self.unreadable[:SHOWN], "ok": self.ok,
                 "differing_count": len(self.differing)}
 
     def summary(self) -> str:
@@ -61,57 +74,88 @@ class Verification:
                     f"read{absent}")
         if self.problem:
             return f"{self.snapshot_id} differs from {self.image}: {self.problem}"
-        shown = ", ".join(str(i) for i in self.differing[:SHOWN])
-        more = f" and {len(self.differing) - SHOWN} more" if len(self.differing) > SHOWN else ""
+        if not self.differing:
+            return (f"{self.snapshot_id}: {len(self.unreadable)} block(s) could not be read "
+                    f"whole (index {_indexes(self.unreadable)}): try again")
         return (f"{self.snapshot_id} differs from {self.image} in {len(self.differing)} "
-                f"block(s) of {BLOCK // 1024} KiB: index {shown}{more}")
+                f"block(s) of {BLOCK // 1024} KiB: index {_indexes(self.differing)}")
 
 
-def verify_snapshot(ebs: Any, ec2: Any, snapshot_id: str, image: Path,
-                    workers: int = 16) -> Verification:
+def _indexes(indexes: list[int]) -> str:
+    more = f" and {len(indexes) - SHOWN} more" if len(indexes) > SHOWN else ""
+    return ", ".join(str(i) for i in indexes[:SHOWN]) + more
+
+
+def verify_snapshot(ebs: Any, ec2: Any, snapshot_id: str, image: Path, workers: int = 16,
+                    absent_zeros: bool | None = None) -> Verification:
+    """Compare SNAPSHOT_ID with IMAGE. ``absent_zeros``: whether a zero block of the image
+    may be absent from the snapshot (default: when it is unencrypted)."""
     if not image.is_file():
         raise InputError(f"{image}: not an image file")
-    [snapshot] = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    snapshot = completed_snapshot(ec2, snapshot_id)
     result = Verification(snapshot_id, image.name, bool(snapshot.get("Encrypted")))
+    if absent_zeros is None or result.encrypted:
+        absent_zeros = not result.encrypted  # an encrypted volume reads random bytes there
     tokens, volume_size = stored_blocks(ebs, snapshot_id)
     size = image.stat().st_size
     if volume_size * GiB < size:
         result.problem = (f"the snapshot's volume ({volume_size} GiB) is smaller than the "
                           f"image ({size} bytes)")
         return result
-    total = -(-size // BLOCK)
-    indexes = sorted(set(range(total)) | set(tokens))
+    indexes = sorted(set(range(-(-size // BLOCK))) | set(tokens))
     result.blocks_total = len(indexes)
 
     def compare(index: int) -> tuple[int, str]:
-        """(index, "same" | "absent-zero" | "differs")"""
         expected = _image_block_digest(image, index, size)
         if index not in tokens:
-            absent_ok = expected == ZERO_DIGEST and not result.encrypted
-            return index, "absent-zero" if absent_ok else "differs"
-        return index, "same" if _read_block(ebs, snapshot_id, index, tokens[index]) == \
-            expected else "differs"
+            return index, "absent-zero" if absent_zeros and expected == ZERO_DIGEST \
+                else "differs"
+        got = _read_block(ebs, snapshot_id, index, tokens[index])
+        return index, "unreadable" if got is None else "same" if got == expected else "differs"
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for index, outcome in pool.map(compare, indexes):
             if outcome == "absent-zero":
                 result.absent_zero += 1
                 continue
-            result.blocks_read += index in tokens
-            if outcome == "differs":
-                result.differing.append(index)
+            result.blocks_read += outcome != "unreadable"
+            if outcome != "same":
+                (result.differing if outcome == "differs" else result.unreadable).append(index)
     return result
 
 
+def completed_snapshot(ec2: Any, snapshot_id: str) -> dict[str, Any]:
+    """The snapshot once it is completed: the EBS direct APIs read only completed snapshots
+    (EBS_FAQ), and one CompleteSnapshot just finished may still be pending a while; nor
+    public ones (EBS_CONCEPTS)."""
+    [snapshot] = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    if snapshot.get("State") == "pending":
+        say(f"{snapshot_id} is pending: waiting until it is completed")
+        ec2.get_waiter("snapshot_completed").wait(SnapshotIds=[snapshot_id],
+                                                  WaiterConfig=COMPLETED_WAIT)
+        [snapshot] = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    if snapshot.get("State") != "completed":
+        raise BuildFailed(f"{snapshot_id} is {snapshot.get('State')}, not completed: EBS "
+                          "cannot read it back")
+    permissions = ec2.describe_snapshot_attribute(
+        SnapshotId=snapshot_id, Attribute="createVolumePermission")["CreateVolumePermissions"]
+    if {"Group": "all"} in permissions:
+        raise InputError(f"{snapshot_id} is public, and the EBS direct APIs do not read "
+                         f"public snapshots ({EBS_CONCEPTS}): verify it before sharing it")
+    return snapshot
+
+
 def stored_blocks(ebs: Any, snapshot_id: str) -> tuple[dict[int, str], int]:
-    """Index -> BlockToken of every block the snapshot holds, and its volume size (GiB)."""
+    """Index -> BlockToken of every block the snapshot holds, and its volume size (GiB).
+    (The first call is retried while EBS does not know the snapshot yet, as right after
+    StartSnapshot: coldsnap#141 saw this after completion too.)"""
     tokens: dict[int, str] = {}
     params: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": LIST_PAGE}
     while True:
-        page = ebs.list_snapshot_blocks(**params)
+        page = while_snapshot_appears(lambda: ebs.list_snapshot_blocks(**params))
         if page.get("BlockSize", BLOCK) != BLOCK:
-            raise InputError(f"{snapshot_id}: blocks of {page['BlockSize']} bytes, not "
-                             f"{BLOCK}")
+            raise BuildFailed(f"{snapshot_id}: EBS lists blocks of {page['BlockSize']} "
+                              f"bytes, not {BLOCK}")
         tokens.update((b["BlockIndex"], b["BlockToken"]) for b in page.get("Blocks", []))
         if not page.get("NextToken"):
             return tokens, int(page.get("VolumeSize", 0))
@@ -127,15 +171,20 @@ def _image_block_digest(image: Path, index: int, size: int) -> bytes:
 
 
 def _read_block(ebs: Any, snapshot_id: str, index: int, token: str) -> bytes | None:
-    """The SHA-256 of a stored block, or None when it does not match the checksum it came
-    with (a transfer gone wrong counts as a difference)."""
-    answer = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
-    data = answer["BlockData"].read()
-    digest = hashlib.sha256(data.ljust(BLOCK, b"\0")).digest()
-    sent = answer.get("Checksum")
-    if sent and base64.b64decode(sent) != hashlib.sha256(data).digest():
-        return None
-    return digest
+    """The SHA-256 of a stored block; None when, after READ_ATTEMPTS, no whole block came
+    that matches the checksum sent with it (a transfer gone wrong is not a difference)."""
+    for _ in range(READ_ATTEMPTS):
+        try:
+            answer = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
+                                            BlockToken=token)
+            data = answer["BlockData"].read()
+        except (ResponseStreamingError, ReadTimeoutError, ConnectionClosedError):
+            continue
+        digest = hashlib.sha256(data).digest()
+        sent = answer.get("Checksum")
+        if len(data) == BLOCK and (not sent or base64.b64decode(sent) == digest):
+            return digest
+    return None
 
 
 def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
@@ -158,19 +207,23 @@ def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
                 earlier.get("image_sha256") == entry["sha256"]:
             say(f"{device}: {snapshot_id} was verified by an earlier run")
             continue
+        # a zero block may be absent only where publish skipped zero blocks: it wrote
+        # every block otherwise, and a missing one is a lost write
+        skipped = job.record.get("uploads", {}).get(device, {}).get("asked", {})
         result = verify_snapshot(ebs, ec2, snapshot_id, job.output_dir / entry["image"],
-                                 job.workers)
+                                 job.workers, bool(skipped.get("skip_zero_blocks")))
         verified[device] = {**result.to_dict(), "image_sha256": entry["sha256"]}
         job.save()
         say(f"{device}: {result.summary()}")
         if not result.ok:
             differing.append(f"{device}: {result.summary()}")
-            if not job.record.get("image_id"):
+            if result.differs and not job.record.get("image_id"):
                 job.record["snapshot_ids"].pop(device, None)
                 job.record["uploaded"].pop(entry["image"], None)
                 job.save()
     if differing:
         kept = ("the AMI holds them" if job.record.get("image_id") else
-                "not registered; the snapshots are kept for a look and forgotten by "
-                f"{state.STATE} (publish again uploads them anew)")
+                "not registered; a differing snapshot is kept for a look (delete it with "
+                f"`aws ec2 delete-snapshot`) and forgotten by {state.STATE}: publishing "
+                "again uploads it anew")
         raise SnapshotDiffers("; ".join(differing) + f" ({kept})")

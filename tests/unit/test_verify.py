@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.aws.snapshots import BLOCK
+from builder.aws.verify import verify_snapshot
 from tests.awstools import client, published, small_output
 
 pytestmark = pytest.mark.usefixtures("fake_credentials")
@@ -112,3 +113,66 @@ def test_verify_snapshot_bad_input(aws, aws_rules, tmp_path: Path) -> None:
     missing = aws("verify-snapshot", "snap-0123456789abcdef0", str(tmp_path / "nothing"),
                   url=aws_rules.url)
     assert missing.returncode == 2 and "not an image file" in missing.stderr
+
+
+def test_a_block_garbled_in_transfer_is_unreadable_not_different(aws, aws_rules,
+                                                                 tmp_path: Path) -> None:
+    """Read three times, never matching its checksum: reported as unreadable (try again),
+    and publish keeps the snapshot in its record."""
+    out = small_output(tmp_path / "out", "garbled-image", encrypted_volume=False)
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    snapshot_id = published(out)["snapshot_ids"]["/dev/xvda"]
+    with aws_rules.snapshots.lock:
+        aws_rules.snapshots.garbled.add((snapshot_id, 1))
+    try:
+        result = aws("verify-snapshot", snapshot_id, str(out / "disk.raw"), "--json",
+                     url=aws_rules.url)
+        again = aws("publish", str(out), "--verify", url=aws_rules.url)
+    finally:
+        aws_rules.snapshots.garbled.clear()
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["unreadable"] == [1] and report["differing"] == []
+    assert again.returncode == 1 and "could not be read whole" in again.stderr
+    assert published(out)["snapshot_ids"]["/dev/xvda"] == snapshot_id  # kept
+
+
+def test_public_snapshots_are_not_read(aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "public-image", encrypted_volume=False)
+    assert aws("publish", str(out), url=aws_rules.url).returncode == 0
+    snapshot_id = published(out)["snapshot_ids"]["/dev/sdf"]
+    client("ec2", aws_rules.url).modify_snapshot_attribute(
+        SnapshotId=snapshot_id, Attribute="createVolumePermission",
+        OperationType="add", GroupNames=["all"])
+    result = aws("verify-snapshot", snapshot_id, str(out / "volume-sdf.raw"), url=aws_rules.url)
+    assert result.returncode == 2 and "public" in result.stderr
+
+
+def test_publish_is_strict_about_absent_blocks_unless_it_skipped_zeros(
+        aws, aws_rules, tmp_path: Path) -> None:
+    out = small_output(tmp_path / "out", "strict-image", encrypted_volume=False)
+    assert aws("publish", str(out), "--skip-zero-blocks", url=aws_rules.url).returncode == 0
+    snapshot_id = published(out)["snapshot_ids"]["/dev/xvda"]
+    ebs, ec2 = client("ebs", aws_rules.url), client("ec2", aws_rules.url)
+    strict = verify_snapshot(ebs, ec2, snapshot_id, out / "disk.raw", absent_zeros=False)
+    assert strict.differing and not strict.ok  # what an all-blocks upload must not lack
+    assert verify_snapshot(ebs, ec2, snapshot_id, out / "disk.raw").ok
+
+
+def test_a_pending_snapshot_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EBS reads only completed snapshots (ebsapi-faq); right after CompleteSnapshot one
+    may still be pending. (botocore's Stubber answers the calls.)"""
+    import boto3
+    from botocore.stub import Stubber
+
+    from builder.aws import verify
+
+    monkeypatch.setattr(verify, "COMPLETED_WAIT", {"Delay": 0, "MaxAttempts": 3})
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    stub = Stubber(ec2)
+    snapshot = {"SnapshotId": "snap-0123456789abcdef0", "Encrypted": False}
+    for state in ("pending", "pending", "completed", "completed"):
+        stub.add_response("describe_snapshots", {"Snapshots": [{**snapshot, "State": state}]})
+    stub.add_response("describe_snapshot_attribute", {"CreateVolumePermissions": []})
+    with stub:
+        assert verify.completed_snapshot(ec2, snapshot["SnapshotId"])["State"] == "completed"
+    stub.assert_no_pending_responses()
