@@ -20,7 +20,7 @@ def test_outputs_and_manifest(build_recipe) -> None:
     built = build_recipe(RECIPE)
     names = sorted(p.name for p in built.output_dir.iterdir())
     assert names == ["build-manifest.json", "disk.qcow2", "disk.raw", "register-image.json",
-                     "snapshots.json"]
+                     "sbom.spdx.json", "snapshots.json"]
     manifest = built.manifest
     assert manifest["amiforge_version"]
     assert manifest["recipe"]["sha256"] == sha256_file(ROOT / "recipes" / RECIPE)
