@@ -48,6 +48,16 @@ class Publication:
                 for t in spec["Tags"]}
 
 
+def own_snapshot(job: Publication, snapshot_id: str) -> dict[str, Any] | None:
+    """The snapshot as DescribeSnapshots shows it, if it is this account's; None if it is
+    another's or cannot be seen."""
+    try:
+        [snapshot] = job.aws.client("ec2").describe_snapshots(
+            SnapshotIds=[snapshot_id])["Snapshots"]
+    except (ClientError, ValueError):
+        return None
+    return snapshot if snapshot.get("OwnerId") == job.account else None
+
 
 def description(job: Publication, device: str) -> str:
     return f"{job.request['Name']} {device}"

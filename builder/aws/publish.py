@@ -205,7 +205,6 @@ def _check_recorded_image(job: Publication, image: dict[str, Any]) -> None:
                          f"build's AMI ({', '.join(problems)}): remove the record")
 
 
-
 def _existing_snapshots(ec2: Any, snapshot_ids: list[str]) -> set[str]:
     """The recorded snapshots that still exist, completed (an id one cannot see is left
     out of DescribeSnapshots' answer rather than failing it)."""
@@ -313,5 +312,3 @@ def find_image(ec2: Any, name: str) -> str | None:
                                  Filters=[{"Name": "name", "Values": [name]}])["Images"]
     live = [i for i in images if i.get("State") != "deregistered"]
     return str(live[0]["ImageId"]) if live else None
-
-

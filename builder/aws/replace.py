@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from botocore.exceptions import ClientError
 
-from builder.aws.job import Publication, error_code, say
+from builder.aws.job import Publication, error_code, own_snapshot, say
 
 
 def replace_image(job: Publication, old_image: str, old_snapshots: list[str]) -> str:
@@ -51,12 +51,6 @@ def finish_replacement(job: Publication) -> None:
 def _made_for_this_name(job: Publication, snapshot_id: str) -> bool:
     """An old AMI's snapshot that --force may delete: this account's, and made by publish
     for an AMI of this name (its description)."""
-    try:
-        [snapshot] = job.aws.client("ec2").describe_snapshots(
-            SnapshotIds=[snapshot_id])["Snapshots"]
-    except (ClientError, ValueError):
-        return False
-    return (snapshot.get("OwnerId") == job.account and
-            str(snapshot.get("Description", "")).startswith(f"{job.request['Name']} /dev/"))
-
-
+    snapshot = own_snapshot(job, snapshot_id)
+    return snapshot is not None and \
+        str(snapshot.get("Description", "")).startswith(f"{job.request['Name']} /dev/")

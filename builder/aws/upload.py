@@ -10,7 +10,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from builder.aws.job import Publication, description, read_json, say
+from builder.aws.job import Publication, description, own_snapshot, read_json, say
 from builder.aws.kms import usable_key_arn
 from builder.aws.snapshots import Encryption, upload_image
 from builder.errors import BuildFailed, InputError
@@ -155,12 +155,6 @@ def upload_bundle(job: Publication, bucket: str | None) -> str:
 def _our_snapshot(job: Publication, snapshot_id: str, device: str) -> bool:
     """A recorded snapshot is reused only if it is this account's, completed, and made by
     publish for this AMI name and device (StartSnapshot's description, fixed since)."""
-    try:
-        [snapshot] = job.aws.client("ec2").describe_snapshots(
-            SnapshotIds=[snapshot_id])["Snapshots"]
-    except (ClientError, ValueError):
-        return False
-    return (snapshot.get("OwnerId") == job.account and snapshot.get("State") == "completed"
+    snapshot = own_snapshot(job, snapshot_id)
+    return (snapshot is not None and snapshot.get("State") == "completed"
             and snapshot.get("Description") == description(job, device))
-
-
