@@ -94,8 +94,8 @@ def verify_snapshot(ebs: Any, ec2: Any, snapshot_id: str, image: Path, workers: 
         raise InputError(f"{image}: not an image file")
     snapshot = completed_snapshot(ec2, snapshot_id)
     result = Verification(snapshot_id, image.name, bool(snapshot.get("Encrypted")))
-    if absent_zeros is None or result.encrypted:
-        absent_zeros = not result.encrypted  # an encrypted volume reads random bytes there
+    # never from an encrypted snapshot: its volume reads random bytes there
+    absent_zeros = absent_zeros is not False and not result.encrypted
     tokens, volume_size = stored_blocks(ebs, snapshot_id)
     size = image.stat().st_size
     if volume_size * GiB < size:
@@ -209,9 +209,9 @@ def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
             continue
         # a zero block may be absent only where publish skipped zero blocks: it wrote
         # every block otherwise, and a missing one is a lost write
-        skipped = job.record.get("uploads", {}).get(device, {}).get("asked", {})
+        asked = job.record.get("uploads", {}).get(device, {}).get("asked", {})
         result = verify_snapshot(ebs, ec2, snapshot_id, job.output_dir / entry["image"],
-                                 job.workers, bool(skipped.get("skip_zero_blocks")))
+                                 job.workers, bool(asked.get("skip_zero_blocks")))
         verified[device] = {**result.to_dict(), "image_sha256": entry["sha256"]}
         job.save()
         say(f"{device}: {result.summary()}")
