@@ -26,6 +26,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import boto3
+from botocore.exceptions import ClientError
+
+from tests import ebslineage
 
 BLOCK = 512 << 10
 EBS_BLOCK_DEVICE = "https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_EbsBlockDevice.html"
@@ -59,6 +62,7 @@ class Snapshots:
     not_yet_found: set[str] = field(default_factory=set)  # started, not seen by a PUT yet
     completed: set[str] = field(default_factory=set)  # CompleteSnapshot seen
     keys: dict[str, str | None] = field(default_factory=dict)  # None: the default key
+    parents: dict[str, str] = field(default_factory=dict)  # StartSnapshot's ParentSnapshotId
     not_found_answers: int = 0
     # fault injection, not an AWS rule: GetSnapshotBlock of these (snapshot, index) answers
     # the block with its first byte flipped, and a checksum that matches the flipped data
@@ -115,25 +119,27 @@ class ValidatingProxy(http.server.ThreadingHTTPServer):
         volume reads random bytes where nobody wrote (Bottlerocket #2169, coldsnap #470),
         a plain one zeros. By default the reader assumes the worst."""
         with self.snapshots.lock:
-            written = index in self.snapshots.written.get(snapshot_id, set())
+            held_by = ebslineage.holder(snapshot_id, index, self.snapshots.parents,
+                                        self.snapshots.written)
             encrypted = self.snapshots.encrypted.get(snapshot_id, False) or encrypted_volume
-        if not written:
+        if held_by is None:
             return os.urandom(BLOCK) if encrypted else bytes(BLOCK)
-        ebs = self.client("ebs", region)
-        blocks = {b["BlockIndex"]: b["BlockToken"] for b in ebs.list_snapshot_blocks(
-            SnapshotId=snapshot_id, StartingBlockIndex=index, MaxResults=100)["Blocks"]}
-        return ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
-                                      BlockToken=blocks[index])["BlockData"].read()
+        token = self.own_blocks(region, held_by)[index]
+        return self.client("ebs", region).get_snapshot_block(
+            SnapshotId=held_by, BlockIndex=index, BlockToken=token)["BlockData"].read()
 
+    def own_blocks(self, region: str, snapshot_id: str) -> dict[int, str]:
+        """The blocks written to the snapshot itself (moto's ListSnapshotBlocks, which knows
+        no parents), index -> token; none for a snapshot moto's EBS does not know."""
+        try:
+            answer = self.client("ebs", region).list_snapshot_blocks(SnapshotId=snapshot_id)
+        except ClientError:
+            return {}
+        return {b["BlockIndex"]: b["BlockToken"] for b in answer["Blocks"]}
 
-def block_size_as_aws(path: str, data: bytes) -> bytes:
-    """ListSnapshotBlocks and ListChangedBlocks answer BlockSize 524288: the EBS direct
-    APIs' blocks are 512 KiB (EBS_DIRECT_BLOCKS, "Block indexes"); moto answers 512."""
-    if not re.fullmatch(r"/snapshots/[^/]+/(blocks|changedblocks)", path.split("?")[0]):
-        return data
-    answer = json.loads(data)
-    answer["BlockSize"] = BLOCK
-    return json.dumps(answer).encode()
+    def volume_size(self, region: str, snapshot_id: str) -> int:
+        [snapshot] = self.ec2(region).describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        return int(snapshot["VolumeSize"])
 
 
 def register_image_problem(form: dict[str, list[str]]) -> str | None:
@@ -278,10 +284,16 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.upstream_path = self.path
         if self.command == "POST" and self.path.rstrip("/") == "/snapshots":
-            problem = start_snapshot_problem(json.loads(body or b"{}"))
+            request = json.loads(body or b"{}")
+            problem = start_snapshot_problem(request)
             if problem:
                 return self._json_error(400, "ValidationException", problem)
+            if "ParentSnapshotId" in request and self._parent_refused(request):
+                return None
+        if self.command == "GET" and self._answered_from_lineage():
+            return None
         if self._not_found_yet():
             return self._json_error(404, "ResourceNotFoundException",
                                     "The snapshot was not found")
@@ -312,7 +324,6 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         self._observe(body, status, data)
         if status < 300 and self.command == "GET":
             headers, data = self._corrupted(headers, data)
-            data = block_size_as_aws(self.path, data)
         if status < 300 and form.get("Action") == ["RegisterImage"]:
             image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
             self.server.images.registered[image_id] = registered_mappings(form)
@@ -324,6 +335,79 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if status < 300 and form.get("Action") == ["DescribeImages"]:
             data = self._as_registered(data)
         self._reply(status, headers, data)
+
+    # --- incremental snapshots (tests/ebslineage.py) -----------------------------------
+
+    def _parent_refused(self, request: dict[str, object]) -> bool:
+        """StartSnapshot with a parent: the parent must exist, and the encryption asked must
+        be one AWS accepts with it (ebslineage.parent_problem)."""
+        parent = str(request["ParentSnapshotId"])
+        snapshots = self.server.snapshots
+        with snapshots.lock:
+            known, encrypted = parent in snapshots.encrypted, snapshots.encrypted.get(parent)
+        if not known:
+            self._json_error(404, "ResourceNotFoundException",
+                             f"The parent snapshot {parent} was not found")
+            return True
+        problem = ebslineage.parent_problem(request, bool(encrypted),
+                                            self.server.encrypted_by_default(self._region()))
+        if problem:
+            self._json_error(400, "ValidationException", problem)
+        return problem is not None
+
+    def _answered_from_lineage(self) -> bool:
+        """ListSnapshotBlocks and ListChangedBlocks answered over the snapshots' lineage;
+        GetSnapshotBlock of a block the snapshot inherited is read from the ancestor that
+        holds it."""
+        path, _, query = self.path.partition("?")
+        params = urllib.parse.parse_qs(query)
+        listing = re.fullmatch(r"/snapshots/([^/]+)/(blocks|changedblocks)", path)
+        if listing:
+            self._answer_listing(listing[1], listing[2], params)
+            return True
+        block = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", path)
+        if block:
+            snapshots = self.server.snapshots
+            with snapshots.lock:
+                held_by = ebslineage.holder(block[1], int(block[2]), snapshots.parents,
+                                            snapshots.written)
+            if held_by not in (None, block[1]):
+                self.upstream_path = f"/snapshots/{held_by}/blocks/{block[2]}?{query}"
+        return False
+
+    def _answer_listing(self, snapshot_id: str, kind: str, params: dict[str, list[str]]
+                        ) -> None:
+        """Blocks of the whole lineage, BlockSize 524288 (the EBS direct APIs' blocks are
+        512 KiB, EBS_DIRECT_BLOCKS "Block indexes"; moto answers 512), paginated."""
+        region = self._region()
+        try:
+            volume_size = self.server.volume_size(region, snapshot_id)
+        except ClientError:
+            return self._json_error(404, "ResourceNotFoundException",
+                                    f"The snapshot {snapshot_id} was not found")
+        with self.server.snapshots.lock:
+            parents = dict(self.server.snapshots.parents)
+
+        def blocks_of(member: str) -> dict[int, tuple[str, str]]:
+            return ebslineage.effective_blocks(
+                member, parents, lambda s: self.server.own_blocks(region, s))
+
+        second = blocks_of(snapshot_id)
+        if kind == "blocks":
+            key, entries = "Blocks", [{"BlockIndex": i, "BlockToken": token}
+                                      for i, (token, _) in sorted(second.items())]
+        else:
+            first_id = (params.get("firstSnapshotId") or [None])[0]
+            key = "ChangedBlocks"
+            entries = ebslineage.changed_blocks(blocks_of(first_id) if first_id else {}, second)
+        paged = ebslineage.page(entries, params)
+        if isinstance(paged, str):
+            return self._json_error(400, "ValidationException", paged)
+        chosen, next_token = paged
+        answer = {key: chosen, "VolumeSize": volume_size, "BlockSize": BLOCK,
+                  **({"NextToken": next_token} if next_token else {})}
+        self._reply(200, [("Content-Type", "application/json")], json.dumps(answer).encode())
+        return None
 
     def _not_found_yet(self) -> bool:
         """A snapshot is not visible to PutSnapshotBlock at once: the first PUT after
@@ -398,7 +482,8 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
     def _snapshot_states(self, data: bytes, wanted: set[str] | None) -> bytes:
         """A snapshot started with the EBS direct API is "pending" until CompleteSnapshot
         (START_SNAPSHOT); moto shows it "completed" at once. The status filter is applied
-        here, on the states EBS would show."""
+        here, on the states EBS would show. It is encrypted as StartSnapshot made it (asked,
+        by default, or its parent's), with its key; moto ignores StartSnapshot's encryption."""
         root = ET.fromstring(data)
         ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
         ET.register_namespace("", ns.strip("{}"))
@@ -410,9 +495,19 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                 if (state is not None and snapshot_id in snapshots.written
                         and snapshot_id not in snapshots.completed):
                     state.text = "pending"
+                if snapshot_id in snapshots.written and snapshots.encrypted[snapshot_id]:
+                    self._show_encrypted(item, ns, snapshots.keys.get(snapshot_id))
                 if wanted is not None and (state is None or state.text not in wanted):
                     listing.remove(item)
         return ET.tostring(root, xml_declaration=True, encoding="utf-8")
+
+    def _show_encrypted(self, item: ET.Element, ns: str, key: str | None) -> None:
+        encrypted = item.find(f"{ns}encrypted")
+        if encrypted is None:
+            encrypted = ET.SubElement(item, f"{ns}encrypted")
+        encrypted.text = "true"
+        if item.find(f"{ns}kmsKeyId") is None:
+            ET.SubElement(item, f"{ns}kmsKeyId").text = key or self._default_key()
 
     def _answer_EnableImageDeprecation(self, form: dict[str, list[str]]) -> None:
         image_id = (form.get("ImageId") or [""])[0]
@@ -499,12 +594,18 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if self.command == "POST" and self.path.rstrip("/") == "/snapshots":
             # StartSnapshot: Encrypted, or the account's encryption by default, which
             # "you cannot override" per snapshot (START_SNAPSHOT, ENCRYPTION_BY_DEFAULT)
-            asked = bool(json.loads(body or b"{}").get("Encrypted"))
+            request = json.loads(body or b"{}")
             snapshot_id = json.loads(data)["SnapshotId"]
-            encrypted = asked or self.server.encrypted_by_default(self._region())
+            encrypted = bool(request.get("Encrypted")) or \
+                self.server.encrypted_by_default(self._region())
             with snapshots.lock:
+                parent = request.get("ParentSnapshotId")
+                if parent:  # the parent's encryption and key (ebslineage.ENCRYPTION_OUTCOMES)
+                    snapshots.parents[snapshot_id] = parent
+                    encrypted = snapshots.encrypted[parent]
                 snapshots.encrypted[snapshot_id] = encrypted
-                snapshots.keys[snapshot_id] = json.loads(body or b"{}").get("KmsKeyArn")
+                snapshots.keys[snapshot_id] = snapshots.keys.get(parent) if parent else \
+                    request.get("KmsKeyArn")
                 snapshots.written[snapshot_id] = set()
                 snapshots.not_yet_found.add(snapshot_id)
         done = re.fullmatch(r"/snapshots/completion/([^/?]+)", self.path.split("?")[0])
@@ -533,7 +634,7 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)
-        upstream.request(self.command, self.path, body, dict(self.headers))
+        upstream.request(self.command, self.upstream_path, body, dict(self.headers))
         response = upstream.getresponse()
         return response.status, response.getheaders(), response.read()
 

@@ -14,6 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from builder.aws import state
+from builder.aws.blockindex import BlockIndex
 from builder.aws.distribute import Distribution
 from builder.aws.session import Aws
 from builder.errors import InputError
@@ -34,6 +35,7 @@ class Publication:
     distribution: Distribution = field(default_factory=Distribution)
     deprecate_at: dt.datetime | None = None  # --deprecate-at, else the recipe's days
     force: bool = False
+    parents: dict[str, BlockIndex] = field(default_factory=dict)  # device -> its parent's
 
     def save(self) -> None:
         state.save(self.output_dir, self.target, self.record)

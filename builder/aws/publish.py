@@ -8,13 +8,14 @@ twice. A recorded AMI is checked with DescribeImages before it is reported as do
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from builder.aws import state
+from builder.aws.delta import ParentOptions
 from builder.aws.distribute import (
     Distribution,
     aws_time,
@@ -46,6 +47,7 @@ class PublishOptions:
     deprecate_at: dt.datetime | None = None
     force: bool = False  # replace an AMI of the same name
     verify: bool = False  # read each snapshot back before registering
+    parents: ParentOptions = field(default_factory=ParentOptions)  # --parent...
 
 
 def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions()
@@ -61,6 +63,9 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
     job.record = state.load(output_dir, job.target)
     entries = [] if "ImageLocation" in request else \
         read_json(output_dir / "snapshots.json")["snapshots"]
+    if options.parents and not entries:
+        raise InputError(f"{output_dir}: --parent makes EBS snapshots from a parent; this AMI "
+                         "is instance-store-backed")
     if options.verify and not entries:
         raise InputError(f"{output_dir}: --verify reads EBS snapshots back; this AMI is "
                          "instance-store-backed (its bundle is checked by `build unbundle`)")
@@ -88,7 +93,7 @@ def publish(output_dir: Path, aws: Aws, options: PublishOptions = PublishOptions
     else:
         job.encrypted_by_default = not aws.dry_run and encrypts_by_default(aws.client("ec2"))
         _refuse_what_aws_would(job, entries)
-        upload_snapshots(job, entries)
+        upload_snapshots(job, entries, options.parents)
         if options.verify:
             verify_uploads(job, entries)
     image_id = _register(job)

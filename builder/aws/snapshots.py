@@ -101,25 +101,37 @@ def while_snapshot_appears(call: Callable[[], Any], attempts: int = 10,
     raise AssertionError("unreachable")
 
 
+def volume_gib(path: Path) -> int:
+    """The snapshot's volume size: the image's, in whole GiB."""
+    return max(1, -(-path.stat().st_size // GiB))
+
+
 def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str],
                  workers: int = 16, client_token: str | None = None,
                  snapshot_id: str | None = None, encryption: Encryption = Encryption(),
-                 skip_zero_blocks: bool = False,
+                 skip_zero_blocks: bool = False, writes: list[int] | None = None,
+                 parent_snapshot_id: str | None = None,
                  started: Callable[[str], None] = lambda snapshot_id: None,
                  ) -> tuple[str, UploadStats]:
     """Upload ``path`` to a new snapshot, or to the pending ``snapshot_id`` of an
     interrupted run (blocks are simply written again); ``started`` learns the snapshot id
-    before any block is sent. Returns the snapshot id once completed."""
-    size_gib = max(1, -(-path.stat().st_size // GiB))
-    indexes, total = nonzero_blocks(path)
-    if encryption.enabled or not skip_zero_blocks:  # zeros included (see above)
-        indexes = list(range(total))
+    before any block is sent. ``writes``: the blocks to send, when the caller chose them
+    (a child of ``parent_snapshot_id``: builder.aws.blockindex). Returns the snapshot id
+    once completed."""
+    if writes is None:
+        indexes, total = nonzero_blocks(path)
+        if encryption.enabled or not skip_zero_blocks:  # zeros included (see above)
+            indexes = list(range(total))
+    else:
+        indexes, total = writes, -(-path.stat().st_size // BLOCK)
     if snapshot_id is None:
-        params: dict[str, Any] = {"VolumeSize": size_gib, "Description": description,
+        params: dict[str, Any] = {"VolumeSize": volume_gib(path), "Description": description,
                                   "Timeout": START_TIMEOUT_MINUTES}
-        if encryption.enabled:
+        if parent_snapshot_id:  # the child has its parent's encryption and key
+            params["ParentSnapshotId"] = parent_snapshot_id
+        elif encryption.enabled:
             params["Encrypted"] = True
-        if encryption.kms_key_arn:
+        if encryption.kms_key_arn and not parent_snapshot_id:
             params["KmsKeyArn"] = encryption.kms_key_arn
         if tags:
             params["Tags"] = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
@@ -127,7 +139,7 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
             params["ClientToken"] = client_token
         snapshot_id = ebs.start_snapshot(**params)["SnapshotId"]
     started(snapshot_id)
-    stats = UploadStats(blocks_total=total, blocks_zero=total - len(indexes),
+    stats = UploadStats(blocks_total=total, blocks_zero=max(0, total - len(indexes)),
                         encrypted=encryption.enabled)
     digests: dict[int, bytes] = {}
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from builder.aws.blockindex import after_writes, delta_writes, full_writes, image_blocks
+from builder.aws.delta import ParentOptions, resolve_parents
 from builder.aws.job import Publication, description, own_snapshot, read_json, say
 from builder.aws.kms import usable_key_arn
 from builder.aws.snapshots import Encryption, upload_image
@@ -18,8 +20,16 @@ from builder.outputs.ami import is_placeholder
 from builder.plan import sha256_file
 
 
-def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
+def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]],
+                     parents: ParentOptions | None = None) -> None:
     ebs = None if job.aws.dry_run else job.aws.client("ebs")
+    parents = parents or ParentOptions()
+    if parents and ebs is None:
+        job.aws.would("ebs.StartSnapshot with ParentSnapshotId (only the changed blocks)",
+                      parent=str(parents.output_dir or parents.snapshots))
+    elif parents:
+        todo = [e for e in snapshots if not _reusable(job, e)]
+        job.parents = resolve_parents(job, todo, parents, lambda e: _encryption(job, e))
     by_placeholder = {}
     for entry in snapshots:
         image = job.output_dir / entry["image"]
@@ -28,10 +38,7 @@ def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
             raise InputError(f"{image}: changed since the build (sha256 differs from "
                              "snapshots.json); rebuild before publishing")
         done = job.record["snapshot_ids"].get(entry["device"])
-        made = job.record["uploads"].get(entry["device"], {})
-        if done and job.record["uploaded"].get(entry["image"]) == digest and \
-                made.get("asked") == asked_for(job, entry) and \
-                (ebs is None or _our_snapshot(job, done, entry["device"])):
+        if done and _recorded(job, entry) and (ebs is None or _reusable(job, entry)):
             say(f"{entry['device']}: reusing {done} from an earlier run")
         elif ebs is None:
             job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
@@ -47,6 +54,20 @@ def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]]) -> None:
             ebs_shape["SnapshotId"] = by_placeholder[ebs_shape["SnapshotId"]]
         elif is_placeholder(ebs_shape.get("SnapshotId", "")):
             raise BuildFailed(f"no image for {mapping['DeviceName']}'s snapshot")
+
+
+def _recorded(job: Publication, entry: dict[str, Any]) -> bool:
+    """publish.json says an earlier run made a snapshot of this image, as asked."""
+    made = job.record["uploads"].get(entry["device"], {})
+    return bool(job.record["snapshot_ids"].get(entry["device"])) and \
+        job.record["uploaded"].get(entry["image"]) == entry["sha256"] and \
+        made.get("asked") == asked_for(job, entry)
+
+
+def _reusable(job: Publication, entry: dict[str, Any]) -> bool:
+    """... and that snapshot is still there, completed, this account's."""
+    return _recorded(job, entry) and \
+        _our_snapshot(job, job.record["snapshot_ids"][entry["device"]], entry["device"])
 
 
 def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
@@ -80,13 +101,21 @@ def _key_arn(job: Publication, key: str) -> str:
 
 def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
                 digest: str) -> str:
-    """Upload one image; a snapshot left pending by an interrupted run is filled again."""
+    """Upload one image, whole or (with a parent) its changed blocks; a snapshot left
+    pending by an interrupted run is filled again."""
     device = entry["device"]
     asked = asked_for(job, entry)
+    parent = job.parents.get(device)
+    parent_id = parent.snapshot_id if parent else None
     pending = job.record["pending"].get(device, {})
-    same = pending.get("sha256") == digest and pending.get("asked") == asked
+    same = pending.get("sha256") == digest and pending.get("asked") == asked and \
+        pending.get("parent") == parent_id
     resume = pending.get("snapshot") if same else None
     encryption = _encryption(job, entry)
+    blocks = image_blocks(image)
+    zeros_held = encryption.enabled or not job.skip_zero_blocks
+    writes = delta_writes(blocks, parent, zeros_held) if parent else \
+        full_writes(blocks, zeros_held)
 
     def started(snapshot_id: str) -> None:
         job.record["pending"][device] = {**job.record["pending"][device],
@@ -97,15 +126,17 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
         """A new ClientToken per new snapshot, saved before StartSnapshot: a retry after a
         crash gets the same snapshot back, and a new snapshot never a finished one's."""
         token = uuid.uuid4().hex
-        job.record["pending"][device] = {"sha256": digest, "asked": asked, "token": token}
+        job.record["pending"][device] = {"sha256": digest, "asked": asked, "token": token,
+                                         "parent": parent_id}
         job.save()
         return token
 
-    say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {entry['image']} "
+    how = f"{len(writes)} changed blocks over {parent_id}" if parent else entry["image"]
+    say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {how} "
         f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
     common = {"description": description(job, device), "tags": job.tags, "workers": job.workers,
-              "encryption": encryption, "started": started,
-              "skip_zero_blocks": job.skip_zero_blocks}
+              "encryption": encryption, "started": started, "writes": writes,
+              "parent_snapshot_id": parent_id}
     token = pending.get("token") if same and not resume else None
     try:
         done, stats = upload_image(ebs, image, client_token=token or fresh_token(),
@@ -116,15 +147,17 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
         say(f"{device}: {resume or 'the pending snapshot'} can no longer be written; "
             "starting a new snapshot")
         done, stats = upload_image(ebs, image, client_token=fresh_token(), **common)
-    skipped = (f"{stats.blocks_zero} zero blocks skipped" if stats.blocks_zero else
-               "zero blocks written too")
+    unsent = stats.blocks_total - stats.blocks_sent
+    skipped = (f"{unsent} blocks the same as in {parent_id}" if parent else
+               f"{unsent} zero blocks skipped" if unsent else "zero blocks written too")
     say(f"{device}: {done}, {stats.blocks_sent} blocks sent, {skipped}")
     job.record["pending"].pop(device, None)
     job.record["snapshot_ids"][device] = done
     job.record["uploaded"][entry["image"]] = digest
-    job.record["uploads"][device] = {"encrypted": stats.encrypted, "asked": asked,
-                                     "blocks_written": stats.blocks_sent,
-                                     "blocks_skipped": stats.blocks_zero}
+    job.record["uploads"][device] = {
+        "encrypted": stats.encrypted, "asked": asked, "blocks_written": stats.blocks_sent,
+        "blocks_skipped": max(0, unsent), "parent": parent_id,
+        "block_index": after_writes(done, blocks, writes, parent).to_json()}
     job.save()
     return done
 

@@ -74,6 +74,15 @@ def cmd_publish(argv: Sequence[str]) -> int:
                         "(deregistered, its snapshots deleted once the new AMI is registered)")
     parser.add_argument("--verify", action="store_true", help="read every snapshot back and "
                         "compare it with its image before registering (exit 1 if one differs)")
+    parser.add_argument("--parent", type=Path, metavar="PREV_OUT", help="start each snapshot "
+                        "from the one PREV_OUT's publish made for the same device and send only "
+                        "the blocks that differ (PREV_OUT's publish.json holds their hashes)")
+    parser.add_argument("--parent-snapshot", action="append", default=[],
+                        metavar="DEVICE=SNAP", help="start DEVICE's snapshot from SNAP instead "
+                        "(repeatable); its block hashes come from --parent-index or the API")
+    parser.add_argument("--parent-index", type=Path, metavar="PUBLISH_JSON",
+                        help="a publish.json holding the block index of --parent-snapshot's "
+                        "snapshot (or of an earlier one of its lineage: ListChangedBlocks)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print a summary for tools: "
                        "image_ids (region -> AMI id), snapshot_ids, deprecate_at")
@@ -90,7 +99,7 @@ def cmd_publish(argv: Sequence[str]) -> int:
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
     options = PublishOptions(args.bucket, args.workers, args.kms_key_id, args.skip_zero_blocks,
-                             _deprecate_at(args), args.force, args.verify)
+                             _deprecate_at(args), args.force, args.verify, _parents(args))
     state = publish(args.output_dir, _aws(args), options)
     if args.dry_run:
         return EXIT_OK
@@ -99,6 +108,17 @@ def cmd_publish(argv: Sequence[str]) -> int:
     else:
         print(json.dumps(summary(state) if args.json else state, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _parents(args: argparse.Namespace) -> Any:
+    from builder.aws.delta import ParentOptions, parse_parent_snapshot
+
+    snapshots = dict(parse_parent_snapshot(value) for value in args.parent_snapshot)
+    if args.parent_index and not snapshots:
+        raise InputError("--parent-index goes with --parent-snapshot")
+    if args.parent is not None and not (args.parent / "publish.json").is_file():
+        raise InputError(f"--parent {args.parent}: no publish.json there (publish it first)")
+    return ParentOptions(args.parent, snapshots, args.parent_index)
 
 
 def cmd_verify_snapshot(argv: Sequence[str]) -> int:

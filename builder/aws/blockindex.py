@@ -1,0 +1,167 @@
+"""A snapshot's block index: what it holds in each 512 KiB block, by SHA-256. publish.json
+keeps one per uploaded snapshot, so that the next release's snapshot can start from it
+(StartSnapshot's ParentSnapshotId) and send only the blocks whose hash differs.
+
+An entry is the hex SHA-256 of a block the snapshot holds, ``"zero"`` for a block it holds
+that is all zeros, or None where it holds nothing (an unencrypted volume reads zeros there,
+an encrypted one random bytes: builder.aws.snapshots). A child snapshot reads its parent's
+block wherever it writes none of its own, so a block that became zeros is written as zeros:
+the parent's data must not show through."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from builder.aws.snapshots import BLOCK, while_snapshot_appears
+from builder.errors import InputError
+from builder.host.fsutil import data_extents
+
+ZERO = "zero"
+_HEX = re.compile(r"[0-9a-f]{64}")
+_ZERO_SHA256 = hashlib.sha256(bytes(BLOCK)).hexdigest()
+LIST_PAGE = 10000  # the listings' MaxResults at most
+
+Entry = str | None
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    snapshot_id: str
+    blocks: tuple[Entry, ...]
+
+    def entry(self, index: int) -> Entry:
+        return self.blocks[index] if index < len(self.blocks) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshot_id": self.snapshot_id, "block_size": BLOCK,
+                "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> BlockIndex:
+        """An index as publish.json keeps it; anything else is a located InputError (the
+        file may come from anywhere)."""
+        if not isinstance(data, dict) or data.get("block_size") != BLOCK or \
+                not isinstance(data.get("blocks"), list) or \
+                not re.fullmatch(r"snap-[0-9a-f]{1,60}", str(data.get("snapshot_id"))):
+            raise InputError(f"{where}: not a block index of {BLOCK}-byte blocks")
+        for number, entry in enumerate(data["blocks"]):
+            if not (entry is None or entry == ZERO or
+                    (isinstance(entry, str) and _HEX.fullmatch(entry))):
+                raise InputError(f"{where}: block {number}: {str(entry)[:70]!r} is neither "
+                                 "a SHA-256, \"zero\" nor null")
+        return cls(str(data["snapshot_id"]), tuple(data["blocks"]))
+
+
+def image_blocks(path: Path) -> list[str]:
+    """Each block of the image: its hex SHA-256, or ZERO (holes are not read)."""
+    zero = bytes(BLOCK)
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        blocks = [ZERO] * -(-size // BLOCK)
+        for start, length in data_extents(fd, size):
+            for index in range(start // BLOCK, (start + length - 1) // BLOCK + 1):
+                if blocks[index] != ZERO:
+                    continue
+                data = os.pread(fd, BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
+                if data != zero:
+                    blocks[index] = hashlib.sha256(data).hexdigest()
+    return blocks
+
+
+def full_writes(image: list[str], zeros_held: bool) -> list[int]:
+    """The blocks a snapshot without a parent is sent: all, or (``zeros_held`` False: an
+    unencrypted publish with --skip-zero-blocks) the non-zero ones."""
+    return [i for i, entry in enumerate(image) if zeros_held or entry != ZERO]
+
+
+def delta_writes(image: list[str], parent: BlockIndex, zeros_held: bool) -> list[int]:
+    """The blocks a child of ``parent`` must be sent to read as ``image``: each block whose
+    hash differs; zeros where the parent holds data (past the image's end too); where the
+    parent holds nothing, a zero block only if ``zeros_held``."""
+    writes = []
+    for index in range(max(len(image), len(parent.blocks))):
+        want = image[index] if index < len(image) else None  # None: past the image's end
+        have = parent.entry(index)
+        if want == have or (want is None and have in (ZERO, None)):
+            continue
+        if want == ZERO and have is None and not zeros_held:
+            continue
+        writes.append(index)
+    return writes
+
+
+def after_writes(snapshot_id: str, image: list[str], writes: Iterable[int],
+                 parent: BlockIndex | None = None) -> BlockIndex:
+    """The index of the snapshot made by sending ``writes`` of ``image`` (over ``parent``)."""
+    blocks: list[Entry] = list(parent.blocks) if parent else []
+    written = sorted(writes)
+    blocks += [None] * (max([len(image), *(i + 1 for i in written)]) - len(blocks))
+    for index in written:
+        blocks[index] = image[index] if index < len(image) else ZERO
+    return BlockIndex(snapshot_id, tuple(blocks))
+
+
+def index_from_api(ebs: Any, snapshot_id: str, known: BlockIndex | None = None,
+                   workers: int = 16) -> BlockIndex:
+    """A snapshot's index when no publish.json holds it: from ``known``, the index of another
+    snapshot of its lineage, and ListChangedBlocks between the two; else from
+    ListSnapshotBlocks. The hash of each block that has to be learnt is the checksum
+    GetSnapshotBlock answers with (its body is not read)."""
+    if known is not None and known.snapshot_id == snapshot_id:
+        return known
+    if known is not None:
+        blocks: list[Entry] = list(known.blocks)
+        tokens = _listing(ebs, "list_changed_blocks", "ChangedBlocks",
+                          FirstSnapshotId=known.snapshot_id, SecondSnapshotId=snapshot_id)
+        changed = {b["BlockIndex"]: b.get("SecondBlockToken") for b in tokens}
+    else:
+        blocks = []
+        changed = {b["BlockIndex"]: b["BlockToken"] for b in _listing(
+            ebs, "list_snapshot_blocks", "Blocks", SnapshotId=snapshot_id)}
+    blocks += [None] * (max([len(blocks), *(i + 1 for i in changed)]) - len(blocks))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, entry in pool.map(lambda item: (item[0], _checksum(
+                ebs, snapshot_id, *item) if item[1] else None), changed.items()):
+            blocks[index] = entry
+    return BlockIndex(snapshot_id, tuple(blocks))
+
+
+def _listing(ebs: Any, call: str, key: str, **params: Any) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    params["MaxResults"] = LIST_PAGE
+    while True:
+        page = while_snapshot_appears(lambda: getattr(ebs, call)(**params))
+        if page.get("BlockSize", BLOCK) != BLOCK:
+            raise InputError(f"EBS lists blocks of {page['BlockSize']} bytes, not {BLOCK}")
+        entries += page.get(key, [])
+        if not page.get("NextToken"):
+            return entries
+        params["NextToken"] = page["NextToken"]
+
+
+def _checksum(ebs: Any, snapshot_id: str, index: int, token: str) -> str:
+    """A stored block's SHA-256 as GetSnapshotBlock's checksum says (the block is read and
+    hashed only where the checksum is not SHA-256)."""
+    try:
+        answer = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
+                                        BlockToken=token)
+    except ClientError as exc:
+        raise InputError(f"{snapshot_id}: block {index} cannot be read ({exc})") from None
+    body = answer["BlockData"]
+    if answer.get("ChecksumAlgorithm") == "SHA256" and answer.get("Checksum"):
+        body.close()
+        digest = base64.b64decode(answer["Checksum"]).hex()
+    else:
+        digest = hashlib.sha256(body.read()).hexdigest()
+    return ZERO if digest == _ZERO_SHA256 else digest

@@ -1,0 +1,273 @@
+"""Delta publish: block indexes, which blocks a child snapshot is sent, the layer's
+incremental snapshots (tests/ebslineage.py), and `build publish --parent` against moto
+behind the layer: only the changed blocks go, and the child reads as the new image."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from builder.aws.blockindex import (
+    ZERO,
+    BlockIndex,
+    after_writes,
+    delta_writes,
+    full_writes,
+    image_blocks,
+)
+from builder.aws.snapshots import BLOCK
+from builder.errors import InputError
+from builder.plan import sha256_file
+from tests import ebslineage
+from tests.awstools import client, published, small_output
+
+pytestmark = pytest.mark.usefixtures("fake_credentials")
+
+A, B, C = ("a" * 64), ("b" * 64), ("c" * 64)
+
+
+# --- which blocks a child is sent --------------------------------------------------------
+
+def test_only_blocks_whose_hash_differs_are_sent() -> None:
+    parent = BlockIndex("snap-00000001", (A, B, ZERO, None))
+    assert delta_writes([A, C, ZERO, ZERO], parent, zeros_held=False) == [1]
+    # an encrypted child must hold its zeros: where the parent holds nothing, they are sent
+    assert delta_writes([A, C, ZERO, ZERO], parent, zeros_held=True) == [1, 3]
+
+
+def test_a_block_that_became_zeros_is_written_as_zeros() -> None:
+    parent = BlockIndex("snap-00000001", (A, B, C))
+    assert delta_writes([A, ZERO, C], parent, zeros_held=False) == [1]
+    index = after_writes("snap-00000002", [A, ZERO, C], [1], parent)
+    assert index.blocks == (A, ZERO, C)
+
+
+def test_a_parent_s_data_past_the_new_image_s_end_is_overwritten() -> None:
+    parent = BlockIndex("snap-00000001", (A, B, C, ZERO, None))
+    writes = delta_writes([A, B], parent, zeros_held=True)
+    assert writes == [2]  # zeros over C; the parent's zero block and hole are fine
+    assert after_writes("snap-00000002", [A, B], writes, parent).blocks == \
+        (A, B, ZERO, ZERO, None)
+
+
+def test_a_full_upload_sends_zeros_unless_asked_not_to() -> None:
+    image = [A, ZERO, B]
+    assert full_writes(image, zeros_held=True) == [0, 1, 2]
+    assert full_writes(image, zeros_held=False) == [0, 2]
+    assert after_writes("snap-00000001", image, [0, 2]).blocks == (A, None, B)
+
+
+def test_image_blocks_hash_data_and_mark_zeros(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as handle:
+        handle.truncate(3 * BLOCK + 10)
+        handle.seek(BLOCK)
+        handle.write(b"x" * BLOCK)
+        handle.seek(2 * BLOCK)
+        handle.write(bytes(BLOCK))  # written zeros are zeros too
+        handle.seek(3 * BLOCK)
+        handle.write(b"tail")
+    blocks = image_blocks(image)
+    assert blocks[0] == ZERO and blocks[2] == ZERO
+    assert blocks[1] == hashlib.sha256(b"x" * BLOCK).hexdigest()
+    assert blocks[3] == hashlib.sha256(b"tail".ljust(BLOCK, b"\0")).hexdigest()
+
+
+@pytest.mark.parametrize("data", [
+    [], {"snapshot_id": "snap-00000001", "block_size": 512, "blocks": []},
+    {"snapshot_id": "snap-1; rm", "block_size": BLOCK, "blocks": []},
+    {"snapshot_id": "snap-00000001", "block_size": BLOCK, "blocks": ["xyz"]},
+    {"snapshot_id": "snap-00000001", "block_size": BLOCK, "blocks": [7]},
+])
+def test_a_bad_block_index_is_a_located_error(data: object) -> None:
+    with pytest.raises(InputError, match=r"^publish\.json: /dev/xvda"):
+        BlockIndex.from_json(data, "publish.json: /dev/xvda")
+
+
+# --- the layer's incremental snapshots ---------------------------------------------------
+
+def test_a_child_reads_its_parent_s_blocks_unless_it_wrote_its_own() -> None:
+    own = {"snap-p": {0: "p0", 1: "p1"}, "snap-c": {1: "c1", 2: "c2"}}
+    parents = {"snap-c": "snap-p"}
+    child = ebslineage.effective_blocks("snap-c", parents, own.__getitem__)
+    assert child == {0: ("p0", "snap-p"), 1: ("c1", "snap-c"), 2: ("c2", "snap-c")}
+    parent = ebslineage.effective_blocks("snap-p", parents, own.__getitem__)
+    assert ebslineage.changed_blocks(parent, child) == [
+        {"BlockIndex": 1, "FirstBlockToken": "p1", "SecondBlockToken": "c1"},
+        {"BlockIndex": 2, "SecondBlockToken": "c2"}]
+    assert ebslineage.holder("snap-c", 0, parents, {"snap-p": {0}, "snap-c": {1}}) == "snap-p"
+
+
+def test_listings_are_paged_as_aws_pages_them() -> None:
+    entries = [{"BlockIndex": i} for i in range(250)]
+    first, token = ebslineage.page(entries, {"maxResults": ["100"]})
+    assert [e["BlockIndex"] for e in first] == list(range(100))
+    second, _ = ebslineage.page(entries, {"maxResults": ["100"], "pageToken": [token]})
+    assert second[0]["BlockIndex"] == 100
+    last, end = ebslineage.page(entries, {"startingBlockIndex": ["200"]})
+    assert len(last) == 50 and end is None
+    assert "between 100 and 10000" in ebslineage.page(entries, {"maxResults": ["5"]})
+
+
+def test_start_snapshot_with_a_parent_follows_the_encryption_outcomes() -> None:
+    problem = ebslineage.parent_problem
+    assert "Encrypted" in problem({"Encrypted": True}, True, False)
+    assert "encryption by default" in problem({}, False, True)
+    assert "KmsKeyArn" in problem({"KmsKeyArn": "arn:aws:kms:r:1:key/k"}, True, False)
+    assert problem({}, True, True) is None and problem({}, False, False) is None
+
+
+def test_the_layer_refuses_encrypted_with_a_parent(aws_rules) -> None:
+    ebs = client("ebs", aws_rules.url)
+    parent = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    with pytest.raises(ClientError, match="ValidationException"):
+        ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent, Encrypted=True)
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        ebs.start_snapshot(VolumeSize=1, ParentSnapshotId="snap-0123456789abcdef0")
+
+
+# --- build publish --parent ---------------------------------------------------------------
+
+def next_release(previous: Path, target: Path, name: str, edits: dict[int, bytes | None]
+                 ) -> Path:
+    """A copy of an output directory whose disk.raw has these blocks replaced (None: made
+    zeros), under another AMI name: what a one-file change in a reproducible build gives."""
+    shutil.copytree(previous, target, ignore=shutil.ignore_patterns("publish.json*"),
+                    copy_function=lambda s, d: subprocess.run(
+                        ["cp", "--sparse=always", s, d], check=True))
+    with open(target / "disk.raw", "r+b") as handle:
+        for index, data in edits.items():
+            handle.seek(index * BLOCK)
+            handle.write(data if data is not None else bytes(BLOCK))
+    for name_file in ("register-image.json", "build-manifest.json"):
+        document = json.loads((target / name_file).read_text())
+        document["Name" if name_file == "register-image.json" else "name"] = name
+        (target / name_file).write_text(json.dumps(document))
+    listing = json.loads((target / "snapshots.json").read_text())
+    for entry in listing["snapshots"]:
+        entry["sha256"] = sha256_file(target / entry["image"])
+    (target / "snapshots.json").write_text(json.dumps(listing))
+    return target
+
+
+def test_publish_parent_sends_only_the_changed_blocks(aws, aws_rules, tmp_path: Path) -> None:
+    first = small_output(tmp_path / "r1", "delta-r1", encrypted_volume=False)
+    assert aws("publish", str(first), url=aws_rules.url).returncode == 0
+    # blocks 1 to 4 hold data: 3 changes, 4 becomes zeros, 1 and 2 stay
+    second = next_release(first, tmp_path / "r2", "delta-r2", {3: b"\x01" * BLOCK, 4: None})
+    result = aws("publish", str(second), "--parent", str(first), "--verify", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent_id = published(first)["snapshot_ids"]["/dev/xvda"]
+    record = published(second)
+    child_id = record["snapshot_ids"]["/dev/xvda"]
+    assert aws_rules.snapshots.parents[child_id] == parent_id
+    assert aws_rules.snapshots.written[child_id] == {3, 4}  # PutSnapshotBlock calls
+    assert record["uploads"]["/dev/xvda"]["blocks_written"] == 2
+    assert record["verified"]["/dev/xvda"]["ok"]  # the whole volume, parent blocks included
+    image = (second / "disk.raw").read_bytes()
+    for index in range(len(image) // BLOCK):
+        assert aws_rules.volume_block("us-east-1", child_id, index) == \
+            image[index * BLOCK:(index + 1) * BLOCK], index
+    changed = client("ebs", aws_rules.url).list_changed_blocks(
+        FirstSnapshotId=parent_id, SecondSnapshotId=child_id)["ChangedBlocks"]
+    assert [b["BlockIndex"] for b in changed] == [3, 4]
+    # the unchanged data volume: a child with no block of its own
+    sdf = record["snapshot_ids"]["/dev/sdf"]
+    assert aws_rules.snapshots.written[sdf] == set()
+    assert record["uploads"]["/dev/xvda"]["block_index"]["blocks"][4] == ZERO
+
+
+def test_a_parent_without_an_index_is_read_from_the_api(aws, aws_rules, tmp_path: Path) -> None:
+    first = small_output(tmp_path / "r1", "api-r1", encrypted_volume=False)
+    assert aws("publish", str(first), url=aws_rules.url).returncode == 0
+    parent_id = published(first)["snapshot_ids"]["/dev/xvda"]
+    second = next_release(first, tmp_path / "r2", "api-r2", {2: b"\x02" * BLOCK})
+    result = aws("publish", str(second), "--parent-snapshot", f"/dev/xvda={parent_id}",
+                 url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ListSnapshotBlocks" in result.stderr
+    record = published(second)
+    assert aws_rules.snapshots.written[record["snapshot_ids"]["/dev/xvda"]] == {2}
+    assert len(aws_rules.snapshots.written[record["snapshot_ids"]["/dev/sdf"]]) > 1  # whole
+    # a third release from the second's snapshot, whose index is not given, but the
+    # first's is: ListChangedBlocks between the two
+    third = next_release(second, tmp_path / "r3", "api-r3", {4: b"\x03" * BLOCK})
+    result = aws("publish", str(third), "--parent-snapshot",
+                 f"/dev/xvda={record['snapshot_ids']['/dev/xvda']}",
+                 "--parent-index", str(first / "publish.json"), "--verify", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ListChangedBlocks" in result.stderr
+    assert aws_rules.snapshots.written[published(third)["snapshot_ids"]["/dev/xvda"]] == {4}
+
+
+def test_what_aws_refuses_with_a_parent_is_refused_before_uploading(aws, aws_rules,
+                                                                    tmp_path: Path) -> None:
+    first = small_output(tmp_path / "r1", "refuse-r1", encrypted_volume=False)
+    assert aws("publish", str(first), url=aws_rules.url).returncode == 0
+    second = next_release(first, tmp_path / "r2", "refuse-r2", {3: b"\x04" * BLOCK})
+    before = len(aws_rules.snapshots.written)
+    key = client("kms", aws_rules.url).create_key()["KeyMetadata"]["Arn"]
+    encrypted = aws("publish", str(second), "--parent", str(first), "--kms-key-id", key,
+                    url=aws_rules.url)
+    assert encrypted.returncode == 2
+    assert "unencrypted, and a child snapshot cannot be encrypted" in encrypted.stderr
+    ec2 = client("ec2", aws_rules.url)
+    ec2.enable_ebs_encryption_by_default()
+    try:
+        by_default = aws("publish", str(second), "--parent", str(first), url=aws_rules.url)
+    finally:
+        ec2.disable_ebs_encryption_by_default()
+    assert by_default.returncode == 2 and "encrypts new snapshots by default" in \
+        by_default.stderr
+    assert len(aws_rules.snapshots.written) == before  # nothing started
+    bad = aws("publish", str(second), "--parent-snapshot", "/dev/xvda=snap-1;x",
+              url=aws_rules.url)
+    assert bad.returncode == 2 and "DEVICE=snap-ID" in bad.stderr
+
+
+def test_an_encrypted_child_keeps_its_parent_s_key(aws, aws_rules, tmp_path: Path) -> None:
+    kms = client("kms", aws_rules.url)
+    key = kms.create_key()["KeyMetadata"]["Arn"]
+    other = kms.create_key()["KeyMetadata"]["Arn"]
+    first = small_output(tmp_path / "r1", "keyed-r1", encrypted_volume=False)
+    assert aws("publish", str(first), "--kms-key-id", key, url=aws_rules.url).returncode == 0
+    second = next_release(first, tmp_path / "r2", "keyed-r2", {3: b"\x05" * BLOCK})
+    wrong = aws("publish", str(second), "--parent", str(first), "--kms-key-id", other,
+                url=aws_rules.url)
+    assert wrong.returncode == 2 and "its child would be too, not with" in wrong.stderr
+    plain = aws("publish", str(second), "--parent", str(first), url=aws_rules.url)
+    assert plain.returncode == 2 and "is to be unencrypted" in plain.stderr
+    right = aws("publish", str(second), "--parent", str(first), "--kms-key-id", key,
+                "--verify", url=aws_rules.url)
+    assert right.returncode == 0, right.stderr[-3000:]
+    child = published(second)["snapshot_ids"]["/dev/xvda"]
+    assert aws_rules.snapshots.encrypted[child] and aws_rules.snapshots.keys[child] == key
+    assert aws_rules.snapshots.written[child] == {3}
+
+
+def test_block_index_checksums_come_from_get_snapshot_block(aws_rules) -> None:
+    from builder.aws.blockindex import index_from_api
+
+    ebs = client("ebs", aws_rules.url)
+    snapshot = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    data = b"\x07" * BLOCK
+    for index, block in ((0, data), (2, bytes(BLOCK))):
+        checksum = base64.b64encode(hashlib.sha256(block).digest()).decode()
+        for _ in range(3):  # the first PUT after StartSnapshot: not found yet (the layer)
+            try:
+                ebs.put_snapshot_block(SnapshotId=snapshot, BlockIndex=index, BlockData=block,
+                                       DataLength=BLOCK, Checksum=checksum,
+                                       ChecksumAlgorithm="SHA256")
+                break
+            except ClientError:
+                continue
+    ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=2)
+    index = index_from_api(ebs, snapshot)
+    assert index.blocks == (hashlib.sha256(data).hexdigest(), None, ZERO)
