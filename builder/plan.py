@@ -224,7 +224,10 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     distribution = distros.get(recipe.os.distribution)
     volume = recipe.root_volume
     disk_size = align_up(volume.size)
-    seed = f"{recipe.name}\0{loaded.path.stem}"
+    # partition and filesystem UUIDs: the same for every release of a recipe (its name as
+    # written, not as rendered with the build's date), so that two releases differ only
+    # where their contents do (publish --parent sends just those blocks)
+    seed = f"{loaded.name_template or recipe.name}\0{loaded.path.stem}"
     partitions = layout(seed, recipe.arch, volume.boot, disk_size, volume.filesystem)
     release = distribution.release(recipe.os.release)
     mirror, apt_auth = split_credentials(recipe.os.mirror or distribution.default_mirror)

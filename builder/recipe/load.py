@@ -53,6 +53,8 @@ class LoadedRecipe:
     build_time: int
     reproducible: bool = False
     env_read: tuple[str, ...] = ()
+    # the recipe's name as written, before templating: the same for every release of it
+    name_template: str = ""
 
 
 def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
@@ -63,6 +65,7 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
     data = load_with_extends(path, sources, (), base_dir, options.allow_host_paths)
     build_time = build_epoch(options)
     variables = _variables(data, options, build_time)
+    name_template = str(data.get("name", ""))
     try:
         with environment_access(options.allow_env | _env_names(data)) as env, \
                 rendering_budget():
@@ -77,7 +80,8 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
         raise RecipeError([Problem(Location(display_path(path)), "", message)]) from None
     return LoadedRecipe(recipe=recipe, path=path, base_dir=base_dir,
                         sources=tuple(dict.fromkeys(sources)), build_time=build_time,
-                        reproducible=epoch_is_fixed(options), env_read=tuple(sorted(env.read)))
+                        reproducible=epoch_is_fixed(options), env_read=tuple(sorted(env.read)),
+                        name_template=name_template)
 
 
 def _env_names(data: LocDict) -> frozenset[str]:

@@ -41,3 +41,19 @@ def test_plan_is_stable(monkeypatch: pytest.MonkeyPatch) -> None:
     first = make_plan(load_recipe(Path("recipes/debian-12-minimal.yaml"), options)).to_dict()
     second = make_plan(load_recipe(Path("recipes/debian-12-minimal.yaml"), options)).to_dict()
     assert first == second
+
+
+def test_every_release_of_a_recipe_has_the_same_uuids() -> None:
+    """Partition and filesystem UUIDs come from the recipe's name as written: a release a
+    day later (another build_date in the AMI name) differs only where its contents do."""
+    def plan(recipe: str, epoch: int) -> dict:
+        return make_plan(load_recipe(RECIPES / recipe,
+                                     LoadOptions(source_date_epoch=epoch))).to_dict()
+
+    today, tomorrow = plan("debian-13-minimal.yaml", FIXED_EPOCH), \
+        plan("debian-13-minimal.yaml", FIXED_EPOCH + 86400)
+    assert today["name"] != tomorrow["name"]
+    assert today["partitions"] == tomorrow["partitions"]
+    other = plan("debian-13-web.yaml", FIXED_EPOCH)
+    assert {p["uuid"] for p in other["partitions"]}.isdisjoint(
+        p["uuid"] for p in today["partitions"])
