@@ -9,6 +9,7 @@ the same run on the same machine; the machines are noisy, so compare ratios, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +129,69 @@ for mode, workers in (("skip", 1), ("skip", 16), ("all", 16)):
 """
 
 
+@contextlib.contextmanager
+def moto_server() -> Iterator[tuple[str, int]]:
+    """moto in a process of its own, as a real endpoint would be: its URL and pid."""
+    from builder.vm import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)
+        yield f"http://127.0.0.1:{port}", server.pid
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def release(recipes: Path, out: Path, cache: Path, number: int, epoch: int) -> Path:
+    """Release NUMBER of the default recipe (its name told apart by a variable)."""
+    subprocess.run([sys.executable, "-m", "builder", str(recipes / "debian-13-minimal.yaml"),
+                    "--cache-dir", str(cache), "-o", str(out), "--var", f"release={number}"],
+                   cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
+    return out
+
+
+def delta_publish(work: Path, cache: Path) -> dict[str, float]:
+    """A full publish of the default image against a delta publish of the next release
+    with one file (the motd) changed: built the same day (same SOURCE_DATE_EPOCH), and a
+    day later (every inode's ctime and the build date differ too). Blocks sent and time,
+    to a local moto server (the default publish: every block, zeros included)."""
+    recipes = work / "recipes-delta"
+    shutil.copytree(ROOT / "recipes", recipes)
+    recipe = recipes / "debian-13-minimal.yaml"
+    recipe.write_text(recipe.read_text().replace("minimal-{{ build_date }}",
+                                                 "minimal-{{ release }}-{{ build_date }}"))
+    epoch = 1764547200
+    first = release(recipes, work / "release-1", cache, 1, epoch)
+    (recipes / "files/motd").write_text("release two: another message of the day\n")
+    same_day = release(recipes, work / "release-2", cache, 2, epoch)
+    next_day = release(recipes, work / "release-3", cache, 3, epoch + 86400)
+    results: dict[str, float] = {}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    with moto_server() as (url, _):
+        for label, out, extra in (("full", first, []), ("delta_same_day", same_day,
+                                  ["--parent", str(first)]),
+                                  ("delta_next_day", next_day, ["--parent", str(first)])):
+            seconds = timed([sys.executable, "-m", "builder", "publish", str(out),
+                             "--region", "us-east-1", "--endpoint-url", url, *extra],
+                            cwd=ROOT, env=env)
+            record = next(iter(json.loads((out / "publish.json").read_text())
+                               ["targets"].values()))
+            results[f"publish_{label}_s"] = seconds
+            results[f"publish_{label}_blocks"] = record["uploads"]["/dev/xvda"][
+                "blocks_written"]
+    for label in ("same_day", "next_day"):
+        results[f"publish_delta_{label}_blocks_over_full"] = \
+            results[f"publish_delta_{label}_blocks"] / results["publish_full_blocks"]
+        results[f"publish_delta_{label}_time_over_full"] = \
+            results[f"publish_delta_{label}_s"] / results["publish_full_s"]
+    return results
+
+
 def upload_speed(work: Path) -> dict[str, float]:
     """A 2 GiB image with 400 MiB of data in scattered regions to a local moto server."""
     image = work / "upload.raw"
@@ -136,20 +201,10 @@ def upload_speed(work: Path) -> dict[str, float]:
         for i in range(100):
             handle.seek(i * (20 << 20))
             handle.write(chunk)
-    from builder.vm import free_port
-
-    port = free_port()  # moto in a process of its own, as a real endpoint would be
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                               "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(3)
-        result = subprocess.run([sys.executable, "-c", UPLOAD_SNIPPET, str(image),
-                                 f"http://127.0.0.1:{port}", str(server.pid)], cwd=ROOT,
-                                check=True, capture_output=True, text=True)
-    finally:
-        server.terminate()
-        server.wait()
+    with moto_server() as (url, pid):
+        result = subprocess.run([sys.executable, "-c", UPLOAD_SNIPPET, str(image), url,
+                                 str(pid)], cwd=ROOT, check=True, capture_output=True,
+                                text=True)
     rows = {(r[0], int(r[1])): [float(x) for x in r[2:]] for r in
             (line.split() for line in result.stdout.splitlines())
             if r and r[0] in ("skip", "all")}
@@ -216,7 +271,7 @@ def boot_seconds(image: Path, firmware: str) -> float:
         return vm.wait_for(timeout=300)
 
 
-SECTIONS = ("build", "rebuild", "bundle", "boot", "upload", "arm64")
+SECTIONS = ("build", "rebuild", "bundle", "boot", "upload", "delta", "arm64")
 
 
 def main() -> int:
@@ -250,6 +305,8 @@ def main() -> int:
             results["boot_uefi_s"] = boot_seconds(qcow2, "uefi")
         if "upload" in only:
             results.update(upload_speed(work))
+        if "delta" in only:
+            results.update(delta_publish(work, cache))
         if "arm64" in only:
             results.update(arm64(work, cold_s))
     for key, value in results.items():
