@@ -22,8 +22,7 @@ from builder.outputs.manifest import (
     build_manifest,
     remove_stale_manifests,
 )
-from builder.outputs.sbom import FILE_NAME as SBOM
-from builder.outputs.sbom import write_sbom
+from builder.outputs.sbom import write_sboms
 from builder.pipeline.cache import StageCache
 from builder.pipeline.progress import Progress
 from builder.pipeline.runner import Runner, Stage
@@ -81,7 +80,7 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
         artifacts = hashes.entries(outputs)
         written = ami_manifests(plan, ws, artifacts)
         raw = next(a for a in artifacts if a["format"] == "raw")
-        write_sbom(ws / SBOM, plan, facts["sbom"], raw["sha256"])
+        written += write_sboms(plan, ws, facts["sbom"], raw["sha256"])
         findings, waivers, unused = audit_report(plan, facts)
         manifest = build_manifest(plan, artifacts, facts["packages"], progress.timings, {
             "stages": progress.report(),
@@ -95,7 +94,7 @@ def build_image(plan: Plan, options: BuildOptions, progress: Progress) -> BuildR
         bundle_dir = {ws / "bundle": "bundle"} if bundle.wanted(plan) else {}
         land({**{path: name for path, (_, name) in outputs.items()}, **bundle_dir,
               **{path: path.name for path in written},
-              ws / SBOM: SBOM, ws / "build-manifest.json": "build-manifest.json"}, out)
+              ws / "build-manifest.json": "build-manifest.json"}, out)
         remove_stale_manifests(out, written)
     return BuildResult(output_dir=options.output_dir, manifest=manifest,
                        timings=progress.timings)

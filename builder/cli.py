@@ -16,7 +16,7 @@ from builder.commands.aws import (
     cmd_share,
     cmd_verify_snapshot,
 )
-from builder.commands.images import cmd_audit, cmd_boot, cmd_cache, cmd_unbundle
+from builder.commands.images import cmd_audit, cmd_boot, cmd_cache, cmd_diff, cmd_unbundle
 from builder.commands.recipes import SUBCOMMAND_HELP, cmd_build, cmd_plan, cmd_schema, cmd_validate
 from builder.errors import AmiforgeError, Interrupted, RecipeError
 
@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "unbundle": cmd_unbundle,
     "cache": cmd_cache,
     "audit": cmd_audit,
+    "diff": cmd_diff,
     "publish": cmd_publish,
     "share": cmd_share,
     "verify-snapshot": cmd_verify_snapshot,

@@ -125,6 +125,7 @@ class Plan:
     scripts: tuple[Script, ...]
     formats: tuple[str, ...]
     qcow2_compress: bool
+    sbom_formats: tuple[str, ...]
     ami: AmiPlan
     reproducible: bool = False
     audit_allow: tuple[Any, ...] = ()
@@ -271,6 +272,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         scripts=tuple(volume.scripts),
         formats=tuple(dict.fromkeys(recipe.outputs.formats)),
         qcow2_compress=recipe.outputs.qcow2.compress,
+        sbom_formats=tuple(dict.fromkeys(recipe.outputs.sbom)),
         ami=ami,
         audit_allow=tuple(recipe.audit.allow),
         environment_read=loaded.env_read,

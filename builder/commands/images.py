@@ -10,6 +10,7 @@ from builder.commands.args import Parser
 from builder.errors import InputError
 
 EXIT_OK = 0
+EXIT_DIFFERENT = 1  # build diff, as diff(1)
 
 
 def cmd_boot(argv: Sequence[str]) -> int:
@@ -81,6 +82,37 @@ def cmd_cache(argv: Sequence[str]) -> int:
 
 
 EXIT_AUDIT_ERRORS = 3
+
+
+def cmd_diff(argv: Sequence[str]) -> int:
+    from builder.diff.compare import compare
+    from builder.diff.release import load_release, read_images
+    from builder.diff.render import markdown, text
+
+    parser = Parser(prog="build diff", description="What changed between two releases: "
+                     "packages, kernel, files of the root filesystem, AMI attributes, block "
+                     "device mappings, image size. A and B are output directories, their "
+                     "build-manifest.json, or image files. Exit 0 when equal, 1 when not.")
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the differences as JSON")
+    shown.add_argument("--markdown", action="store_true", help="as Markdown, for release notes")
+    parser.add_argument("--no-files", action="store_true", help="skip the file comparison "
+                        "(which reads both images: about a minute)")
+    args = parser.parse_args(argv)
+    releases = [load_release(args.a), load_release(args.b)]
+    same_image = releases[0].image_sha256 is not None and \
+        releases[0].image_sha256 == releases[1].image_sha256
+    if same_image and not args.no_files:  # byte-identical images hold the same files
+        releases[0].files = releases[1].files = {}
+    read_images(releases, files=not (args.no_files or same_image))
+    difference = compare(*releases)
+    if args.json:
+        print(json.dumps(difference.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(markdown(difference) if args.markdown else text(difference))
+    return EXIT_OK if difference.equal else EXIT_DIFFERENT
 
 
 def cmd_audit(argv: Sequence[str]) -> int:

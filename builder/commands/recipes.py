@@ -66,6 +66,7 @@ SUBCOMMAND_HELP = (
     ("schema [--app]", "print the JSON Schema of a recipe (or of an app file)"),
     ("boot IMAGE", "boot an image under QEMU (TCG) and wait for a login prompt"),
     ("audit IMAGE", "check any disk image for what must not ship in a shared AMI"),
+    ("diff A B", "what changed between two releases: packages, files, AMI (exit 0 or 1)"),
     ("cache [--prune]", "show or prune the stage cache"),
     ("unbundle MANIFEST", "verify an instance-store bundle and restore its image"),
     ("publish OUTPUT_DIR", "upload a build, register the AMI and share it (AWS)"),

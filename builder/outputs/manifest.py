@@ -68,7 +68,10 @@ AMI_MANIFESTS = ("register-image.json", "snapshots.json", "launch-permission.jso
 
 
 def remove_stale_manifests(output_dir: Path, written: list[Path]) -> None:
-    for name in set(AMI_MANIFESTS) - {path.name for path in written}:
+    """What an earlier build wrote and this one does not (another recipe's manifests, an
+    SBOM format no longer asked for) must not stay next to this build's images."""
+    optional = (*AMI_MANIFESTS, "sbom.spdx.json", "sbom.cdx.json")
+    for name in set(optional) - {path.name for path in written}:
         (output_dir / name).unlink(missing_ok=True)
 
 

@@ -64,7 +64,12 @@ def status_paragraphs(tree: Path) -> Iterator[dict[str, str]]:
     """The installed packages' paragraphs of dpkg's status file, read inside the tree (a
     host tool given the tree's path would follow a ``var/lib/dpkg -> /proc/self/root/...``
     link to the host's own database). Continuation lines are left out."""
-    for paragraph in treepath.read_text(tree, STATUS).split("\n\n"):
+    yield from parse_status(treepath.read_text(tree, STATUS))
+
+
+def parse_status(text: str) -> Iterator[dict[str, str]]:
+    """The installed packages' paragraphs of a dpkg status file's text."""
+    for paragraph in text.split("\n\n"):
         fields = dict(re.findall(r"^([A-Za-z0-9-]+): ?(.*)$", paragraph, re.M))
         state = fields.get("Status", "").split()
         if state[2:] == ["installed"] and "Package" in fields:  # held ones too
@@ -180,7 +185,8 @@ def sbom_document(plan: Plan, packages: list[dict[str, Any]], image_sha256: str,
     relations = [Relationship("SPDXRef-DOCUMENT", RelationshipType.DESCRIBES, IMAGE_ID)]
     relations += [Relationship(IMAGE_ID, RelationshipType.CONTAINS, package_id(p))
                   for p in packages]
-    relations += _dependencies(packages)
+    relations += [Relationship(a, RelationshipType.DEPENDS_ON, b)
+                  for a, b in dependencies(packages)]
     info = CreationInfo("SPDX-2.3", "SPDXRef-DOCUMENT", plan.name,
                         f"https://amiforge.invalid/spdx/{plan.name}/{image_sha256}",
                         [Actor(ActorType.TOOL, f"amiforge-{__version__}")], created)
@@ -203,9 +209,9 @@ def _package(package: dict[str, Any], release: str) -> Package:
                                                 "purl", purl(package, release))])
 
 
-def _dependencies(packages: list[dict[str, Any]]) -> list[Relationship]:
-    """DEPENDS_ON for each dependency the image satisfies: a package of that name, else
-    one that provides it (the first alternative so satisfied)."""
+def dependencies(packages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(package id, package id) for each dependency the image satisfies: a package of that
+    name, else one that provides it (the first alternative so satisfied)."""
     by_name = {p["name"]: p for p in packages}
     for p in packages:
         for provided in p["provides"]:
@@ -216,7 +222,13 @@ def _dependencies(packages: list[dict[str, Any]]) -> list[Relationship]:
             found = next((by_name[n] for n in group if n in by_name), None)
             if found is not None and found is not p:
                 pairs.add((package_id(p), package_id(found)))
-    return [Relationship(a, RelationshipType.DEPENDS_ON, b) for a, b in sorted(pairs)]
+    return sorted(pairs)
+
+
+def sbom_created(plan: Plan) -> dt.datetime:
+    """When the document was made: SOURCE_DATE_EPOCH in a reproducible build."""
+    return (dt.datetime.fromtimestamp(plan.source_date_epoch, dt.UTC) if plan.reproducible
+            else dt.datetime.now(dt.UTC)).replace(microsecond=0)
 
 
 def write_sbom(path: Path, plan: Plan, packages: list[dict[str, Any]],
@@ -225,10 +237,24 @@ def write_sbom(path: Path, plan: Plan, packages: list[dict[str, Any]],
     validation takes time quadratic in the packages (3 s for 1000, 55 s for 4000), so an
     image of more packages is written without (the test tiers validate every shipped
     recipe's)."""
-    created = (dt.datetime.fromtimestamp(plan.source_date_epoch, dt.UTC) if plan.reproducible
-               else dt.datetime.now(dt.UTC)).replace(microsecond=0)
-    document = sbom_document(plan, packages, image_sha256, created)
+    document = sbom_document(plan, packages, image_sha256, sbom_created(plan))
     try:
         write_file(document, str(path), validate=len(packages) <= VALIDATE_MAX)
     except ValueError as exc:
         raise BuildFailed(f"the SBOM is not valid SPDX: {exc}") from None
+
+
+def write_sboms(plan: Plan, folder: Path, packages: list[dict[str, Any]],
+                image_sha256: str) -> list[Path]:
+    """The documents the recipe asks for (outputs.sbom), in ``folder``."""
+    from builder.outputs.cyclonedx import FILE_NAME as CYCLONEDX
+    from builder.outputs.cyclonedx import write_cyclonedx
+
+    written = []
+    if "spdx" in plan.sbom_formats:
+        written.append(folder / FILE_NAME)
+        write_sbom(written[-1], plan, packages, image_sha256)
+    if "cyclonedx" in plan.sbom_formats:
+        written.append(folder / CYCLONEDX)
+        write_cyclonedx(written[-1], plan, packages, image_sha256)
+    return written

@@ -258,9 +258,15 @@ class Qcow2Options(Strict):
     compress: bool = False
 
 
+SbomFormat = Literal["spdx", "cyclonedx"]
+
+
 class Outputs(Strict):
     formats: list[Format] = ["raw", "qcow2"]
     qcow2: Qcow2Options = Qcow2Options()
+    sbom: Annotated[list[SbomFormat], Field(
+        min_length=1, description="software bills of materials to write: sbom.spdx.json "
+        "(SPDX 2.3) and/or sbom.cdx.json (CycloneDX 1.6)")] = ["spdx"]
 
 
 AuditCheck = Literal["ssh-host-keys", "machine-id", "root-password", "empty-password",

@@ -27,8 +27,8 @@ HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
 
 
 # Plan fields the configured tree does not depend on.
-NOT_CONFIGURE = ("formats", "qcow2_compress", "ami", "os", "recipe_path", "description",
-                 "disk_size", "sources", "environment_read",
+NOT_CONFIGURE = ("formats", "qcow2_compress", "sbom_formats", "ami", "os", "recipe_path",
+                 "description", "disk_size", "sources", "environment_read",
                  "audit_allow")  # waivers are applied when the build checks the facts
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 from builder.vm import VirtualMachine
 from tests.conftest import needs_root_tools
@@ -27,3 +30,16 @@ def test_nginx_page_answers(build_recipe, ssh_key: Path, recipe: str) -> None:
         assert vm.ssh("admin", ssh_key, "hostname").strip() == "web"
         assert vm.ssh("admin", ssh_key, "test -f /etc/cloud/cloud.cfg.d/01_amiforge.cfg "
                       "&& echo yes").strip() == "yes"
+        if recipe == "debian-13-web.yaml":  # outputs.sbom: [spdx, cyclonedx]
+            check_cyclonedx(vm, ssh_key, built.artifact("sbom.cdx.json"))
+
+
+def check_cyclonedx(vm: VirtualMachine, key: Path, document: Path) -> None:
+    """sbom.cdx.json is valid CycloneDX 1.6 and lists what dpkg-query lists inside the
+    booted image, version for version."""
+    text = document.read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    bom = json.loads(text)
+    listed = vm.ssh("admin", key, "dpkg-query -W -f '${Package} ${Version}\\n'").splitlines()
+    assert sorted(f"{c['name']} {c['version']}" for c in bom["components"]) == sorted(listed)
+    assert bom["metadata"]["component"]["type"] == "operating-system"

@@ -39,6 +39,9 @@ def test_two_cold_builds_are_bit_identical(tmp_path: Path, fresh_cache: Path) ->
                         sha256_file(out / "sbom.spdx.json")))  # dated by the epoch too
         time.sleep(2)  # a different wall clock for the second build
     assert digests[0] == digests[1]
+    same = run_build("diff", str(tmp_path / "first/somewhere/out"),
+                     str(tmp_path / "second/somewhere/out"))
+    assert same.returncode == 0 and "no difference" in same.stdout, same.stdout
 
     # The configured tree is cached as the overlay's upper layer alone (a few files, not
     # the ~9000 of the tree). With the filesystem entry gone, the image is made again from

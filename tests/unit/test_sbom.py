@@ -3,6 +3,7 @@ SPDX document spdx-tools writes and validates, read back by spdx-tools' own pars
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -200,3 +201,33 @@ def test_same_facts_give_the_same_bytes(tree: Path, plan, tmp_path: Path) -> Non
 def test_an_invalid_document_is_refused(tree: Path, plan, tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match="not valid SPDX"):
         write_sbom(tmp_path / "x.spdx.json", plan, package_facts(tree), "not a sha256")
+
+
+def test_cyclonedx_document_is_valid_and_says_what_spdx_says(tree: Path, plan,
+                                                              tmp_path: Path) -> None:
+    from builder.outputs.cyclonedx import write_cyclonedx
+
+    first, second = tmp_path / "a.cdx.json", tmp_path / "b.cdx.json"
+    write_cyclonedx(first, plan, package_facts(tree), "ab" * 32)
+    write_cyclonedx(second, plan, list(reversed(package_facts(tree))), "ab" * 32)
+    assert first.read_bytes() == second.read_bytes()  # reproducible
+    bom = json.loads(first.read_text())
+    assert bom["specVersion"] == "1.6"
+    assert bom["metadata"]["timestamp"].startswith(
+        dt.datetime.fromtimestamp(plan.source_date_epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    image = bom["metadata"]["component"]
+    assert image["hashes"] == [{"alg": "SHA-256", "content": "ab" * 32}]
+    components = {c["name"]: c for c in bom["components"]}
+    assert set(components) == {"gcc-14-base", "libc6", "libstdc++6", "tzdata"}
+    assert components["libc6"]["purl"] == \
+        "pkg:deb/debian/libc6@2.41-12?arch=amd64&distro=bookworm"
+    assert components["libc6"]["licenses"] == [
+        {"expression": "LGPL-2.1-or-later AND (GPL-2.0-or-later OR MIT)"}]
+    assert "licenses" not in components["tzdata"]  # public-domain: no SPDX id
+    refs = {c["bom-ref"]: c["name"] for c in bom["components"]}
+    depends = {(refs[d["ref"]], refs[o]) for d in bom["dependencies"] if d["ref"] in refs
+               for o in d.get("dependsOn", [])}
+    assert depends == {("libstdc++6", "gcc-14-base"), ("libstdc++6", "libc6"),
+                       ("tzdata", "libc6")}
+    with pytest.raises(BuildFailed, match="not valid"):
+        write_cyclonedx(tmp_path / "x.cdx.json", plan, package_facts(tree), "not a sha256")

@@ -1,0 +1,155 @@
+"""One side of a diff: an output directory, its build-manifest.json, or an image file.
+What the build recorded (packages, AMI request, sizes) is read from the output directory;
+what only the image holds (its files; its packages when there is no manifest) through
+libguestfs."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.diff.guest import FileEntry
+from builder.errors import InputError, ToolFailed
+from builder.outputs.sbom import parse_status
+
+KERNEL_PACKAGE = re.compile(r"linux-image-\d[\w.+-]*")
+
+
+@dataclass
+class Release:
+    label: str                                  # as given on the command line
+    image: Path
+    image_format: str
+    name: str | None = None                     # the AMI's
+    manifest: dict[str, Any] | None = None      # build-manifest.json
+    request: dict[str, Any] | None = None       # register-image.json
+    launch: list[Any] | None = None             # launch-permission.json's grants
+    packages: dict[str, dict[str, str]] = field(default_factory=dict)  # name:arch -> it
+    files: dict[str, FileEntry] | None = None
+
+    @property
+    def image_sha256(self) -> str | None:
+        for artifact in (self.manifest or {}).get("artifacts", []):
+            if artifact.get("format") == "raw":
+                return str(artifact.get("sha256"))
+        return None
+
+    @property
+    def kernels(self) -> list[str]:
+        """The kernel packages installed (linux-image-VERSION-FLAVOUR), with versions."""
+        return sorted(f"{p['name']} {p['version']}" for p in self.packages.values()
+                      if KERNEL_PACKAGE.fullmatch(p["name"]))
+
+    def sizes(self) -> dict[str, int]:
+        """The disk's size, and as the build measured it, the data it holds (allocated in
+        the sparse raw image: a copy of the file may allocate otherwise)."""
+        from builder.vm import image_info
+
+        raw = next((a for a in (self.manifest or {}).get("artifacts", [])
+                    if a.get("format") == "raw"), None)
+        if raw:
+            return {"disk_size": int(raw["virtual_size"]),
+                    "allocated": int(raw["allocated_size"])}
+        return {"disk_size": int(str(image_info(self.image)["virtual-size"]))}
+
+
+def load_release(argument: Path) -> Release:
+    """What ARGUMENT names: a directory (a build's outputs), a build-manifest.json in one,
+    or an image file (raw or qcow2)."""
+    if argument.is_dir():
+        return _from_output(argument, argument)
+    if argument.is_file() and argument.name.endswith(".json"):
+        return _from_output(argument.parent, argument)
+    if argument.is_file():
+        return Release(str(argument), argument, checked_format(argument))
+    raise InputError(f"{argument}: no such output directory, build-manifest.json or image")
+
+
+def _from_output(folder: Path, argument: Path) -> Release:
+    manifest = _read_json(folder / "build-manifest.json")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("packages"), list):
+        raise InputError(f"{folder / 'build-manifest.json'}: not a build manifest")
+    raw = next((a for a in manifest.get("artifacts", []) if isinstance(a, dict)
+                and a.get("format") == "raw"), {})
+    name = str(raw.get("path", ""))
+    if not re.fullmatch(r"[\w.-]+\.raw", name) or not (folder / name).is_file():
+        raise InputError(f"{folder}: its raw image ({name or 'none'}) is not there")
+    release = Release(str(argument), folder / name, checked_format(folder / name),
+                      name=str(manifest.get("name")), manifest=manifest)
+    release.packages = _packages(manifest["packages"], folder / "build-manifest.json")
+    if (folder / "register-image.json").is_file():
+        release.request = _read_json(folder / "register-image.json")
+    if (folder / "launch-permission.json").is_file():
+        grants = _read_json(folder / "launch-permission.json")
+        release.launch = grants.get("LaunchPermission", {}).get("Add", []) \
+            if isinstance(grants, dict) else None
+    return release
+
+
+def packages_from_status(text: str) -> dict[str, dict[str, str]]:
+    listed = [{"name": f["Package"], "version": f.get("Version", ""),
+               "architecture": f.get("Architecture", "")} for f in parse_status(text)]
+    return _packages(listed, Path("/var/lib/dpkg/status"))
+
+
+def _packages(listed: list[Any], where: Path) -> dict[str, dict[str, str]]:
+    packages = {}
+    for entry in listed:
+        if not isinstance(entry, dict) or not all(
+                isinstance(entry.get(k), str) for k in ("name", "version", "architecture")):
+            raise InputError(f"{where}: a package entry is not name, version, architecture")
+        packages[f"{entry['name']}:{entry['architecture']}"] = entry
+    return packages
+
+
+def checked_format(image: Path) -> str:
+    """raw or qcow2, and a qcow2 without a backing file: a backing file names another file
+    of this host, which the appliance would then read as the disk."""
+    from builder.vm import image_info
+
+    try:
+        info = image_info(image)
+    except ToolFailed:
+        raise InputError(f"{image}: not a disk image qemu-img reads") from None
+    fmt = str(info.get("format"))
+    if fmt not in ("raw", "qcow2"):
+        raise InputError(f"{image}: a {fmt} image; build diff reads raw and qcow2")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise InputError(f"{image}: a qcow2 image with a backing file; convert it first")
+    return fmt
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_images(releases: list[Release], files: bool = True) -> None:
+    """Fill in what only the images hold: every release's files (``files``), and the
+    packages of one given as a bare image. One appliance for all of them."""
+    from builder.diff.guest import Roots
+
+    wanted = [r for r in releases if files or r.manifest is None]
+    if not wanted:
+        return
+    try:
+        roots = Roots([(r.image, r.image_format) for r in wanted])
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the images: {exc}") from None
+    try:
+        for number, release in enumerate(wanted):
+            prefix = roots.mount(number)
+            if release.manifest is None:
+                status = roots.read_inside(prefix, "/var/lib/dpkg/status") or ""
+                release.packages = packages_from_status(status)
+            if files:
+                release.files = roots.inventory(prefix)
+    finally:
+        roots.close()
