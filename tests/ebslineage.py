@@ -6,9 +6,14 @@ would read as if it held only the blocks written to it. This module adds what AW
   (WRITE_SNAPSHOTS): it reads its parent's blocks unless it wrote its own, ListSnapshotBlocks
   lists them and GetSnapshotBlock returns them;
 - ListChangedBlocks "returns information about the blocks that are different between two
-  ... snapshots of the same volume/snapshot lineage" (LIST_CHANGED_BLOCKS), with a
-  FirstBlockToken only where the first snapshot holds the block and a SecondBlockToken only
-  where the second does (moto lists only blocks of the first);
+  ... snapshots of the same volume/snapshot lineage" (LIST_CHANGED_BLOCKS), FirstSnapshotId
+  and SecondSnapshotId given together, with a FirstBlockToken only where the first snapshot
+  holds the block ("absent if the first snapshot does not have the changed block",
+  LIST_CHANGED_BLOCKS) and a SecondBlockToken only where the second does (READ_SNAPSHOTS:
+  blocks that "exist only in the first snapshot ... because there is no second block
+  token"); moto lists only blocks of the first;
+- no read of a pending snapshot (EBS_FAQ: "Can a snapshot be accessed using the EBS direct
+  APIs if it has a pending status? No.");
 - StartSnapshot's encryption outcomes with a parent (ENCRYPTION_OUTCOMES, START_SNAPSHOT);
 - both listings paginate by MaxResults (100 to 10000), StartingBlockIndex and NextToken
   (moto returns everything at once).
@@ -26,6 +31,9 @@ ENCRYPTION_OUTCOMES = ("https://docs.aws.amazon.com/ebs/latest/userguide/"
 WRITE_SNAPSHOTS = "https://docs.aws.amazon.com/ebs/latest/userguide/writesnapshots.html"
 LIST_CHANGED_BLOCKS = ("https://docs.aws.amazon.com/ebs/latest/APIReference/"
                        "API_ListChangedBlocks.html")
+READ_SNAPSHOTS = "https://docs.aws.amazon.com/ebs/latest/userguide/readsnapshots.html"
+EBS_FAQ = "https://docs.aws.amazon.com/ebs/latest/userguide/ebsapi-faq.html"
+PENDING = "The snapshot is pending: the EBS direct APIs read completed snapshots only"
 LIST_SNAPSHOT_BLOCKS = ("https://docs.aws.amazon.com/ebs/latest/APIReference/"
                         "API_ListSnapshotBlocks.html")
 MAX_RESULTS = (100, 10000)
@@ -117,4 +125,22 @@ def parent_problem(body: dict[str, object], parent_encrypted: bool,
                 "used (copy it encrypted first)")
     if "KmsKeyArn" in body:
         return "KmsKeyArn cannot be specified with this ParentSnapshotId"
+    return None
+
+
+def listing_problem(kind: str, second: str, first: str | None, parents: dict[str, str],
+                    pending: list[str]) -> str | None:
+    """What AWS refuses of a listing: a pending snapshot (EBS_FAQ); for ListChangedBlocks,
+    a SecondSnapshotId without a FirstSnapshotId ("must be specified with a FirstSnapshotID
+    parameter; otherwise, an error occurs") or two snapshots of different lineages
+    (LIST_CHANGED_BLOCKS)."""
+    if pending:
+        return PENDING
+    if kind != "changedblocks":
+        return None
+    if first is None:
+        return "SecondSnapshotId must be specified with a FirstSnapshotId"
+    roots = {lineage(s, parents)[-1] for s in (first, second)}
+    if len(roots) != 1:
+        return f"{first} and {second} are not snapshots of the same lineage"
     return None

@@ -14,7 +14,6 @@ import base64
 import concurrent.futures
 import hashlib
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ from builder.errors import InputError
 from builder.host.fsutil import data_extents
 
 ZERO = "zero"
-_HEX = re.compile(r"[0-9a-f]{64}")
 _ZERO_SHA256 = hashlib.sha256(bytes(BLOCK)).hexdigest()
 LIST_PAGE = 10000  # the listings' MaxResults at most
 
@@ -45,21 +43,6 @@ class BlockIndex:
     def to_json(self) -> dict[str, Any]:
         return {"snapshot_id": self.snapshot_id, "block_size": BLOCK,
                 "blocks": list(self.blocks)}
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> BlockIndex:
-        """An index as publish.json keeps it; anything else is a located InputError (the
-        file may come from anywhere)."""
-        if not isinstance(data, dict) or data.get("block_size") != BLOCK or \
-                not isinstance(data.get("blocks"), list) or \
-                not re.fullmatch(r"snap-[0-9a-f]{1,60}", str(data.get("snapshot_id"))):
-            raise InputError(f"{where}: not a block index of {BLOCK}-byte blocks")
-        for number, entry in enumerate(data["blocks"]):
-            if not (entry is None or entry == ZERO or
-                    (isinstance(entry, str) and _HEX.fullmatch(entry))):
-                raise InputError(f"{where}: block {number}: {str(entry)[:70]!r} is neither "
-                                 "a SHA-256, \"zero\" nor null")
-        return cls(str(data["snapshot_id"]), tuple(data["blocks"]))
 
 
 def image_blocks(path: Path) -> list[str]:
@@ -112,29 +95,24 @@ def after_writes(snapshot_id: str, image: list[str], writes: Iterable[int],
     return BlockIndex(snapshot_id, tuple(blocks))
 
 
-def index_from_api(ebs: Any, snapshot_id: str, known: BlockIndex | None = None,
-                   workers: int = 16) -> BlockIndex:
-    """A snapshot's index when no publish.json holds it: from ``known``, the index of another
-    snapshot of its lineage, and ListChangedBlocks between the two; else from
-    ListSnapshotBlocks. The hash of each block that has to be learnt is the checksum
-    GetSnapshotBlock answers with (its body is not read)."""
-    if known is not None and known.snapshot_id == snapshot_id:
-        return known
-    if known is not None:
-        blocks: list[Entry] = list(known.blocks)
-        tokens = _listing(ebs, "list_changed_blocks", "ChangedBlocks",
-                          FirstSnapshotId=known.snapshot_id, SecondSnapshotId=snapshot_id)
-        changed = {b["BlockIndex"]: b.get("SecondBlockToken") for b in tokens}
-    else:
-        blocks = []
-        changed = {b["BlockIndex"]: b["BlockToken"] for b in _listing(
-            ebs, "list_snapshot_blocks", "Blocks", SnapshotId=snapshot_id)}
-    blocks += [None] * (max([len(blocks), *(i + 1 for i in changed)]) - len(blocks))
+def index_from_api(ebs: Any, snapshot_id: str, workers: int = 16) -> BlockIndex:
+    """What a snapshot holds, as EBS says: ListSnapshotBlocks for which blocks, and for
+    each the checksum GetSnapshotBlock answers with (EBS checked it against the data when
+    the block was written; the block's data is not read)."""
+    tokens = {b["BlockIndex"]: b["BlockToken"] for b in _listing(
+        ebs, "list_snapshot_blocks", "Blocks", SnapshotId=snapshot_id)}
+    blocks: list[Entry] = [None] * (max(tokens, default=-1) + 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, entry in pool.map(lambda item: (item[0], _checksum(
-                ebs, snapshot_id, *item) if item[1] else None), changed.items()):
+        for index, entry in pool.map(lambda item: (item[0], _checksum(ebs, snapshot_id, *item)),
+                                     tokens.items()):
             blocks[index] = entry
     return BlockIndex(snapshot_id, tuple(blocks))
+
+
+def changed_blocks(ebs: Any, first: str, second: str) -> set[int]:
+    """The blocks ListChangedBlocks says differ between two snapshots of one lineage."""
+    return {b["BlockIndex"] for b in _listing(ebs, "list_changed_blocks", "ChangedBlocks",
+                                              FirstSnapshotId=first, SecondSnapshotId=second)}
 
 
 def _listing(ebs: Any, call: str, key: str, **params: Any) -> list[dict[str, Any]]:

@@ -160,8 +160,11 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
             if count % 64 == 0:
                 _progress(stats, len(indexes), path.name)
     _progress(stats, len(indexes), path.name, done=True)
-    aggregate = hashlib.sha256(b"".join(digests[i] for i in sorted(digests))).digest()
-    ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=len(indexes),
-                          Checksum=base64.b64encode(aggregate).decode(),
+    completion: dict[str, Any] = {"SnapshotId": snapshot_id,
+                                  "ChangedBlocksCount": len(indexes)}
+    if digests:  # the checksum of the blocks written, in index order (none: no checksum)
+        aggregate = hashlib.sha256(b"".join(digests[i] for i in sorted(digests))).digest()
+        completion.update(Checksum=base64.b64encode(aggregate).decode(),
                           ChecksumAlgorithm="SHA256", ChecksumAggregationMethod="LINEAR")
+    ebs.complete_snapshot(**completion)
     return snapshot_id, stats

@@ -157,6 +157,7 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
     job.record["uploads"][device] = {
         "encrypted": stats.encrypted, "asked": asked, "blocks_written": stats.blocks_sent,
         "blocks_skipped": max(0, unsent), "parent": parent_id,
+        **({"written": writes} if parent else {}),  # verify asks ListChangedBlocks
         "block_index": after_writes(done, blocks, writes, parent).to_json()}
     job.save()
     return done

@@ -23,6 +23,7 @@ from typing import Any
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
 
 from builder.aws import state
+from builder.aws.blockindex import changed_blocks
 from builder.aws.job import Publication, say
 from builder.aws.snapshots import BLOCK, GiB, while_snapshot_appears
 from builder.errors import BuildFailed, InputError
@@ -187,6 +188,17 @@ def _read_block(ebs: Any, snapshot_id: str, index: int, token: str) -> bytes | N
     return None
 
 
+def _lineage_problem(ebs: Any, parent: str, child: str, written: list[int]) -> str | None:
+    """A child snapshot differs from its parent in exactly the blocks publish wrote
+    (ListChangedBlocks): the whole volume read as the image already, and this shows the
+    child is the parent's with those blocks and no others."""
+    changed = changed_blocks(ebs, parent, child)
+    if changed == set(written):
+        return None
+    return (f"ListChangedBlocks from {parent} lists {len(changed)} changed blocks, and "
+            f"publish wrote {len(written)}")
+
+
 def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
     """publish --verify: each snapshot against its image, before the AMI is registered
     (after, for an AMI published before); the results go into publish.json. A snapshot
@@ -209,9 +221,13 @@ def verify_uploads(job: Publication, entries: list[dict[str, Any]]) -> None:
             continue
         # a zero block may be absent only where publish skipped zero blocks: it wrote
         # every block otherwise, and a missing one is a lost write
-        asked = job.record.get("uploads", {}).get(device, {}).get("asked", {})
+        upload = job.record.get("uploads", {}).get(device, {})
+        asked = upload.get("asked", {})
         result = verify_snapshot(ebs, ec2, snapshot_id, job.output_dir / entry["image"],
                                  job.workers, bool(asked.get("skip_zero_blocks")))
+        if result.ok and upload.get("parent") and "written" in upload:
+            result.problem = _lineage_problem(ebs, upload["parent"], snapshot_id,
+                                              upload["written"])
         verified[device] = {**result.to_dict(), "image_sha256": entry["sha256"]}
         job.save()
         say(f"{device}: {result.summary()}")

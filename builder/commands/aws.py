@@ -76,13 +76,10 @@ def cmd_publish(argv: Sequence[str]) -> int:
                         "compare it with its image before registering (exit 1 if one differs)")
     parser.add_argument("--parent", type=Path, metavar="PREV_OUT", help="start each snapshot "
                         "from the one PREV_OUT's publish made for the same device and send only "
-                        "the blocks that differ (PREV_OUT's publish.json holds their hashes)")
+                        "the blocks that differ from what it holds")
     parser.add_argument("--parent-snapshot", action="append", default=[],
                         metavar="DEVICE=SNAP", help="start DEVICE's snapshot from SNAP instead "
-                        "(repeatable); its block hashes come from --parent-index or the API")
-    parser.add_argument("--parent-index", type=Path, metavar="PUBLISH_JSON",
-                        help="a publish.json holding the block index of --parent-snapshot's "
-                        "snapshot (or of an earlier one of its lineage: ListChangedBlocks)")
+                        "(repeatable)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print a summary for tools: "
                        "image_ids (region -> AMI id), snapshot_ids, deprecate_at")
@@ -114,11 +111,9 @@ def _parents(args: argparse.Namespace) -> Any:
     from builder.aws.delta import ParentOptions, parse_parent_snapshot
 
     snapshots = dict(parse_parent_snapshot(value) for value in args.parent_snapshot)
-    if args.parent_index and not snapshots:
-        raise InputError("--parent-index goes with --parent-snapshot")
     if args.parent is not None and not (args.parent / "publish.json").is_file():
         raise InputError(f"--parent {args.parent}: no publish.json there (publish it first)")
-    return ParentOptions(args.parent, snapshots, args.parent_index)
+    return ParentOptions(args.parent, snapshots)
 
 
 def cmd_verify_snapshot(argv: Sequence[str]) -> int:

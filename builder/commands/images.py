@@ -86,7 +86,7 @@ EXIT_AUDIT_ERRORS = 3
 
 def cmd_diff(argv: Sequence[str]) -> int:
     from builder.diff.compare import compare
-    from builder.diff.release import load_release, read_images
+    from builder.diff.release import load_release, read_images, same_images
     from builder.diff.render import markdown, text
 
     parser = Parser(prog="build diff", description="What changed between two releases: "
@@ -102,11 +102,10 @@ def cmd_diff(argv: Sequence[str]) -> int:
                         "(which reads both images: about a minute)")
     args = parser.parse_args(argv)
     releases = [load_release(args.a), load_release(args.b)]
-    same_image = releases[0].image_sha256 is not None and \
-        releases[0].image_sha256 == releases[1].image_sha256
-    if same_image and not args.no_files:  # byte-identical images hold the same files
+    same = not args.no_files and same_images(releases)
+    if same:  # byte-identical images hold the same files
         releases[0].files = releases[1].files = {}
-    read_images(releases, files=not (args.no_files or same_image))
+    read_images(releases, files=not (args.no_files or same))
     difference = compare(*releases)
     if args.json:
         print(json.dumps(difference.to_dict(), indent=2, sort_keys=True))

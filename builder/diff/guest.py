@@ -5,6 +5,7 @@ under a folder of its own, its files listed with their metadata and SHA-256."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class Roots:
                 full = top.rstrip("/") + "/" + name
                 inside = full[len(prefix):]
                 mode = info["st_mode"]
+                if stat.S_ISREG(mode) and inside not in sums:
+                    raise InputError(f"{inside[:200]!r} in the image: no checksum read")
                 entries[inside] = FileEntry(_kind(mode), stat.S_IMODE(mode), info["st_uid"],
                                             info["st_gid"], info["st_size"], sums.get(inside),
                                             links.get(name))
@@ -125,6 +128,9 @@ class Roots:
             return parse_sha256sum(Path(out.name).read_bytes().decode(errors="surrogateescape"))
 
 
+_UNESCAPE = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
 def parse_sha256sum(text: str) -> dict[str, str]:
     """sha256sum's lines ("HASH  ./path"); a name holding a newline or a backslash is
     escaped, and its line starts with a backslash."""
@@ -134,7 +140,7 @@ def parse_sha256sum(text: str) -> dict[str, str]:
             continue
         escaped = line.startswith("\\")
         digest, _, name = line[escaped:].partition("  ")
-        if escaped:
-            name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\0", "\\")
+        if escaped:  # coreutils escapes a backslash, a newline and a carriage return
+            name = re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m[1], m[0]), name)
         sums["/" + name.removeprefix("./")] = digest
     return sums

@@ -13,6 +13,7 @@ from typing import Any
 
 from builder.diff.guest import FileEntry
 from builder.errors import InputError, ToolFailed
+from builder.host.run import qemu_img
 from builder.outputs.sbom import parse_status
 
 KERNEL_PACKAGE = re.compile(r"linux-image-\d[\w.+-]*")
@@ -29,13 +30,6 @@ class Release:
     launch: list[Any] | None = None             # launch-permission.json's grants
     packages: dict[str, dict[str, str]] = field(default_factory=dict)  # name:arch -> it
     files: dict[str, FileEntry] | None = None
-
-    @property
-    def image_sha256(self) -> str | None:
-        for artifact in (self.manifest or {}).get("artifacts", []):
-            if artifact.get("format") == "raw":
-                return str(artifact.get("sha256"))
-        return None
 
     @property
     def kernels(self) -> list[str]:
@@ -69,24 +63,41 @@ def load_release(argument: Path) -> Release:
 
 
 def _from_output(folder: Path, argument: Path) -> Release:
-    manifest = _read_json(folder / "build-manifest.json")
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("packages"), list):
-        raise InputError(f"{folder / 'build-manifest.json'}: not a build manifest")
-    raw = next((a for a in manifest.get("artifacts", []) if isinstance(a, dict)
-                and a.get("format") == "raw"), {})
+    where = folder / "build-manifest.json"
+    manifest = _read_json(where)
+    artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("packages"), list) or \
+            not isinstance(artifacts, list) or not all(isinstance(a, dict) for a in artifacts):
+        raise InputError(f"{where}: not a build manifest")
+    raw = next((a for a in artifacts if a.get("format") == "raw"), {})
     name = str(raw.get("path", ""))
     if not re.fullmatch(r"[\w.-]+\.raw", name) or not (folder / name).is_file():
-        raise InputError(f"{folder}: its raw image ({name or 'none'}) is not there")
+        raise InputError(f"{folder}: its raw image ({name[:80] or 'none'}) is not there")
+    if not all(isinstance(raw.get(k), int) for k in ("virtual_size", "allocated_size")):
+        raise InputError(f"{where}: the raw image's sizes are not numbers")
     release = Release(str(argument), folder / name, checked_format(folder / name),
                       name=str(manifest.get("name")), manifest=manifest)
-    release.packages = _packages(manifest["packages"], folder / "build-manifest.json")
+    release.packages = _packages(manifest["packages"], where)
     if (folder / "register-image.json").is_file():
-        release.request = _read_json(folder / "register-image.json")
+        release.request = _request(folder / "register-image.json")
     if (folder / "launch-permission.json").is_file():
         grants = _read_json(folder / "launch-permission.json")
-        release.launch = grants.get("LaunchPermission", {}).get("Add", []) \
-            if isinstance(grants, dict) else None
+        added = grants.get("LaunchPermission", {}) if isinstance(grants, dict) else None
+        release.launch = added.get("Add") if isinstance(added, dict) else None
+        if not isinstance(release.launch, list):
+            raise InputError(f"{folder / 'launch-permission.json'}: not what a build writes")
     return release
+
+
+def _request(path: Path) -> dict[str, Any]:
+    """register-image.json: a mapping, its BlockDeviceMappings a list of mappings each
+    with a DeviceName."""
+    request = _read_json(path)
+    mappings = request.get("BlockDeviceMappings", []) if isinstance(request, dict) else None
+    if not isinstance(mappings, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("DeviceName"), str) for m in mappings):
+        raise InputError(f"{path}: not a RegisterImage input")
+    return request
 
 
 def packages_from_status(text: str) -> dict[str, dict[str, str]]:
@@ -106,12 +117,15 @@ def _packages(listed: list[Any], where: Path) -> dict[str, dict[str, str]]:
 
 
 def checked_format(image: Path) -> str:
-    """raw or qcow2, and a qcow2 without a backing file: a backing file names another file
-    of this host, which the appliance would then read as the disk."""
-    from builder.vm import image_info
-
+    """raw or qcow2, and nothing in it that names another file of this host, which the
+    appliance would then read as the disk: no symlink, no backing file, no external data
+    file. A file named *.raw is read as raw (never probed: a "raw" image holding a qcow2
+    header would otherwise be taken for one)."""
+    if image.is_symlink() or not image.is_file():
+        raise InputError(f"{image}: not a regular file")
+    forced = ["-f", "raw"] if image.name.endswith(".raw") else []
     try:
-        info = image_info(image)
+        info = json.loads(qemu_img("info", "--output=json", *forced, str(image)))
     except ToolFailed:
         raise InputError(f"{image}: not a disk image qemu-img reads") from None
     fmt = str(info.get("format"))
@@ -119,6 +133,9 @@ def checked_format(image: Path) -> str:
         raise InputError(f"{image}: a {fmt} image; build diff reads raw and qcow2")
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise InputError(f"{image}: a qcow2 image with a backing file; convert it first")
+    if "data-file" in json.dumps(info.get("format-specific", {})):
+        raise InputError(f"{image}: a qcow2 image with an external data file; convert it "
+                         "first")
     return fmt
 
 
@@ -129,6 +146,16 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def same_images(releases: list[Release]) -> bool:
+    """Whether the two images are byte for byte the same (hashed here: a manifest's
+    sha256 is only what it says)."""
+    from builder.plan import sha256_file
+
+    first, second = (r.image for r in releases)
+    return first.stat().st_size == second.stat().st_size and \
+        sha256_file(first) == sha256_file(second)
 
 
 def read_images(releases: list[Release], files: bool = True) -> None:
@@ -151,5 +178,7 @@ def read_images(releases: list[Release], files: bool = True) -> None:
                 release.packages = packages_from_status(status)
             if files:
                 release.files = roots.inventory(prefix)
+    except (RuntimeError, UnicodeError) as exc:  # libguestfs's errors, a name not UTF-8
+        raise InputError(f"cannot read {release.image}: {str(exc)[:200]}") from None
     finally:
         roots.close()

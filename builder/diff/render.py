@@ -4,6 +4,8 @@ release notes. (JSON is Difference.to_dict.)"""
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from typing import Any
 
 from builder.diff.compare import Difference
@@ -104,9 +106,22 @@ def _short(key: str, value: Any) -> str:
     return f"{value:,}" if key == "size" and isinstance(value, int) else str(value)
 
 
+def printable(value: str) -> str:
+    """Text with every control or format character (Unicode category C: escapes that move
+    a terminal's cursor, newlines, bidi overrides) shown as an escape: names and values
+    come from the image and its manifests."""
+    return "".join(_escaped(c) if unicodedata.category(c)[0] == "C" else c for c in value)
+
+
+def _escaped(char: str) -> str:
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 def text(diff: Difference) -> str:
-    lines = [f"{diff.a} -> {diff.b}: " + ("no difference" if diff.equal else "different")]
+    lines = [printable(f"{diff.a} -> {diff.b}: ") +
+             ("no difference" if diff.equal else "different")]
     for title, _, rows in sections(diff):
+        rows = [[printable(cell) for cell in row] for row in rows]
         lines += ["", title]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -127,7 +142,7 @@ def markdown(diff: Difference) -> str:
 
 
 def _cell(value: str) -> str:
-    """Text in a Markdown table cell: no pipe, newline or HTML reaches the notes as such
-    (file names and values come from the image)."""
-    return (value.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-            .replace("<", "&lt;").replace(">", "&gt;").replace("`", "\\`"))
+    """Text in a Markdown table cell: no control character, pipe, HTML, link, emphasis or
+    code reaches the notes as such (file names and values come from the image)."""
+    value = printable(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\|`*_~\[\]()!#])", r"\\\1", value)

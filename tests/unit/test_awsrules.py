@@ -148,8 +148,14 @@ def test_encrypted_snapshots_are_neither_public_nor_shared_under_the_aws_key(aws
     ec2.modify_ebs_default_kms_key_id(KmsKeyId=key)
     try:  # under the account's own default key it may be shared, still not made public
         assert ec2.get_ebs_default_kms_key_id()["KmsKeyId"] == key
-        ec2.modify_snapshot_attribute(SnapshotId=snapshot, Attribute="createVolumePermission",
+        # (a snapshot's key is the one when it was made: the first stays under aws/ebs)
+        keyed = _snapshot_with_one_block(aws_rules.url, Encrypted=True)
+        ec2.modify_snapshot_attribute(SnapshotId=keyed, Attribute="createVolumePermission",
                                       OperationType="add", UserIds=["210987654321"])
+        with pytest.raises(ClientError, match="InvalidParameter"):
+            ec2.modify_snapshot_attribute(SnapshotId=snapshot, OperationType="add",
+                                          Attribute="createVolumePermission",
+                                          UserIds=["210987654321"])
     finally:
         aws_rules.images.default_keys.clear()
     plain = _snapshot_with_one_block(aws_rules.url)
@@ -175,6 +181,7 @@ def test_block_lists_say_aws_block_size(aws_rules) -> None:
         SnapshotId=snapshot_id, BlockIndex=0, BlockData=data, DataLength=BLOCK,
         Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(),
         ChecksumAlgorithm="SHA256"))
+    ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=1)  # none read pending
     listed = ebs.list_snapshot_blocks(SnapshotId=snapshot_id)
     assert listed["BlockSize"] == BLOCK == 524288
     assert [b["BlockIndex"] for b in listed["Blocks"]] == [0]

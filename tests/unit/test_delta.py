@@ -23,7 +23,6 @@ from builder.aws.blockindex import (
     image_blocks,
 )
 from builder.aws.snapshots import BLOCK
-from builder.errors import InputError
 from builder.plan import sha256_file
 from tests import ebslineage
 from tests.awstools import client, published, small_output
@@ -80,17 +79,6 @@ def test_image_blocks_hash_data_and_mark_zeros(tmp_path: Path) -> None:
     assert blocks[3] == hashlib.sha256(b"tail".ljust(BLOCK, b"\0")).hexdigest()
 
 
-@pytest.mark.parametrize("data", [
-    [], {"snapshot_id": "snap-00000001", "block_size": 512, "blocks": []},
-    {"snapshot_id": "snap-1; rm", "block_size": BLOCK, "blocks": []},
-    {"snapshot_id": "snap-00000001", "block_size": BLOCK, "blocks": ["xyz"]},
-    {"snapshot_id": "snap-00000001", "block_size": BLOCK, "blocks": [7]},
-])
-def test_a_bad_block_index_is_a_located_error(data: object) -> None:
-    with pytest.raises(InputError, match=r"^publish\.json: /dev/xvda"):
-        BlockIndex.from_json(data, "publish.json: /dev/xvda")
-
-
 # --- the layer's incremental snapshots ---------------------------------------------------
 
 def test_a_child_reads_its_parent_s_blocks_unless_it_wrote_its_own() -> None:
@@ -124,13 +112,45 @@ def test_start_snapshot_with_a_parent_follows_the_encryption_outcomes() -> None:
     assert problem({}, True, True) is None and problem({}, False, False) is None
 
 
-def test_the_layer_refuses_encrypted_with_a_parent(aws_rules) -> None:
-    ebs = client("ebs", aws_rules.url)
+def test_the_layer_refuses_what_aws_refuses_of_parents_and_listings(aws_rules) -> None:
+    ebs, ec2 = client("ebs", aws_rules.url), client("ec2", aws_rules.url)
     parent = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    with pytest.raises(ClientError, match="pending"):  # not completed yet
+        ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent)
+    with pytest.raises(ClientError, match="pending"):
+        ebs.list_snapshot_blocks(SnapshotId=parent)
+    ebs.complete_snapshot(SnapshotId=parent, ChangedBlocksCount=0)
     with pytest.raises(ClientError, match="ValidationException"):
         ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent, Encrypted=True)
     with pytest.raises(ClientError, match="ResourceNotFoundException"):
         ebs.start_snapshot(VolumeSize=1, ParentSnapshotId="snap-0123456789abcdef0")
+    child = ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent)["SnapshotId"]
+    ebs.complete_snapshot(SnapshotId=child, ChangedBlocksCount=0)
+    other = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    ebs.complete_snapshot(SnapshotId=other, ChangedBlocksCount=0)
+    assert ebs.list_changed_blocks(FirstSnapshotId=parent,
+                                   SecondSnapshotId=child)["ChangedBlocks"] == []
+    with pytest.raises(ClientError, match="same lineage"):
+        ebs.list_changed_blocks(FirstSnapshotId=other, SecondSnapshotId=child)
+    with pytest.raises(ClientError, match="FirstSnapshotId"):
+        ebs.list_changed_blocks(SecondSnapshotId=child)
+    # a snapshot taken of a volume may be a parent too (writesnapshots: snapshot D)
+    volume = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+    taken = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=taken)
+
+
+def test_completion_is_checked_against_the_blocks_written() -> None:
+    from tests.awsrules import completion_problem
+
+    written = {0: base64.b64encode(hashlib.sha256(b"a").digest()).decode()}
+    right = base64.b64encode(hashlib.sha256(base64.b64decode(written[0])).digest()).decode()
+    assert completion_problem({"x-amz-ChangedBlocksCount": "1", "x-amz-Checksum": right},
+                              written) is None
+    assert "ChangedBlocksCount 7" in completion_problem({"x-amz-ChangedBlocksCount": "7"},
+                                                        written)
+    assert "aggregate" in completion_problem({"x-amz-ChangedBlocksCount": "1",
+                                              "x-amz-Checksum": "AAAA"}, written)
 
 
 # --- build publish --parent ---------------------------------------------------------------
@@ -182,29 +202,38 @@ def test_publish_parent_sends_only_the_changed_blocks(aws, aws_rules, tmp_path: 
     sdf = record["snapshot_ids"]["/dev/sdf"]
     assert aws_rules.snapshots.written[sdf] == set()
     assert record["uploads"]["/dev/xvda"]["block_index"]["blocks"][4] == ZERO
+    assert aws_rules.snapshots.completion_mismatches == []
 
 
-def test_a_parent_without_an_index_is_read_from_the_api(aws, aws_rules, tmp_path: Path) -> None:
+def test_a_parent_is_read_from_ebs_not_from_a_file(aws, aws_rules, tmp_path: Path) -> None:
+    """publish.json's block index is a claim: an edited one (here: claiming another
+    snapshot's blocks are the new image's) changes nothing, for what the parent holds is
+    read from EBS; --parent-snapshot names any parent of this account."""
     first = small_output(tmp_path / "r1", "api-r1", encrypted_volume=False)
     assert aws("publish", str(first), url=aws_rules.url).returncode == 0
-    parent_id = published(first)["snapshot_ids"]["/dev/xvda"]
+    other = small_output(tmp_path / "other", "api-other", encrypted_volume=False)
+    assert aws("publish", str(other), url=aws_rules.url).returncode == 0
     second = next_release(first, tmp_path / "r2", "api-r2", {2: b"\x02" * BLOCK})
-    result = aws("publish", str(second), "--parent-snapshot", f"/dev/xvda={parent_id}",
-                 url=aws_rules.url)
+    record = json.loads((other / "publish.json").read_text())
+    for target in record["targets"].values():  # "other"'s snapshot, claimed to hold r2
+        index = target["uploads"]["/dev/xvda"]["block_index"]
+        index["blocks"] = list(after_writes(index["snapshot_id"],
+                                            image_blocks(second / "disk.raw"), []).blocks)
+    (other / "publish.json").write_text(json.dumps(record))
+    result = aws("publish", str(second), "--parent", str(other), "--verify", url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ListSnapshotBlocks" in result.stderr
-    record = published(second)
-    assert aws_rules.snapshots.written[record["snapshot_ids"]["/dev/xvda"]] == {2}
-    assert len(aws_rules.snapshots.written[record["snapshot_ids"]["/dev/sdf"]]) > 1  # whole
-    # a third release from the second's snapshot, whose index is not given, but the
-    # first's is: ListChangedBlocks between the two
+    child = published(second)["snapshot_ids"]["/dev/xvda"]
+    assert len(aws_rules.snapshots.written[child]) >= 4  # other's data overwritten
+    assert published(second)["verified"]["/dev/xvda"]["ok"]
+    parent_id = published(first)["snapshot_ids"]["/dev/xvda"]
     third = next_release(second, tmp_path / "r3", "api-r3", {4: b"\x03" * BLOCK})
-    result = aws("publish", str(third), "--parent-snapshot",
-                 f"/dev/xvda={record['snapshot_ids']['/dev/xvda']}",
-                 "--parent-index", str(first / "publish.json"), "--verify", url=aws_rules.url)
+    result = aws("publish", str(third), "--parent-snapshot", f"/dev/xvda={parent_id}",
+                 url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ListChangedBlocks" in result.stderr
-    assert aws_rules.snapshots.written[published(third)["snapshot_ids"]["/dev/xvda"]] == {4}
+    assert aws_rules.snapshots.written[published(third)["snapshot_ids"]["/dev/xvda"]] == \
+        {2, 4}
+    assert aws_rules.snapshots.completion_mismatches == []
 
 
 def test_what_aws_refuses_with_a_parent_is_refused_before_uploading(aws, aws_rules,
@@ -244,6 +273,18 @@ def test_an_encrypted_child_keeps_its_parent_s_key(aws, aws_rules, tmp_path: Pat
     assert wrong.returncode == 2 and "its child would be too, not with" in wrong.stderr
     plain = aws("publish", str(second), "--parent", str(first), url=aws_rules.url)
     assert plain.returncode == 2 and "is to be unencrypted" in plain.stderr
+    # encrypted with no key named (here: by default): the child keeps the parent's key
+    # (a customer managed default key: the recipe shares the AMI with another account)
+    ec2 = client("ec2", aws_rules.url)
+    ec2.enable_ebs_encryption_by_default()
+    ec2.modify_ebs_default_kms_key_id(KmsKeyId=other)
+    try:
+        kept = aws("publish", str(next_release(first, tmp_path / "r3", "keyed-r3", {})),
+                   "--parent", str(first), url=aws_rules.url)
+    finally:
+        ec2.disable_ebs_encryption_by_default()
+        ec2.reset_ebs_default_kms_key_id()
+    assert kept.returncode == 0 and "its child keeps its key" in kept.stderr, kept.stderr
     right = aws("publish", str(second), "--parent", str(first), "--kms-key-id", key,
                 "--verify", url=aws_rules.url)
     assert right.returncode == 0, right.stderr[-3000:]

@@ -96,8 +96,16 @@ def test_markdown_cells_cannot_break_the_table_or_carry_html() -> None:
 
 
 def test_sha256sum_output_with_escaped_names() -> None:
-    sums = parse_sha256sum("a" * 64 + "  ./etc/motd\n\\" + "b" * 64 + "  ./odd\\nname\\\\x\n")
-    assert sums == {"/etc/motd": "a" * 64, "/odd\nname\\x": "b" * 64}
+    sums = parse_sha256sum("a" * 64 + "  ./etc/motd\n\\" + "b" * 64 +
+                           "  ./odd\\nname\\\\x\\ry\n")
+    assert sums == {"/etc/motd": "a" * 64, "/odd\nname\\x\ry": "b" * 64}
+
+
+def test_text_shows_control_characters_as_escapes() -> None:
+    a = release("a", files={}, manifest=manifest("x"))
+    b = release("b", files={"/etc/\x1b[2Kforged\nline": entry()}, manifest=manifest("x"))
+    shown = text(compare(a, b))
+    assert "\x1b" not in shown and "\\x1b[2Kforged\\x0aline" in shown
 
 
 def test_images_with_a_backing_file_or_another_format_are_refused(tmp_path: Path) -> None:
@@ -113,6 +121,18 @@ def test_images_with_a_backing_file_or_another_format_are_refused(tmp_path: Path
     with pytest.raises(InputError, match="vmdk"):
         checked_format(vmdk)
     assert checked_format(base) == "raw"
+    external = tmp_path / "external.qcow2"  # its data lives in another file of the host
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={base},data_file_raw=on", str(external), "1M"], check=True)
+    with pytest.raises(InputError, match="external data file"):
+        checked_format(external)
+    disguised = tmp_path / "disk.raw"  # a *.raw file is read as raw, never probed
+    disguised.write_bytes(child.read_bytes())
+    assert checked_format(disguised) == "raw"
+    link = tmp_path / "link.raw"
+    link.symlink_to(base)
+    with pytest.raises(InputError, match="not a regular file"):
+        checked_format(link)
 
 
 def test_an_output_directory_must_hold_its_manifest_and_image(tmp_path: Path) -> None:
@@ -124,3 +144,9 @@ def test_an_output_directory_must_hold_its_manifest_and_image(tmp_path: Path) ->
         load_release(tmp_path / "build-manifest.json")
     with pytest.raises(InputError, match="no such output directory"):
         load_release(tmp_path / "missing")
+    for broken in ({"packages": [], "artifacts": ["x"]},
+                   {"packages": [], "artifacts": [{"format": "raw", "path": "disk.raw"}]}):
+        (tmp_path / "disk.raw").write_bytes(bytes(512))
+        (tmp_path / "build-manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(InputError, match="build-manifest"):
+            load_release(tmp_path)

@@ -231,3 +231,6 @@ def test_cyclonedx_document_is_valid_and_says_what_spdx_says(tree: Path, plan,
                        ("tzdata", "libc6")}
     with pytest.raises(BuildFailed, match="not valid"):
         write_cyclonedx(tmp_path / "x.cdx.json", plan, package_facts(tree), "not a sha256")
+    twice = package_facts(tree) + package_facts(tree)[:1]  # a status file listing one twice
+    with pytest.raises(BuildFailed, match="listed twice"):
+        write_cyclonedx(tmp_path / "y.cdx.json", plan, twice, "ab" * 32)
