@@ -113,6 +113,7 @@ class Plan:
     hostname: str
     os: OSPlan
     boot: str
+    secure_boot: bool
     kernel_cmdline: tuple[str, ...]
     disk_size: int
     partitions: tuple[Partition, ...]
@@ -214,6 +215,8 @@ def packages_for(recipe: Recipe, distribution: type[distros.Distribution]) -> tu
     wanted = [*distribution.base_packages,
               recipe.os.kernel or distribution.kernel_for(recipe.arch),
               *distribution.arch_packages.get(recipe.arch, ())]
+    if volume.secure_boot:
+        wanted += distribution.signed_boot_packages[recipe.arch]
     if any(user.sudo for user in volume.users):
         wanted.append("sudo")
     wanted += volume.packages
@@ -260,6 +263,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         hostname=volume.hostname,
         os=os_plan,
         boot=volume.boot,
+        secure_boot=volume.secure_boot,
         kernel_cmdline=cmdline,
         disk_size=disk_size,
         partitions=tuple(partitions),

@@ -26,6 +26,11 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # qemu-efi-aarch64
 AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 FIRMWARE_VARS = {"x86_64": OVMF_VARS, "arm64": AAVMF_VARS}
+# Secure Boot enforced: OVMF's SMM build with Microsoft's keys enrolled (Debian's ovmf);
+# the firmware starts only what those keys' chain signed (shim, which trusts Debian's)
+OVMF_SECURE_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+OVMF_SECURE_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+FIRMWARES = ("bios", "uefi", "uefi-secureboot")
 LOGIN_PROMPT = r"login:"
 SSH_CONNECT_FAILED = 255
 
@@ -47,12 +52,16 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
     if arch == "arm64":
         argv = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
         code = AAVMF_CODE
+    elif firmware == "uefi-secureboot":  # its variables are protected by SMM
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm=on",
+                "-global", "driver=cfi.pflash01,property=secure,value=on"]
+        code = OVMF_SECURE_CODE
     else:
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35"]
         code = OVMF_CODE
     argv += ["-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot",
              "-serial", "mon:stdio"]
-    if firmware == "uefi":
+    if firmware in ("uefi", "uefi-secureboot"):
         argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
     for disk in disks:
@@ -86,6 +95,8 @@ class VirtualMachine:
                 raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi)")
             if self.firmware == "uefi":
                 shutil.copyfile(FIRMWARE_VARS[self.arch], self._work / "vars.fd")
+            elif self.firmware == "uefi-secureboot":
+                shutil.copyfile(OVMF_SECURE_VARS, self._work / "vars.fd")
             self.forwards = {port: free_port() for port in self.guest_ports}
             self._started = time.monotonic()
             self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards,

@@ -14,20 +14,31 @@ EXIT_DIFFERENT = 1  # build diff, as diff(1)
 
 
 def cmd_boot(argv: Sequence[str]) -> int:
-    from builder.vm import LOGIN_PROMPT, VirtualMachine
+    import re
+
+    from builder.vm import FIRMWARES, LOGIN_PROMPT, VirtualMachine
 
     parser = Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
-                     "throw-away overlay and wait for a login prompt on the serial console.")
+                     "throw-away overlay and wait for a login prompt on the serial console "
+                     "(or --expect REGEX): exit 0 when it shows, 1 on timeout.")
     parser.add_argument("image", type=Path)
-    parser.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
+    parser.add_argument("--firmware", choices=FIRMWARES, default="bios",
+                        help="uefi-secureboot: OVMF enforcing Secure Boot with Microsoft's "
+                        "keys enrolled")
     parser.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
                         help="the image's architecture (arm64: qemu-system-aarch64, UEFI)")
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--pattern", default=LOGIN_PROMPT)
+    parser.add_argument("--expect", "--pattern", dest="pattern", default=LOGIN_PROMPT,
+                        metavar="REGEX", help="wait for this on the serial console instead "
+                        "(e.g. what a user-data script prints)")
     parser.add_argument("--console", action="store_true", help="print the console log")
     args = parser.parse_args(argv)
     if not args.image.is_file():
         raise InputError(f"{args.image}: image not found")
+    try:
+        re.compile(args.pattern)
+    except re.error as exc:
+        raise InputError(f"--expect {args.pattern!r}: not a regular expression ({exc})") from None
     with VirtualMachine(args.image, args.firmware, args.arch) as vm:
         try:
             seconds = vm.wait_for(args.pattern, args.timeout)

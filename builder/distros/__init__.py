@@ -34,6 +34,7 @@ class Distribution:
     # per architecture, what the image needs besides: arm64's GRUB modules (grub-mkimage
     # on the x86_64 host makes BOOTAA64.EFI from the image's own, matching its release)
     arch_packages: ClassVar[dict[str, tuple[str, ...]]] = {}
+    signed_boot_packages: ClassVar[dict[str, tuple[str, ...]]] = {}
     registry: ClassVar[dict[str, type[Distribution]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -65,6 +66,10 @@ class Debian(Distribution):
     kernels: ClassVar[dict[str, str]] = {"x86_64": "linux-image-cloud-amd64",
                                          "arm64": "linux-image-cloud-arm64"}
     arch_packages: ClassVar[dict[str, tuple[str, ...]]] = {"arm64": ("grub-efi-arm64-bin",)}
+    # Secure Boot: the signed shim and GRUB (their ESP files come from the image's tree),
+    # whose kernels are signed too
+    signed_boot_packages: ClassVar[dict[str, tuple[str, ...]]] = {
+        "x86_64": ("shim-signed", "grub-efi-amd64-signed")}
 
 
 def get(name: str) -> type[Distribution]:

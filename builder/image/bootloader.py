@@ -36,6 +36,15 @@ BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
 EFI_MODULES = ("fat", "efi_gop", "all_video", *COMMON_MODULES)
 EFI_REMOVABLE = {"x86_64": ("x86_64-efi", "EFI/BOOT/BOOTX64.EFI"),
                  "arm64": ("arm64-efi", "EFI/BOOT/BOOTAA64.EFI")}
+# Secure Boot (x86_64): ESP path -> the file the image's shim-signed and
+# grub-efi-amd64-signed install. MokManager rides along (shim starts it when a MOK change
+# is pending); the fallback loader does not (it would add boot entries and reset).
+SIGNED_EFI = {"x86_64": {"EFI/BOOT/BOOTX64.EFI": "/usr/lib/shim/shimx64.efi.signed",
+                         "EFI/BOOT/grubx64.efi":
+                             "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+                         "EFI/BOOT/mmx64.efi": "/usr/lib/shim/mmx64.efi.signed"}}
+SIGNED_GRUB_CONFIG = "EFI/debian/grub.cfg"
+MAX_EFI_BINARY = 16 << 20  # signed GRUB is ~4 MiB
 
 
 def grub_mkimage_argv(target: str, output: Path, early_config: Path,
@@ -119,6 +128,25 @@ def early_config(plan: Plan, work: Path) -> Path:
     if not path.exists():
         path.write_text(render_template("grub-early.cfg.j2", plan=plan))
     return path
+
+
+def signed_efi_files(plan: Plan, tree: Path, work: Path) -> dict[str, Path]:
+    """The ESP of a Secure Boot image (ESP path -> staged file): Debian's signed shim at the
+    removable path, which loads the signed GRUB from its own folder; that GRUB's built-in
+    prefix is /EFI/debian on the partition it was loaded from, so its config goes there and
+    hands over to /boot/grub/grub.cfg. Taken from the image's own packages (regular files,
+    never through a link: the image's scripts may have replaced them)."""
+    files = {}
+    for dest, source in SIGNED_EFI[plan.arch].items():
+        data = read_regular_file(treepath.in_root(tree, source), MAX_EFI_BINARY, source,
+                                 BuildFailed, follow_links=False)
+        staged = work / Path(dest).name
+        staged.write_bytes(data)
+        files[f"/{dest}"] = staged
+    config = work / "grub-signed.cfg"
+    config.write_text(early_config(plan, work).read_text() + "configfile $prefix/grub.cfg\n")
+    files[f"/{SIGNED_GRUB_CONFIG}"] = config
+    return files
 
 
 def make_bios_core(plan: Plan, work: Path) -> Path | None:

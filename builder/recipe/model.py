@@ -149,6 +149,9 @@ class RootVolume(Strict):
     size: Size = 2 << 30
     filesystem: Literal["ext4"] = "ext4"  # GRUB's config and the image builder are ext4-only
     boot: Literal["bios", "uefi", "hybrid"] = "hybrid"
+    secure_boot: Annotated[bool, Field(description="boot UEFI through Debian's signed chain "
+                                       "(shim, GRUB and kernel signed for Secure Boot); "
+                                       "needs boot uefi or hybrid")] = False
     hostname: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "debian"
     kernel_cmdline: list[KernelParameter] = []
     packages: list[PackageName] = []

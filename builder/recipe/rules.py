@@ -131,6 +131,9 @@ def effective_boot_mode(recipe: Recipe) -> str:
         recipe.root_volume.boot]
 
 
+SIGNED_BOOT = ("x86_64",)  # architectures whose signed boot chain amiforge builds
+
+
 def boot_rules(recipe: Recipe) -> Found:
     boot, mode = recipe.root_volume.boot, recipe.ami.boot_mode
     if recipe.arch == "arm64" and boot != "uefi":
@@ -146,6 +149,12 @@ def boot_rules(recipe: Recipe) -> Found:
                f"(boot mode is {effective!r}, root_volume.boot is {boot!r})")
     if recipe.ami.uefi_data and boot == "bios":
         yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
+    if recipe.root_volume.secure_boot and boot == "bios":
+        yield ("root_volume", "secure_boot"), "Secure Boot is UEFI's: needs boot uefi or hybrid"
+    elif recipe.root_volume.secure_boot and recipe.arch not in SIGNED_BOOT:
+        yield (("root_volume", "secure_boot"), f"not built for {recipe.arch} yet (only "
+               f"{', '.join(SIGNED_BOOT)}: Debian's signed shim and GRUB for it are booted "
+               "under enforcing firmware in amiforge's tests)")
 
 
 def ami_rules(recipe: Recipe) -> Found:

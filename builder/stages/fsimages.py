@@ -17,6 +17,7 @@ from builder.tools import STAGE_FORMAT, tool_version
 
 def inputs(plan: Plan, extras: dict[str, Any]) -> dict[str, Any]:
     return {"partitions": plain(plan.partitions), "data_volumes": plain(plan.data_volumes),
+            "secure_boot": plan.secure_boot,
             "sources": plan.digests(f for v in plan.data_volumes for f in v.files),
             "arch": plan.arch, "epoch": plan.source_date_epoch if plan.reproducible else None,
             "amiforge": __version__, "format": STAGE_FORMAT,
@@ -42,13 +43,20 @@ def make_filesystems(plan: Plan, tree: Path, folder: Path, work: Path) -> None:
         others.result()
 
 
+def esp_files(plan: Plan, tree: Path, work: Path) -> dict[str, Path]:
+    """Debian's signed boot chain, or amiforge's own GRUB at the removable path."""
+    if plan.secure_boot:
+        return bootloader.signed_efi_files(plan, tree, work)
+    efi = work / "grub.efi"
+    bootloader.build_efi_image(plan.arch, efi, bootloader.early_config(plan, work), tree)
+    _, removable = bootloader.EFI_REMOVABLE[plan.arch]
+    return {f"/{removable}": efi}
+
+
 def make_esp_and_volumes(plan: Plan, tree: Path, folder: Path, work: Path) -> None:
     esp = plan.partition("esp")
     if esp is not None:
-        efi = work / "grub.efi"
-        bootloader.build_efi_image(plan.arch, efi, bootloader.early_config(plan, work), tree)
-        _, removable = bootloader.EFI_REMOVABLE[plan.arch]
         filesystem.make_esp(folder / "esp.img", esp.size, str(esp.fs_uuid),
-                            {f"/{removable}": efi}, plan.source_date_epoch)
+                            esp_files(plan, tree, work), plan.source_date_epoch)
     for volume in plan.data_volumes:
         make_volume(plan, volume, folder / volume.image, work, tree)

@@ -356,3 +356,23 @@ def test_bad_recipe(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
+
+
+def test_secure_boot_needs_uefi_and_a_signed_architecture(tmp_path) -> None:
+    from builder.errors import RecipeError
+    from builder.recipe.load import load_recipe
+    from tests.conftest import copy_recipes
+
+    recipes = copy_recipes(tmp_path / "recipes")
+    for boot, arch, expected in (("bios", "x86_64", "needs boot uefi or hybrid"),
+                                 ("uefi", "arm64", "not built for arm64 yet")):
+        recipe = recipes / f"{boot}-{arch}.yaml"
+        recipe.write_text(f"extends: debian-13-minimal.yaml\narch: {arch}\n"
+                          f"root_volume: {{boot: {boot}, secure_boot: true}}\n")
+        try:
+            load_recipe(recipe)
+        except RecipeError as exc:
+            assert any(p.path == "root_volume.secure_boot" and expected in p.message
+                       for p in exc.problems), exc.problems
+        else:
+            raise AssertionError(f"{boot} {arch}: no error")

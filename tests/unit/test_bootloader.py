@@ -53,3 +53,35 @@ def test_the_images_grub_modules_never_follow_a_link_to_the_host(tmp_path) -> No
     (tmp_path / "tree/usr/lib/grub").symlink_to(Path("/usr/lib/grub"))  # re-rooted: itself
     with pytest.raises(BuildFailed, match="arm64-efi"):  # a loop, inside the tree
         copy_modules(tmp_path / "tree", "/usr/lib/grub/arm64-efi", tmp_path / "copy2")
+
+
+def test_secure_boot_esp_takes_the_images_signed_files_never_through_a_link(tmp_path) -> None:
+    """The signed shim and GRUB come from the image's packages; a script's link to a host
+    file must not put that file on the ESP."""
+
+    import pytest
+
+    from builder.errors import BuildFailed
+    from builder.image.bootloader import SIGNED_EFI, SIGNED_GRUB_CONFIG, signed_efi_files
+    from builder.plan import make_plan
+    from builder.recipe.load import LoadOptions, load_recipe
+    from tests.conftest import FIXED_EPOCH, RECIPES
+
+    plan = make_plan(load_recipe(RECIPES / "debian-13-secureboot.yaml",
+                                 LoadOptions(source_date_epoch=FIXED_EPOCH)))
+    tree, work = tmp_path / "tree", tmp_path / "work"
+    work.mkdir()
+    for source in SIGNED_EFI["x86_64"].values():
+        (tree / source.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (tree / source.lstrip("/")).write_bytes(source.encode())
+    files = signed_efi_files(plan, tree, work)
+    assert files["/EFI/BOOT/BOOTX64.EFI"].read_bytes() == b"/usr/lib/shim/shimx64.efi.signed"
+    config = files[f"/{SIGNED_GRUB_CONFIG}"].read_text()
+    assert str(plan.root.fs_uuid) in config and config.endswith("configfile $prefix/grub.cfg\n")
+    secret = tmp_path / "host-secret"
+    secret.write_text("host credentials\n")
+    grub = tree / "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+    grub.unlink()
+    grub.symlink_to(secret)
+    with pytest.raises(BuildFailed, match=r"grubx64\.efi\.signed"):
+        signed_efi_files(plan, tree, work)

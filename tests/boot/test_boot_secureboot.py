@@ -1,0 +1,37 @@
+"""UEFI Secure Boot, enforced: OVMF's SMM build with Microsoft's keys enrolled starts the
+Secure Boot recipe's signed chain (shim, GRUB, kernel) and the system says Secure Boot is on;
+the same firmware refuses the default recipe's unsigned GRUB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.vm import VirtualMachine
+from tests.boot.test_boot_minimal import check_configured
+from tests.conftest import needs_root_tools, run_build
+
+pytestmark = [pytest.mark.boot, needs_root_tools()]
+
+
+def test_secure_boot_image_boots_with_secure_boot_enforced(build_recipe, ssh_key: Path) -> None:
+    built = build_recipe("debian-13-secureboot.yaml")
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi-secureboot") as vm:
+        vm.wait_for(timeout=400)
+        assert "UEFI Secure Boot is enabled" in vm.console()  # the kernel's EFI stub
+        check_configured(vm, ssh_key)
+        assert vm.ssh("admin", ssh_key, "mokutil --sb-state").strip() == "SecureBoot enabled"
+        lockdown = vm.ssh("admin", ssh_key, "cat /sys/kernel/security/lockdown")
+        assert "[integrity]" in lockdown or "[confidentiality]" in lockdown
+        assert vm.ssh("admin", ssh_key, "hostname").strip() == "secureboot"
+    audit = run_build("audit", str(built.artifact("disk.qcow2")))
+    assert audit.returncode == 0, audit.stdout
+
+
+def test_enforcing_firmware_refuses_an_unsigned_bootloader(build_recipe) -> None:
+    unsigned = build_recipe("debian-13-minimal.yaml").artifact("disk.qcow2")
+    with VirtualMachine(unsigned, "uefi-secureboot") as vm:
+        vm.wait_for(r"Access Denied|Security Violation", timeout=180)
+        assert "login:" not in vm.console()
+        assert "Booting `" not in vm.console()  # GRUB never ran
