@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from builder.recipe.model import BlockDeviceMapping, Ebs, FileSpec, Recipe
 from builder.recipe.rules import effective_boot_mode, image_gib
@@ -90,6 +90,8 @@ class AmiPlan:
     share_snapshots: bool = False
     deprecate_after_days: int | None = None
     ssm_parameters: tuple[str, ...] = ()
+    # uefi_data's Secure Boot variables, decoded: name -> certificate subjects (build plan)
+    uefi_variables: dict[str, list[str]] | None = None
 
     @property
     def instance_store(self) -> bool:
@@ -113,6 +115,23 @@ def volume_image_name(device: str) -> str:
     return f"volume-{short_device(device)}.raw"
 
 
+def uefi_data_blob(value: Any) -> str | None:
+    """RegisterImage's UefiData: the recipe's blob, or the one amiforge makes for its keys."""
+    if value is None or isinstance(value, str):
+        return value
+    from builder.outputs.uefivars import microsoft_keys
+
+    return microsoft_keys()
+
+
+def _variables(blob: str | None) -> dict[str, list[str]] | None:
+    if blob is None:
+        return None
+    from builder.outputs.uefivars import decoded
+
+    return decoded(blob)
+
+
 def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str]) -> AmiPlan:
     """The typed AMI of ``recipe``; ``fixed_uuid(purpose)`` makes the data volumes' UUIDs."""
     ami, instance_store = recipe.ami, recipe.ami.backing == "instance-store"
@@ -121,6 +140,7 @@ def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str]) -> AmiPlan:
         root.device, "root", _ebs(root.ebs, root.ebs.volume_size or image_gib(recipe)))]
     devices += [_device(m, fixed_uuid) for m in recipe.block_device_mappings if not m.root]
     permissions = ami.launch_permissions
+    blob = uefi_data_blob(ami.uefi_data)
     return AmiPlan(
         name=ami.name or recipe.name,
         description=ami.description if ami.description is not None else recipe.description,
@@ -128,7 +148,7 @@ def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str]) -> AmiPlan:
         root_device=INSTANCE_STORE_ROOT if instance_store else root.device,
         boot_mode=effective_boot_mode(recipe), ena_support=ami.ena_support,
         sriov_net_support=ami.sriov_net_support, tpm_support=ami.tpm_support,
-        imds_support=ami.imds_support, uefi_data=ami.uefi_data,
+        imds_support=ami.imds_support, uefi_data=blob, uefi_variables=_variables(blob),
         tags=dict(sorted(ami.tags.items())),
         launch_permissions=LaunchPermissions(
             permissions.public, tuple(permissions.accounts),

@@ -230,6 +230,12 @@ class Bundle(Strict):
     account_id: AccountId | None = None
 
 
+class UefiKeys(Strict):
+    keys: Annotated[Literal["microsoft"], Field(description=(
+        "enroll Microsoft's PK, KEKs and db certificates (what shim-signed needs): the "
+        "instance boots with UEFI Secure Boot enforced"))]
+
+
 class Ami(Strict):
     name: str | None = Field(None, description="AMI name; default: the recipe's name")
     description: str | None = None
@@ -239,7 +245,9 @@ class Ami(Strict):
     sriov_net_support: Literal["simple"] | None = None
     tpm_support: Literal["v2.0"] | None = None
     imds_support: Literal["v2.0"] | None = "v2.0"
-    uefi_data: str | None = None
+    uefi_data: str | UefiKeys | None = Field(None, description=(
+        "the UEFI variable store instances start with: a base64 blob (RegisterImage's "
+        "UefiData), or {keys: microsoft} for amiforge to make one"))
     tags: dict[str, str] = {}
     launch_permissions: LaunchPermissions = LaunchPermissions()
     share_snapshots: bool = Field(False, description=(

@@ -131,6 +131,7 @@ def effective_boot_mode(recipe: Recipe) -> str:
         recipe.root_volume.boot]
 
 
+UEFI_DATA_MAX = 64000  # RegisterImage's UefiData
 SIGNED_BOOT = ("x86_64",)  # architectures whose signed boot chain amiforge builds
 
 
@@ -149,12 +150,28 @@ def boot_rules(recipe: Recipe) -> Found:
                f"(boot mode is {effective!r}, root_volume.boot is {boot!r})")
     if recipe.ami.uefi_data and boot == "bios":
         yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
+    if isinstance(recipe.ami.uefi_data, str):
+        yield from _uefi_blob_rules(recipe.ami.uefi_data)
     if recipe.root_volume.secure_boot and boot == "bios":
         yield ("root_volume", "secure_boot"), "Secure Boot is UEFI's: needs boot uefi or hybrid"
     elif recipe.root_volume.secure_boot and recipe.arch not in SIGNED_BOOT:
         yield (("root_volume", "secure_boot"), f"not built for {recipe.arch} yet (only "
                f"{', '.join(SIGNED_BOOT)}: Debian's signed shim and GRUB for it are booted "
                "under enforcing firmware in amiforge's tests)")
+
+
+def _uefi_blob_rules(blob: str) -> Found:
+    """A UefiData blob given as is must be one AWS can read: at most 64000 characters
+    (RegisterImage), an AWS variable store that decodes."""
+    from builder.outputs.uefivars import decoded
+
+    if len(blob) > UEFI_DATA_MAX:
+        yield ("ami", "uefi_data"), f"at most {UEFI_DATA_MAX} characters (RegisterImage)"
+        return
+    try:
+        decoded(blob)
+    except InputError as exc:
+        yield ("ami", "uefi_data"), str(exc).removeprefix("ami.uefi_data: ")
 
 
 def ami_rules(recipe: Recipe) -> Found:

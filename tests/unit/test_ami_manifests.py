@@ -185,3 +185,36 @@ def test_encrypted_amis_are_shared_only_as_aws_allows(tmp_path: Path, permission
         "  - {device: /dev/xvda, root: true, ebs: {encrypted: true}}\n")
     with pytest.raises(RecipeError, match=message):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_uefi_data_for_microsoft_keys_decodes_to_them() -> None:
+    """{keys: microsoft} becomes a UefiData blob that virt-firmware reads back to
+    Microsoft's PK, KEKs and db (with the CA that signs Debian's shim); the same bytes
+    every time; RegisterImage's limit holds."""
+    import base64
+
+    from builder.outputs.uefivars import decoded, microsoft_keys
+
+    blob = microsoft_keys()
+    assert blob == microsoft_keys() and len(blob) <= 64000
+    base64.b64decode(blob, validate=True)
+    variables = decoded(blob)
+    assert set(variables) == {"PK", "KEK", "db", "dbx"}
+    assert variables["PK"] == ["CN=Windows OEM Devices PK,O=Microsoft Corporation,"
+                               "L=Redmond,ST=Washington,C=US"]
+    assert any("KEK CA 2011" in s for s in variables["KEK"])
+    assert any("UEFI CA 2011" in s for s in variables["db"])  # Debian's shim's signer
+
+
+def test_the_secure_boot_recipe_registers_with_its_uefi_data() -> None:
+    from builder.outputs.uefivars import microsoft_keys
+
+    plan = make_plan(load_recipe(RECIPES / "debian-13-secureboot.yaml",
+                                 LoadOptions(source_date_epoch=FIXED_EPOCH)))
+    request = register_image_input(plan.ami, plan.arch)
+    assert request["UefiData"] == microsoft_keys() and request["BootMode"] == "uefi"
+    assert plan.ami.uefi_variables is not None and "PK" in plan.ami.uefi_variables
+    model = botocore.session.get_session().get_service_model("ec2")
+    report = ParamValidator().validate(request, model.operation_model("RegisterImage")
+                                       .input_shape)
+    assert not report.has_errors(), report.generate_report()
