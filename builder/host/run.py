@@ -153,6 +153,7 @@ PACKAGES = {
     "mkfs.fat": "dosfstools",
     "debugfs": "e2fsprogs",
     "mcopy": "mtools",
+    "mmd": "mtools",
     "sfdisk": "fdisk",
     "grub-mkimage": "grub-common grub-pc-bin grub-efi-amd64-bin",
     "grub-script-check": "grub-common",

@@ -134,8 +134,10 @@ def signed_efi_files(plan: Plan, tree: Path, work: Path) -> dict[str, Path]:
     """The ESP of a Secure Boot image (ESP path -> staged file): Debian's signed shim at the
     removable path, which loads the signed GRUB from its own folder; that GRUB's built-in
     prefix is /EFI/debian on the partition it was loaded from, so its config goes there and
-    hands over to /boot/grub/grub.cfg. Taken from the image's own packages (regular files,
-    never through a link: the image's scripts may have replaced them)."""
+    hands over to /boot/grub/grub.cfg. Taken from the image's own tree: regular files only,
+    the last component never a link and any link on the way resolved inside the tree (the
+    recipe's scripts may have made them links to host files). Kept up to date in an
+    instance by nobody: no package there writes the ESP."""
     files = {}
     for dest, source in SIGNED_EFI[plan.arch].items():
         data = read_regular_file(treepath.in_root(tree, source), MAX_EFI_BINARY, source,

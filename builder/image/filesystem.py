@@ -99,6 +99,12 @@ def make_esp(image: Path, size: int, fs_uuid: str, files: dict[str, Path], epoch
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
     clamp_times(staging, epoch)
-    for top in sorted(staging.iterdir()):
-        run(["mcopy", "-s", "-m", "-i", str(image), str(top), "::/"], env=MTOOLS_ENV)
+    # folders then files, each in sorted order (mcopy -s copies in the host folder's listing
+    # order, which differs between filesystems: the FAT would differ between build hosts)
+    for path in sorted(staging.rglob("*")):
+        target = "::/" + path.relative_to(staging).as_posix()
+        if path.is_dir():
+            run(["mmd", "-i", str(image), target], env=MTOOLS_ENV)
+        else:
+            run(["mcopy", "-m", "-i", str(image), str(path), target], env=MTOOLS_ENV)
     shutil.rmtree(staging)

@@ -152,12 +152,26 @@ def boot_rules(recipe: Recipe) -> Found:
         yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
     if isinstance(recipe.ami.uefi_data, str):
         yield from _uefi_blob_rules(recipe.ami.uefi_data)
-    if recipe.root_volume.secure_boot and boot == "bios":
-        yield ("root_volume", "secure_boot"), "Secure Boot is UEFI's: needs boot uefi or hybrid"
-    elif recipe.root_volume.secure_boot and recipe.arch not in SIGNED_BOOT:
-        yield (("root_volume", "secure_boot"), f"not built for {recipe.arch} yet (only "
-               f"{', '.join(SIGNED_BOOT)}: Debian's signed shim and GRUB for it are booted "
-               "under enforcing firmware in amiforge's tests)")
+    if recipe.root_volume.secure_boot:
+        yield from _secure_boot_rules(recipe, effective)
+
+
+def _secure_boot_rules(recipe: Recipe, effective: str) -> Found:
+    """A Secure Boot image boots UEFI only (a hybrid disk's BIOS half, or EC2's BIOS
+    fallback, would boot amiforge's unsigned GRUB without a word), on an architecture whose
+    signed chain amiforge builds, with a signed kernel."""
+    where = ("root_volume", "secure_boot")
+    if recipe.root_volume.boot == "bios":
+        yield where, "Secure Boot is UEFI's: needs boot uefi or hybrid"
+    elif effective != "uefi":
+        yield where, (f"needs ami.boot_mode 'uefi' (boot mode is {effective!r}: an instance "
+                      "could start the disk's unsigned BIOS loader instead)")
+    if recipe.arch not in SIGNED_BOOT:
+        yield where, (f"not built for {recipe.arch} yet (only {', '.join(SIGNED_BOOT)}: "
+                      "Debian's signed shim and GRUB for it are booted under enforcing "
+                      "firmware in amiforge's tests)")
+    if recipe.os.kernel and recipe.os.kernel.endswith("-unsigned"):
+        yield ("os", "kernel"), "Secure Boot needs a signed kernel (not an -unsigned package)"
 
 
 def _uefi_blob_rules(blob: str) -> Found:

@@ -64,6 +64,7 @@ def configure(plan: Plan, tree: Path) -> None:
         enable_services(plan, tree)
         for index, script in enumerate(plan.scripts):
             run_script(tree, index, script.run)
+    keep_grub_config(tree)
     scrub(tree)
     if plan.reproducible:  # atimes: the filesystem stage sets them in the image
         clamp_times(tree, plan.source_date_epoch, atimes=False)
@@ -211,6 +212,20 @@ SCRUB_GLOBS = (
     "/tmp/*",
     "/var/tmp/*",
 )
+
+
+# grub2-common's kernel hooks (shim-signed pulls it in): on every kernel install they run
+# update-grub, which writes Debian's default /boot/grub/grub.cfg over amiforge's, without
+# the serial console or the recipe's kernel_cmdline. amiforge's boots /vmlinuz and
+# /initrd.img, which the kernel packages keep current, so it needs no regeneration; the
+# hooks are removed (conffiles: dpkg keeps them removed on upgrades).
+UPDATE_GRUB_HOOKS = ("/etc/kernel/postinst.d/zz-update-grub",
+                     "/etc/kernel/postrm.d/zz-update-grub")
+
+
+def keep_grub_config(tree: Path) -> None:
+    for hook in UPDATE_GRUB_HOOKS:
+        treepath.remove(tree, hook)
 
 
 def scrub(tree: Path) -> None:

@@ -25,6 +25,10 @@ def test_secure_boot_image_boots_with_secure_boot_enforced(build_recipe, ssh_key
         lockdown = vm.ssh("admin", ssh_key, "cat /sys/kernel/security/lockdown")
         assert "[integrity]" in lockdown or "[confidentiality]" in lockdown
         assert vm.ssh("admin", ssh_key, "hostname").strip() == "secureboot"
+        # a kernel upgrade would not replace amiforge's grub.cfg (grub2-common's hooks)
+        assert vm.ssh("admin", ssh_key, "ls /etc/kernel/postinst.d/ /etc/kernel/postrm.d/ "
+                      "| grep -c update-grub || true").strip() == "0"
+        assert "console=ttyS0" in vm.ssh("admin", ssh_key, "cat /boot/grub/grub.cfg")
     audit = run_build("audit", str(built.artifact("disk.qcow2")))
     assert audit.returncode == 0, audit.stdout
 

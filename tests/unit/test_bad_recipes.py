@@ -368,6 +368,7 @@ def test_secure_boot_needs_uefi_and_a_signed_architecture(tmp_path) -> None:
 
     recipes = copy_recipes(tmp_path / "recipes")
     for boot, arch, expected in (("bios", "x86_64", "needs boot uefi or hybrid"),
+                                 ("hybrid", "x86_64", "needs ami.boot_mode 'uefi'"),
                                  ("uefi", "arm64", "not built for arm64 yet")):
         recipe = recipes / f"{boot}-{arch}.yaml"
         recipe.write_text(f"extends: debian-13-minimal.yaml\narch: {arch}\n"
