@@ -12,6 +12,7 @@ from builder.commands.args import configure_logging as _logging
 from builder.commands.aws import (
     cmd_copy,
     cmd_deregister,
+    cmd_launch,
     cmd_publish,
     cmd_share,
     cmd_verify_snapshot,
@@ -23,7 +24,7 @@ from builder.errors import AmiforgeError, Interrupted, RecipeError
 EXIT_INTERRUPTED = 130
 __all__ = ["SUBCOMMANDS", "SUBCOMMAND_HELP", "_logging", "main"]
 
-AWS_COMMANDS = ("publish", "share", "copy", "deregister", "verify-snapshot")
+AWS_COMMANDS = ("publish", "share", "copy", "deregister", "verify-snapshot", "launch")
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "validate": cmd_validate,
     "plan": cmd_plan,
@@ -37,6 +38,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "share": cmd_share,
     "verify-snapshot": cmd_verify_snapshot,
     "copy": cmd_copy,
+    "launch": cmd_launch,
     "deregister": cmd_deregister,
 }
 

@@ -93,6 +93,11 @@ class Images:
     block_public_access: dict[str, str] = field(default_factory=dict)
     snapshot_block_public_access: dict[str, str] = field(default_factory=dict)
     default_keys: dict[str, str] = field(default_factory=dict)  # ModifyEbsDefaultKmsKeyId
+    # a stand-in for an instance's serial port, not an AWS rule: an instance of an image
+    # listed here answers GetConsoleOutput with the next text (the last one repeats; "" is
+    # "nothing written yet", which EC2 answers without an Output)
+    console_scripts: dict[str, list[str]] = field(default_factory=dict)
+    consoles: dict[str, list[str]] = field(default_factory=dict)  # instance -> what is left
 
 
 class ValidatingProxy(http.server.ThreadingHTTPServer):
@@ -350,6 +355,9 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                 return self._ec2_error("InvalidParameter", problem)
             if action in self.ANSWERED:
                 return getattr(self, f"_answer_{action}")(form)
+            if action == "GetConsoleOutput" and \
+                    (form.get("InstanceId") or [""])[0] in self.server.images.consoles:
+                return self._console_output(form["InstanceId"][0])
         wanted_states = None
         if form.get("Action") == ["DescribeSnapshots"]:
             form, wanted_states = _without_status_filter(form)
@@ -369,6 +377,11 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                 self.server.ec2(self._region()).create_tags(Resources=[image_id], Tags=tags)
         if status < 300 and form.get("Action") == ["CopyImage"]:
             self._copied(form, data)
+        if status < 300 and form.get("Action") == ["RunInstances"]:
+            script = self.server.images.console_scripts.get((form.get("ImageId") or [""])[0])
+            for instance_id in re.findall(rb"<instanceId>([^<]+)</instanceId>", data):
+                if script is not None:
+                    self.server.images.consoles[instance_id.decode()] = list(script)
         if status < 300 and form.get("Action") == ["DescribeImages"]:
             data = self._as_registered(data)
         self._reply(status, headers, data)
@@ -502,6 +515,16 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
     def _answer_ResetEbsDefaultKmsKeyId(self, form: dict) -> None:
         self.server.images.default_keys.pop(self._region(), None)
         self._ec2_reply("ResetEbsDefaultKmsKeyId", f"<kmsKeyId>{self._default_key()}</kmsKeyId>")
+
+    def _console_output(self, instance_id: str) -> None:
+        """GetConsoleOutput: the output base64-encoded; none until the instance wrote any
+        (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_GetConsoleOutput.html)."""
+        left = self.server.images.consoles[instance_id]
+        text = left.pop(0) if len(left) > 1 else left[0]
+        output = (f"<output>{base64.b64encode(text.encode()).decode()}</output>"
+                  if text else "")
+        self._ec2_reply("GetConsoleOutput", f"<instanceId>{instance_id}</instanceId>"
+                        f"<timestamp>2026-12-01T00:00:00Z</timestamp>{output}")
 
     def _shares_under_aws_key(self, snapshot_id: str) -> bool:
         snapshots = self.server.snapshots

@@ -116,6 +116,45 @@ def _parents(args: argparse.Namespace) -> Any:
     return ParentOptions(args.parent, snapshots)
 
 
+def cmd_launch(argv: Sequence[str]) -> int:
+    from builder.aws.launch import LOGIN_PROMPT, LaunchOptions, check, image_of, launch
+
+    parser = Parser(prog="build launch", description="Launch one instance of an AMI, wait "
+                     "for a login prompt (or --expect REGEX) on its serial console, and "
+                     "terminate it: exit 0 when seen, 1 when not (the console's last lines "
+                     "are printed).")
+    parser.add_argument("image_id", metavar="IMAGE_ID|OUTPUT_DIR")
+    parser.add_argument("--instance-type", help="default: t3.micro, t4g.micro for arm64")
+    parser.add_argument("--subnet", help="a subnet id (default: the default VPC's)")
+    parser.add_argument("--key-name", help="an EC2 key pair for SSH")
+    parser.add_argument("--security-group", action="append", default=[], metavar="SG_ID")
+    parser.add_argument("--user-data", type=Path, metavar="FILE")
+    parser.add_argument("--expect", default=LOGIN_PROMPT, metavar="REGEX",
+                        help="wait for this on the console (e.g. what user data prints)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds (default 900)")
+    parser.add_argument("--keep", action="store_true", help="leave the instance running")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _aws_args(parser)
+    args = parser.parse_args(argv)
+    aws = _aws(args)
+    if args.timeout <= 0:
+        raise InputError("--timeout must be positive")
+    image_id = args.image_id if args.dry_run else image_of(args.image_id, aws)
+    options = LaunchOptions(args.instance_type, args.subnet, args.key_name,
+                            tuple(args.security_group), args.user_data, args.expect,
+                            args.timeout, keep=args.keep)
+    if args.dry_run:
+        aws.would("ec2.RunInstances / GetConsoleOutput / TerminateInstances", ImageId=image_id)
+        return EXIT_OK
+    result = launch(aws.client("ec2"), image_id, options)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    check(result, args.expect)
+    if not args.json:
+        print(f"{result.instance_id}: {args.expect!r} after {result.seconds:.0f}s")
+    return EXIT_OK
+
+
 def cmd_verify_snapshot(argv: Sequence[str]) -> int:
     from builder.aws.verify import verify_snapshot
 

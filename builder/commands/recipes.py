@@ -73,6 +73,7 @@ SUBCOMMAND_HELP = (
     ("share IMAGE_ID", "change who may launch an AMI (AWS)"),
     ("copy IMAGE_ID", "copy an AMI to other regions (AWS)"),
     ("deregister IMAGE_ID", "deregister an AMI, optionally with its snapshots (AWS)"),
+    ("launch IMAGE_ID", "run an instance of an AMI until its login prompt, then end it (AWS)"),
     ("verify-snapshot SNAP IMAGE", "compare a snapshot with an image, block for block (AWS)"),
 )
 
