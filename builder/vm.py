@@ -45,8 +45,31 @@ def image_format(image: Path) -> str:
     return str(image_info(image)["format"])
 
 
+def image_size(image: Path) -> int:
+    """The disk's size as a guest sees it (a qcow2's virtual size)."""
+    return int(str(image_info(image)["virtual-size"]))
+
+
+def ebs_serial(index: int) -> str:
+    """An EBS-like NVMe serial (the volume id without its dash: what Nitro instances show
+    and what amazon-ec2-utils' udev rules read), fixed per disk position."""
+    return f"vol{index + 1:017x}"
+
+
+def disk_argv(disks: list[Path], nvme: bool) -> list[str]:
+    """virtio disks, or (an EC2-like machine) NVMe controllers with EBS-like serials."""
+    argv: list[str] = []
+    for index, disk in enumerate(disks):
+        if not nvme:
+            argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
+            continue
+        argv += ["-drive", f"file={disk},format=qcow2,if=none,id=ebs{index}",
+                 "-device", f"nvme,serial={ebs_serial(index)},drive=ebs{index}"]
+    return argv
+
+
 def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],
-              memory_mib: int = 1024, arch: str = "x86_64") -> list[str]:
+              memory_mib: int = 1024, arch: str = "x86_64", ec2: bool = False) -> list[str]:
     """x86_64: the q35 machine, SeaBIOS or OVMF. arm64: the virt machine (a PL011 console,
     ttyAMA0) with AAVMF; UEFI only, as on Graviton."""
     if arch == "arm64":
@@ -64,8 +87,10 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
     if firmware in ("uefi", "uefi-secureboot"):
         argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
-    for disk in disks:
-        argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
+    argv += disk_argv(disks, nvme=ec2)
+    if ec2:  # what an instance's firmware says (cloud-init's EC2 detection reads it)
+        argv += ["-smbios", "type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like",
+                 "-uuid", "ec2e1f4a-5c3b-4d2e-8f00-000000000001"]
     # Entropy for the guest: TCG's CPU has no RDRAND, and a boot that waits in getrandom()
     # can stall past the timeout (seen once in CI).
     argv += ["-device", "virtio-rng-pci"]
@@ -80,6 +105,8 @@ class VirtualMachine:
     firmware: str = "bios"
     arch: str = "x86_64"
     extra_disks: list[Path] = field(default_factory=list)
+    ec2: bool = False              # NVMe disks with EBS-like serials, EC2's SMBIOS
+    root_size: int | None = None   # the root volume larger than the image (bytes), as EBS's
     guest_ports: tuple[int, ...] = (22,)
     forwards: dict[int, int] = field(default_factory=dict)
     _work: Path | None = None
@@ -100,7 +127,8 @@ class VirtualMachine:
             self.forwards = {port: free_port() for port in self.guest_ports}
             self._started = time.monotonic()
             self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards,
-                                         arch=self.arch), log_path=self.console_log)
+                                         arch=self.arch, ec2=self.ec2),
+                               log_path=self.console_log)
         except BaseException:
             self._cleanup()
             raise
@@ -121,8 +149,9 @@ class VirtualMachine:
     def _overlay(self, disk: Path, index: int) -> Path:
         assert self._work is not None
         overlay = self._work / f"disk{index}.qcow2"
+        size = [str(self.root_size)] if index == 0 and self.root_size else []
         qemu_img("create", "-q", "-f", "qcow2", "-F", image_format(disk), "-b",
-                 str(disk.resolve()), str(overlay))
+                 str(disk.resolve()), str(overlay), *size)
         return overlay
 
     @property

@@ -16,7 +16,8 @@ EXIT_DIFFERENT = 1  # build diff, as diff(1)
 def cmd_boot(argv: Sequence[str]) -> int:
     import re
 
-    from builder.vm import FIRMWARES, LOGIN_PROMPT, VirtualMachine
+    from builder.recipe.sizes import parse_size
+    from builder.vm import FIRMWARES, LOGIN_PROMPT, VirtualMachine, image_size
 
     parser = Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
                      "throw-away overlay and wait for a login prompt on the serial console "
@@ -32,14 +33,26 @@ def cmd_boot(argv: Sequence[str]) -> int:
                         metavar="REGEX", help="wait for this on the serial console instead "
                         "(e.g. what a user-data script prints)")
     parser.add_argument("--console", action="store_true", help="print the console log")
+    parser.add_argument("--ec2", action="store_true", help="an EC2-like machine: disks on "
+                        "NVMe with EBS-like serials, EC2's SMBIOS (no ENA: the NIC is virtio)")
+    parser.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
+                        help="another disk (a data volume image), in order")
+    parser.add_argument("--root-size", type=parse_size, metavar="SIZE",
+                        help="the root disk this large (as an EBS volume larger than the "
+                        "image), e.g. 4GiB")
     args = parser.parse_args(argv)
-    if not args.image.is_file():
-        raise InputError(f"{args.image}: image not found")
+    for image in (args.image, *args.disk):
+        if not image.is_file():
+            raise InputError(f"{image}: image not found")
     try:
         re.compile(args.pattern)
     except re.error as exc:
         raise InputError(f"--expect {args.pattern!r}: not a regular expression ({exc})") from None
-    with VirtualMachine(args.image, args.firmware, args.arch) as vm:
+    if args.root_size is not None and args.root_size < image_size(args.image):
+        raise InputError(f"--root-size: smaller than {args.image} ({image_size(args.image)} "
+                         "bytes)")
+    with VirtualMachine(args.image, args.firmware, args.arch, extra_disks=args.disk,
+                        ec2=args.ec2, root_size=args.root_size) as vm:
         try:
             seconds = vm.wait_for(args.pattern, args.timeout)
         finally:

@@ -246,3 +246,20 @@ def test_sh_program_failure_is_a_tool_error() -> None:
 
     with pytest.raises(ToolFailed, match="qemu-img failed"):
         qemu_img("info", "/nonexistent/image.raw")
+
+
+def test_an_ec2_like_machine_has_nvme_disks_with_ebs_serials(tmp_path: Path) -> None:
+    disks = [tmp_path / "root.qcow2", tmp_path / "data.qcow2"]
+    argv = qemu_argv("uefi", disks, tmp_path, {22: 2222}, ec2=True)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert "nvme,serial=vol00000000000000001,drive=ebs0" in devices
+    assert "nvme,serial=vol00000000000000002,drive=ebs1" in devices
+    assert not any("if=virtio" in a for a in argv)
+    assert "type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like" in argv
+    assert len("vol00000000000000001") == 20  # an EBS volume id without its dash
+
+
+def test_secure_boot_firmware_runs_with_smm(tmp_path: Path) -> None:
+    argv = qemu_argv("uefi-secureboot", [tmp_path / "d.qcow2"], tmp_path, {22: 2222})
+    assert "q35,smm=on" in argv and "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert any(a.endswith("OVMF_CODE_4M.ms.fd") for a in argv)

@@ -1,0 +1,40 @@
+"""The images on an EC2-like machine: disks on NVMe with EBS-like serials (as Nitro shows
+EBS volumes), EC2's SMBIOS, the root volume larger than the image. The initramfs must hold
+the NVMe driver to boot at all; ENA's driver is in the image for the real thing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.vm import VirtualMachine, ebs_serial
+from tests.conftest import needs_root_tools
+
+pytestmark = [pytest.mark.boot, needs_root_tools()]
+
+
+def test_minimal_image_boots_from_nvme(build_recipe, ssh_key: Path) -> None:
+    built = build_recipe("debian-13-minimal.yaml")
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
+                        root_size=4 << 30) as vm:
+        vm.wait_for(timeout=400)
+        ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
+        assert ssh("findmnt -no SOURCE /") == "/dev/nvme0n1p3"
+        assert ssh("lsblk -dno SERIAL /dev/nvme0n1") == ebs_serial(0)
+        assert int(ssh("lsblk -bdno SIZE /dev/nvme0n1")) == 4 << 30  # the EBS volume's
+        assert ssh("cat /sys/class/dmi/id/sys_vendor") == "Amazon EC2"
+        for module in ("nvme", "ena"):  # a module file, or built into the kernel
+            assert ssh(f"modinfo -n {module}").endswith((".ko", ".ko.xz", "(builtin)"))
+        initramfs = ssh("sudo -n lsinitramfs /boot/initrd.img-$(uname -r) | grep -c nvme")
+        assert int(initramfs) > 0
+
+
+def test_ebs_image_mounts_its_data_volume_from_nvme(build_recipe, ssh_key: Path) -> None:
+    built = build_recipe("debian-13-ebs.yaml")
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
+                        extra_disks=[built.artifact("volume-sdf.qcow2")]) as vm:
+        vm.wait_for(timeout=400)
+        mount = vm.ssh("admin", ssh_key, "findmnt -no SOURCE /srv/data").strip()
+        assert mount == "/dev/nvme1n1"
+        assert "built by amiforge" in vm.ssh("admin", ssh_key, "cat /srv/data/README")
