@@ -90,6 +90,8 @@ class Images:
     copies: dict[str, dict[str, object]] = field(default_factory=dict)
     # image id -> (root device, mappings as RegisterImage got them): moto keeps neither
     registered: dict[str, tuple[str, list[dict[str, object]]]] = field(default_factory=dict)
+    # image id -> the attributes RegisterImage got that moto's DescribeImages leaves out
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)
     block_public_access: dict[str, str] = field(default_factory=dict)
     snapshot_block_public_access: dict[str, str] = field(default_factory=dict)
     default_keys: dict[str, str] = field(default_factory=dict)  # ModifyEbsDefaultKmsKeyId
@@ -98,6 +100,7 @@ class Images:
     # "nothing written yet", which EC2 answers without an Output)
     console_scripts: dict[str, list[str]] = field(default_factory=dict)
     consoles: dict[str, list[str]] = field(default_factory=dict)  # instance -> what is left
+    client_tokens: dict[str, list[str]] = field(default_factory=dict)  # -> instance ids
 
 
 class ValidatingProxy(http.server.ThreadingHTTPServer):
@@ -357,8 +360,12 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
                 return getattr(self, f"_answer_{action}")(form)
             if action == "GetConsoleOutput" and \
                     (form.get("InstanceId") or [""])[0] in self.server.images.consoles:
-                return self._console_output(form["InstanceId"][0])
+                return self._console_output(form["InstanceId"][0],
+                                            form.get("Latest") == ["true"])
         wanted_states = None
+        if form.get("Action") == ["DescribeInstances"] and self._by_client_token(form):
+            body = urllib.parse.urlencode(form, doseq=True).encode()
+            self.headers.replace_header("Content-Length", str(len(body)))
         if form.get("Action") == ["DescribeSnapshots"]:
             form, wanted_states = _without_status_filter(form)
             body = urllib.parse.urlencode(form, doseq=True).encode()
@@ -372,6 +379,10 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         if status < 300 and form.get("Action") == ["RegisterImage"]:
             image_id = re.search(rb"<imageId>([^<]+)</imageId>", data)[1].decode()
             self.server.images.registered[image_id] = registered_mappings(form)
+            self.server.images.attributes[image_id] = {
+                tag: form[name][0] for name, tag in (("Architecture", "architecture"),
+                                                     ("TpmSupport", "tpmSupport"))
+                if name in form}
             tags = image_tags(form)  # moto's RegisterImage drops TagSpecifications
             if tags:
                 self.server.ec2(self._region()).create_tags(Resources=[image_id], Tags=tags)
@@ -379,9 +390,12 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             self._copied(form, data)
         if status < 300 and form.get("Action") == ["RunInstances"]:
             script = self.server.images.console_scripts.get((form.get("ImageId") or [""])[0])
-            for instance_id in re.findall(rb"<instanceId>([^<]+)</instanceId>", data):
+            launched = [i.decode() for i in
+                        re.findall(rb"<instanceId>([^<]+)</instanceId>", data)]
+            self.server.images.client_tokens[(form.get("ClientToken") or [""])[0]] = launched
+            for instance_id in launched:
                 if script is not None:
-                    self.server.images.consoles[instance_id.decode()] = list(script)
+                    self.server.images.consoles[instance_id] = list(script)
         if status < 300 and form.get("Action") == ["DescribeImages"]:
             data = self._as_registered(data)
         self._reply(status, headers, data)
@@ -516,11 +530,32 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         self.server.images.default_keys.pop(self._region(), None)
         self._ec2_reply("ResetEbsDefaultKmsKeyId", f"<kmsKeyId>{self._default_key()}</kmsKeyId>")
 
-    def _console_output(self, instance_id: str) -> None:
-        """GetConsoleOutput: the output base64-encoded; none until the instance wrote any
-        (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_GetConsoleOutput.html)."""
+    def _by_client_token(self, form: dict[str, list[str]]) -> bool:
+        """DescribeInstances' filter client-token ("The idempotency token you provided when
+        you launched the instance", API_DescribeInstances), which moto lacks: made an
+        instance-id filter of the instances RunInstances started with that token."""
+        names = [k for k, v in form.items()
+                 if re.fullmatch(r"Filter\.\d+\.Name", k) and v == ["client-token"]]
+        for name in names:
+            number = name.split(".")[1]
+            tokens = [v for k, vs in form.items() if k.startswith(f"Filter.{number}.Value.")
+                      for v in vs]
+            ids = [i for t in tokens for i in self.server.images.client_tokens.get(t, [])]
+            for key in [k for k in form if k.startswith(f"Filter.{number}.Value.")]:
+                del form[key]
+            form[name] = ["instance-id"]
+            for index, instance_id in enumerate(ids or ["i-00000000000000000"], 1):
+                form[f"Filter.{number}.Value.{index}"] = [instance_id]
+        return bool(names)
+
+    def _console_output(self, instance_id: str, latest: bool) -> None:
+        """GetConsoleOutput: the output base64-encoded; none until the instance wrote any;
+        by default "buffered information that was posted shortly after an instance
+        transition state" (here: the first text, forever), with Latest the newest (here:
+        the next text) (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/
+        API_GetConsoleOutput.html)."""
         left = self.server.images.consoles[instance_id]
-        text = left.pop(0) if len(left) > 1 else left[0]
+        text = left.pop(0) if latest and len(left) > 1 else left[0]
         output = (f"<output>{base64.b64encode(text.encode()).decode()}</output>"
                   if text else "")
         self._ec2_reply("GetConsoleOutput", f"<instanceId>{instance_id}</instanceId>"
@@ -624,8 +659,11 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
 
     def _as_registered(self, data: bytes) -> bytes:
         """DescribeImages as EC2 answers it: the block device mappings and root device the
-        AMI was registered (or copied) with, which moto replaces with its own; the
-        deprecation time EnableImageDeprecation set; a copy's source (SourceImageId)."""
+        AMI was registered (or copied) with, which moto replaces with its own, and the root
+        device's type ("ebs" when the root device's mapping is an EBS volume, else
+        "instance-store"; moto says "standard"), its Architecture and TpmSupport (moto
+        drops both); the deprecation time EnableImageDeprecation
+        set; a copy's source (SourceImageId)."""
         root = ET.fromstring(data)
         ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
         ET.register_namespace("", ns.strip("{}"))
@@ -637,6 +675,16 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
             if image_id in images.registered:
                 root_device, mappings = images.registered[image_id]
                 _set_mappings(item, ns, root_device, mappings, self.server.snapshots)
+                on_ebs = any(m.get("DeviceName") == root_device and m.get("Ebs")
+                             for m in mappings)
+                kind = item.find(f"{ns}rootDeviceType")
+                if kind is not None:
+                    kind.text = "ebs" if on_ebs else "instance-store"
+            for tag, value in images.attributes.get(image_id, {}).items():
+                element = item.find(f"{ns}{tag}")
+                if element is None:
+                    element = ET.SubElement(item, f"{ns}{tag}")
+                element.text = value
             extra = {"deprecationTime": images.deprecations.get(image_id)}
             if image_id in images.copies:
                 copy = images.copies[image_id]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from typing import Any
 
 from builder.diff.compare import Difference
+from builder.printable import printable
 
 SHOWN = 100  # files listed per kind; --json lists them all
 
@@ -104,17 +104,6 @@ def _short(key: str, value: Any) -> str:
     if key == "sha256" and isinstance(value, str):
         return value[:12]
     return f"{value:,}" if key == "size" and isinstance(value, int) else str(value)
-
-
-def printable(value: str) -> str:
-    """Text with every control or format character (Unicode category C: escapes that move
-    a terminal's cursor, newlines, bidi overrides) shown as an escape: names and values
-    come from the image and its manifests."""
-    return "".join(_escaped(c) if unicodedata.category(c)[0] == "C" else c for c in value)
-
-
-def _escaped(char: str) -> str:
-    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
 def text(diff: Difference) -> str:

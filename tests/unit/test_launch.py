@@ -96,3 +96,44 @@ def test_build_launch_on_the_command_line(aws, aws_rules) -> None:
     assert "after" in result.stdout and "terminated" in result.stderr
     bad = aws("launch", "not-an-ami", url=aws_rules.url)
     assert bad.returncode == 2 and "neither an AMI id" in bad.stderr
+
+
+def test_a_lost_run_instances_answer_still_ends_the_instance(aws_rules) -> None:
+    """The call went through but its answer never came (an interrupt, a read timeout):
+    the instance is found by the request's ClientToken and terminated."""
+    image_id = image(aws_rules, [BOOTED])
+    ec2 = client("ec2", aws_rules.url)
+    real = ec2.run_instances
+
+    def lost(**request):
+        real(**request)
+        raise KeyboardInterrupt
+
+    ec2.run_instances = lost
+    with pytest.raises(KeyboardInterrupt):
+        launch(ec2, image_id, LaunchOptions(timeout=60, poll=0.01, keep=True))
+    reservations = ec2.describe_instances(Filters=[
+        {"Name": "tag:amiforge:launch-test", "Values": [image_id]}])["Reservations"]
+    states = [i["State"]["Name"] for r in reservations for i in r["Instances"]]
+    assert states and all(s in ("shutting-down", "terminated") for s in states)
+
+
+def test_what_the_instance_type_cannot_run_is_refused_first(aws_rules, tmp_path) -> None:
+    ec2 = client("ec2", aws_rules.url)
+    graviton = ec2.register_image(
+        Name="launch-arm64", RootDeviceName="/dev/xvda", Architecture="arm64",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 2}}])["ImageId"]
+    with pytest.raises(InputError, match="the AMI is arm64"):
+        launch(ec2, graviton, LaunchOptions(instance_type="t3.micro", timeout=5, poll=0.1))
+    gzipped = tmp_path / "user-data.gz"
+    gzipped.write_bytes(b"\x1f\x8b\x08\x00binary")
+    assert launching._user_data(gzipped) == b"\x1f\x8b\x08\x00binary"  # opaque to EC2
+
+
+def test_the_console_tail_cannot_drive_the_terminal(aws_rules) -> None:
+    image_id = image(aws_rules, ["\x1b]52;c;ZXZpbA==\x07\x1b[1A\x1b[2K==> terminated i-0\n"
+                                 + "x" * 500])
+    result = launch(client("ec2", aws_rules.url), image_id,
+                    LaunchOptions(timeout=0.2, poll=0.01))
+    assert not any("\x1b" in line for line in result.console_tail)
+    assert result.console_tail[0].startswith("\\x1b]52") and len(result.console_tail[1]) == 200
