@@ -4,6 +4,7 @@ the NVMe driver to boot at all; ENA's driver is in the image for the real thing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,11 @@ def test_minimal_image_boots_from_nvme(build_recipe, ssh_key: Path) -> None:
                         root_size=4 << 30) as vm:
         vm.wait_for(timeout=400)
         ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
-        assert ssh("findmnt -no SOURCE /") == "/dev/nvme0n1p3"
-        assert ssh("lsblk -dno SERIAL /dev/nvme0n1") == ebs_serial(0)
-        assert int(ssh("lsblk -bdno SIZE /dev/nvme0n1")) == 4 << 30  # the EBS volume's
+        root = ssh("findmnt -no SOURCE /")
+        assert re.fullmatch(r"/dev/nvme\dn1p3", root), root
+        disk = root.removesuffix("p3")
+        assert ssh(f"lsblk -dno SERIAL {disk}") == ebs_serial(0)
+        assert int(ssh(f"lsblk -bdno SIZE {disk}")) == 4 << 30  # the EBS volume's
         assert ssh("cat /sys/class/dmi/id/sys_vendor") == "Amazon EC2"
         where = {module: ssh(f"/usr/sbin/modinfo -n {module}") for module in ("nvme", "ena")}
         assert all(w.endswith((".ko", ".ko.xz", "(builtin)")) for w in where.values()), where
@@ -36,6 +39,10 @@ def test_ebs_image_mounts_its_data_volume_from_nvme(build_recipe, ssh_key: Path)
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
                         extra_disks=[built.artifact("volume-sdf.qcow2")]) as vm:
         vm.wait_for(timeout=400)
-        mount = vm.ssh("admin", ssh_key, "findmnt -no SOURCE /srv/data").strip()
-        assert mount == "/dev/nvme1n1"
+        # NVMe names follow the order the controllers are found in, on EC2 as here: the
+        # volume is told by its serial, and the image mounts it by label
+        source = vm.ssh("admin", ssh_key, "findmnt -no SOURCE /srv/data").strip()
+        assert source.startswith("/dev/nvme")
+        serial = vm.ssh("admin", ssh_key, f"lsblk -dno SERIAL {source}").strip()
+        assert serial == ebs_serial(1)
         assert "built by amiforge" in vm.ssh("admin", ssh_key, "cat /srv/data/README")
