@@ -21,13 +21,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from builder.aws.snapshots import BLOCK, while_snapshot_appears
+from builder.aws.snapshots import BLOCK, list_blocks
 from builder.errors import InputError
 from builder.host.fsutil import data_extents
 
 ZERO = "zero"
 _ZERO_SHA256 = hashlib.sha256(bytes(BLOCK)).hexdigest()
-LIST_PAGE = 10000  # the listings' MaxResults at most
 
 Entry = str | None
 
@@ -99,8 +98,8 @@ def index_from_api(ebs: Any, snapshot_id: str, workers: int = 16) -> BlockIndex:
     """What a snapshot holds, as EBS says: ListSnapshotBlocks for which blocks, and for
     each the checksum GetSnapshotBlock answers with (EBS checked it against the data when
     the block was written; the block's data is not read)."""
-    tokens = {b["BlockIndex"]: b["BlockToken"] for b in _listing(
-        ebs, "list_snapshot_blocks", "Blocks", SnapshotId=snapshot_id)}
+    listed, _ = list_blocks(ebs, "list_snapshot_blocks", "Blocks", SnapshotId=snapshot_id)
+    tokens = {b["BlockIndex"]: b["BlockToken"] for b in listed}
     blocks: list[Entry] = [None] * (max(tokens, default=-1) + 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for index, entry in pool.map(lambda item: (item[0], _checksum(ebs, snapshot_id, *item)),
@@ -111,21 +110,9 @@ def index_from_api(ebs: Any, snapshot_id: str, workers: int = 16) -> BlockIndex:
 
 def changed_blocks(ebs: Any, first: str, second: str) -> set[int]:
     """The blocks ListChangedBlocks says differ between two snapshots of one lineage."""
-    return {b["BlockIndex"] for b in _listing(ebs, "list_changed_blocks", "ChangedBlocks",
-                                              FirstSnapshotId=first, SecondSnapshotId=second)}
-
-
-def _listing(ebs: Any, call: str, key: str, **params: Any) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    params["MaxResults"] = LIST_PAGE
-    while True:
-        page = while_snapshot_appears(lambda: getattr(ebs, call)(**params))
-        if page.get("BlockSize", BLOCK) != BLOCK:
-            raise InputError(f"EBS lists blocks of {page['BlockSize']} bytes, not {BLOCK}")
-        entries += page.get(key, [])
-        if not page.get("NextToken"):
-            return entries
-        params["NextToken"] = page["NextToken"]
+    changed, _ = list_blocks(ebs, "list_changed_blocks", "ChangedBlocks",
+                             FirstSnapshotId=first, SecondSnapshotId=second)
+    return {b["BlockIndex"] for b in changed}
 
 
 def _checksum(ebs: Any, snapshot_id: str, index: int, token: str) -> str:

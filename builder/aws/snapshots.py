@@ -27,6 +27,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from builder.errors import BuildFailed
 from builder.host.fsutil import data_extents
 
 BLOCK = 512 << 10
@@ -34,6 +35,7 @@ BLOCK = 512 << 10
 # write (publish --sweep removes what that leaves behind)
 START_TIMEOUT_MINUTES = 60
 GiB = 1 << 30
+LIST_PAGE = 10000  # the listings' MaxResults at most
 
 
 @dataclass
@@ -99,6 +101,24 @@ def while_snapshot_appears(call: Callable[[], Any], attempts: int = 10,
                 raise
             time.sleep(first_delay * 2 ** attempt)
     raise AssertionError("unreachable")
+
+
+def list_blocks(ebs: Any, call: str, key: str, **params: Any
+                ) -> tuple[list[dict[str, Any]], int]:
+    """Every entry of a paged EBS direct listing (ListSnapshotBlocks' Blocks,
+    ListChangedBlocks' ChangedBlocks), and the volume size (GiB) it names. The first call
+    is retried while EBS does not know the snapshot yet, as right after StartSnapshot
+    (coldsnap#141 saw this after completion too)."""
+    entries: list[dict[str, Any]] = []
+    params["MaxResults"] = LIST_PAGE
+    while True:
+        page = while_snapshot_appears(lambda: getattr(ebs, call)(**params))
+        if page.get("BlockSize", BLOCK) != BLOCK:
+            raise BuildFailed(f"EBS lists blocks of {page['BlockSize']} bytes, not {BLOCK}")
+        entries += page.get(key, [])
+        if not page.get("NextToken"):
+            return entries, int(page.get("VolumeSize", 0))
+        params["NextToken"] = page["NextToken"]
 
 
 def volume_gib(path: Path) -> int:

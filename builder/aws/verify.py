@@ -25,7 +25,7 @@ from botocore.exceptions import ConnectionClosedError, ReadTimeoutError, Respons
 from builder.aws import state
 from builder.aws.blockindex import changed_blocks
 from builder.aws.job import Publication, say
-from builder.aws.snapshots import BLOCK, GiB, while_snapshot_appears
+from builder.aws.snapshots import BLOCK, GiB, list_blocks
 from builder.errors import BuildFailed, InputError
 
 ZERO_DIGEST = hashlib.sha256(bytes(BLOCK)).digest()
@@ -33,7 +33,6 @@ READ_ATTEMPTS = 3
 COMPLETED_WAIT = {"Delay": 15, "MaxAttempts": 40}  # 10 minutes
 EBS_FAQ = "https://docs.aws.amazon.com/ebs/latest/userguide/ebsapi-faq.html"
 EBS_CONCEPTS = "https://docs.aws.amazon.com/ebs/latest/userguide/ebsapi-elements.html"
-LIST_PAGE = 10000  # ListSnapshotBlocks' MaxResults at most
 SHOWN = 10  # differing block indexes named in a message
 
 
@@ -147,20 +146,10 @@ def completed_snapshot(ec2: Any, snapshot_id: str) -> dict[str, Any]:
 
 
 def stored_blocks(ebs: Any, snapshot_id: str) -> tuple[dict[int, str], int]:
-    """Index -> BlockToken of every block the snapshot holds, and its volume size (GiB).
-    (The first call is retried while EBS does not know the snapshot yet, as right after
-    StartSnapshot: coldsnap#141 saw this after completion too.)"""
-    tokens: dict[int, str] = {}
-    params: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": LIST_PAGE}
-    while True:
-        page = while_snapshot_appears(lambda: ebs.list_snapshot_blocks(**params))
-        if page.get("BlockSize", BLOCK) != BLOCK:
-            raise BuildFailed(f"{snapshot_id}: EBS lists blocks of {page['BlockSize']} "
-                              f"bytes, not {BLOCK}")
-        tokens.update((b["BlockIndex"], b["BlockToken"]) for b in page.get("Blocks", []))
-        if not page.get("NextToken"):
-            return tokens, int(page.get("VolumeSize", 0))
-        params["NextToken"] = page["NextToken"]
+    """Index -> BlockToken of every block the snapshot holds, and its volume size (GiB)."""
+    listed, volume_size = list_blocks(ebs, "list_snapshot_blocks", "Blocks",
+                                      SnapshotId=snapshot_id)
+    return {b["BlockIndex"]: b["BlockToken"] for b in listed}, volume_size
 
 
 def _image_block_digest(image: Path, index: int, size: int) -> bytes:
