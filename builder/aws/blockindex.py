@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from builder.aws.snapshots import BLOCK, list_blocks
+from builder.aws.snapshots import BLOCK, data_blocks, list_blocks
 from builder.errors import InputError
-from builder.host.fsutil import data_extents
 
 ZERO = "zero"
 _ZERO_SHA256 = hashlib.sha256(bytes(BLOCK)).hexdigest()
@@ -46,18 +44,10 @@ class BlockIndex:
 
 def image_blocks(path: Path) -> list[str]:
     """Each block of the image: its hex SHA-256, or ZERO (holes are not read)."""
-    zero = bytes(BLOCK)
-    with open(path, "rb") as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        blocks = [ZERO] * -(-size // BLOCK)
-        for start, length in data_extents(fd, size):
-            for index in range(start // BLOCK, (start + length - 1) // BLOCK + 1):
-                if blocks[index] != ZERO:
-                    continue
-                data = os.pread(fd, BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
-                if data != zero:
-                    blocks[index] = hashlib.sha256(data).hexdigest()
+    data, total = data_blocks(path)
+    blocks = [ZERO] * total
+    for index, block in data:
+        blocks[index] = hashlib.sha256(block).hexdigest()
     return blocks
 
 

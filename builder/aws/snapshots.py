@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,17 +54,29 @@ class UploadStats:
             self.bytes_sent += size
 
 
+def data_blocks(path: Path) -> tuple[Iterator[tuple[int, bytes]], int]:
+    """The 512 KiB blocks of an image that are not all zeros, in order, each with its
+    bytes (sparse-aware: holes are not read), and the block count."""
+    size = path.stat().st_size
+
+    def blocks() -> Iterator[tuple[int, bytes]]:
+        zero = bytes(BLOCK)
+        with open(path, "rb") as handle:
+            fd = handle.fileno()
+            candidates = sorted({i for start, length in data_extents(fd, size) for i in
+                                 range(start // BLOCK, (start + length - 1) // BLOCK + 1)})
+            for index in candidates:
+                data = os.pread(fd, BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
+                if data != zero:
+                    yield index, data
+
+    return blocks(), -(-size // BLOCK)
+
+
 def nonzero_blocks(path: Path) -> tuple[list[int], int]:
     """Indexes of 512 KiB blocks holding data (sparse-aware), and the block count."""
-    zero = bytes(BLOCK)
-    with open(path, "rb") as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        candidates = sorted({i for start, length in data_extents(fd, size)
-                             for i in range(start // BLOCK, (start + length - 1) // BLOCK + 1)})
-        indexes = [i for i in candidates if os.pread(fd, BLOCK, i * BLOCK).ljust(BLOCK, b"\0")
-                   != zero]
-    return indexes, -(-size // BLOCK)
+    blocks, total = data_blocks(path)
+    return [index for index, _ in blocks], total
 
 
 def _progress(stats: UploadStats, total: int, name: str, done: bool = False) -> None:
