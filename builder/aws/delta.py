@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from builder.aws import state
 from builder.aws.blockindex import BlockIndex, index_from_api
 from builder.aws.job import Publication, own_snapshot, say
@@ -115,7 +113,7 @@ def _check_parent(job: Publication, device: str, snapshot_id: str, image: Path,
     parent_encrypted = bool(snapshot.get("Encrypted"))
     if parent_encrypted == encryption.enabled:
         if parent_encrypted:
-            _check_key(job, named, str(snapshot.get("KmsKeyId")), encryption.kms_key_arn)
+            _check_key(named, str(snapshot.get("KmsKeyId")), encryption.kms_key_arn)
         return int(snapshot.get("VolumeSize", 0))
     if not parent_encrypted and job.encrypted_by_default:
         raise InputError(f"{named} is unencrypted, and AWS starts no snapshot from an "
@@ -129,23 +127,15 @@ def _check_parent(job: Publication, device: str, snapshot_id: str, image: Path,
                      "key), but this snapshot is to be unencrypted: publish without a parent")
 
 
-def _check_key(job: Publication, named: str, parent_key: str, wanted: str | None) -> None:
+def _check_key(named: str, parent_key: str, wanted: str | None) -> None:
     """An encrypted child gets its parent's key (AWS refuses a KmsKeyArn with an encrypted
-    parent): a key the recipe or --kms-key-id names must be that one. With none named, the
-    child simply keeps the parent's key."""
+    parent): a key the recipe or --kms-key-id names must be that one. Both are key ARNs
+    already (DescribeSnapshots' KmsKeyId; the named key as publish resolved it for
+    StartSnapshot). With none named, the child simply keeps the parent's key."""
     if wanted is None:
         say(f"{named} is encrypted: its child keeps its key, {parent_key}")
         return
-    if _key_arn(job, wanted) != _key_arn(job, parent_key):
+    if wanted != parent_key:
         raise InputError(f"{named} is encrypted with {parent_key}, and its child would be "
                          f"too, not with {wanted}: publish without a parent, or with the "
                          "parent's key")
-
-
-def _key_arn(job: Publication, key: str) -> str:
-    """The key's ARN as KMS names it (an alias resolved); a key KMS does not describe is
-    compared by the name given."""
-    try:
-        return str(job.aws.client("kms").describe_key(KeyId=key)["KeyMetadata"]["Arn"])
-    except ClientError:
-        return key
