@@ -24,11 +24,13 @@ def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]],
                      parents: ParentOptions | None = None) -> None:
     ebs = None if job.aws.dry_run else job.aws.client("ebs")
     parents = parents or ParentOptions()
+    reused = {e["device"] for e in snapshots if _recorded(job, e)
+              and (ebs is None or _reusable(job, e))}
     if parents and ebs is None:
         job.aws.would("ebs.StartSnapshot with ParentSnapshotId (only the changed blocks)",
                       parent=str(parents.output_dir or parents.snapshots))
     elif parents:
-        todo = [e for e in snapshots if not _reusable(job, e)]
+        todo = [e for e in snapshots if e["device"] not in reused]
         job.parents = resolve_parents(job, todo, parents, lambda e: _encryption(job, e))
     by_placeholder = {}
     for entry in snapshots:
@@ -38,7 +40,7 @@ def upload_snapshots(job: Publication, snapshots: list[dict[str, Any]],
             raise InputError(f"{image}: changed since the build (sha256 differs from "
                              "snapshots.json); rebuild before publishing")
         done = job.record["snapshot_ids"].get(entry["device"])
-        if done and _recorded(job, entry) and (ebs is None or _reusable(job, entry)):
+        if entry["device"] in reused:
             say(f"{entry['device']}: reusing {done} from an earlier run")
         elif ebs is None:
             job.aws.would("ebs.StartSnapshot / PutSnapshotBlock / CompleteSnapshot",
@@ -65,9 +67,8 @@ def _recorded(job: Publication, entry: dict[str, Any]) -> bool:
 
 
 def _reusable(job: Publication, entry: dict[str, Any]) -> bool:
-    """... and that snapshot is still there, completed, this account's."""
-    return _recorded(job, entry) and \
-        _our_snapshot(job, job.record["snapshot_ids"][entry["device"]], entry["device"])
+    """The recorded snapshot is still there, completed, this account's."""
+    return _our_snapshot(job, job.record["snapshot_ids"][entry["device"]], entry["device"])
 
 
 def _encryption(job: Publication, entry: dict[str, Any]) -> Encryption:
