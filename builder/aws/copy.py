@@ -29,7 +29,7 @@ from builder.aws.distribute import (
     finish_image,
     parse_time,
 )
-from builder.aws.job import read_json, say
+from builder.aws.job import say
 from builder.aws.kms import usable_key_arn
 from builder.aws.provenance import write_packer_manifest
 from builder.aws.publish import (
@@ -40,6 +40,7 @@ from builder.aws.publish import (
 )
 from builder.aws.session import Aws
 from builder.errors import BuildFailed, InputError
+from builder.host.fsutil import read_json
 
 # CopyImage of a large AMI takes long; the waiter gives it two hours per region
 WAIT = {"Delay": 15, "MaxAttempts": 480}

@@ -5,7 +5,6 @@ every publishing step shares."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from builder.aws import state
 from builder.aws.blockindex import BlockIndex
 from builder.aws.distribute import Distribution
 from builder.aws.session import Aws
-from builder.errors import InputError
 
 
 @dataclass
@@ -67,15 +65,6 @@ def description(job: Publication, device: str) -> str:
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (is this a build output directory?)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def say(message: str) -> None:

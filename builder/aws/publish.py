@@ -26,7 +26,7 @@ from builder.aws.distribute import (
     finish_image,
     parse_time,
 )
-from builder.aws.job import Publication, error_code, read_json, say
+from builder.aws.job import Publication, error_code, say
 from builder.aws.limits import ACCOUNT_ID, ORGANIZATION_ARN, OU_ARN
 from builder.aws.provenance import provenance_tags, with_image_tags, write_packer_manifest
 from builder.aws.replace import finish_replacement, replace_image
@@ -34,6 +34,7 @@ from builder.aws.session import Aws
 from builder.aws.upload import asked_for, upload_bundle, upload_snapshots
 from builder.aws.verify import verify_uploads
 from builder.errors import InputError
+from builder.host.fsutil import read_json
 
 IMAGE_TAG = "amiforge:image-id"
 

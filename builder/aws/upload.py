@@ -12,10 +12,11 @@ from botocore.exceptions import ClientError
 
 from builder.aws.blockindex import after_writes, delta_writes, full_writes, image_blocks
 from builder.aws.delta import ParentOptions, resolve_parents
-from builder.aws.job import Publication, description, own_snapshot, read_json, say
+from builder.aws.job import Publication, description, own_snapshot, say
 from builder.aws.kms import usable_key_arn
 from builder.aws.snapshots import Encryption, upload_image
 from builder.errors import BuildFailed, InputError
+from builder.host.fsutil import read_json
 from builder.outputs.ami import is_placeholder
 from builder.plan import sha256_file
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from builder.diff.guest import FileEntry
 from builder.errors import InputError, ToolFailed
+from builder.host.fsutil import read_json
 from builder.host.run import qemu_img
 from builder.outputs.sbom import parse_status
 
@@ -64,7 +65,7 @@ def load_release(argument: Path) -> Release:
 
 def _from_output(folder: Path, argument: Path) -> Release:
     where = folder / "build-manifest.json"
-    manifest = _read_json(where)
+    manifest = read_json(where)
     artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("packages"), list) or \
             not isinstance(artifacts, list) or not all(isinstance(a, dict) for a in artifacts):
@@ -81,7 +82,7 @@ def _from_output(folder: Path, argument: Path) -> Release:
     if (folder / "register-image.json").is_file():
         release.request = _request(folder / "register-image.json")
     if (folder / "launch-permission.json").is_file():
-        grants = _read_json(folder / "launch-permission.json")
+        grants = read_json(folder / "launch-permission.json")
         added = grants.get("LaunchPermission", {}) if isinstance(grants, dict) else None
         release.launch = added.get("Add") if isinstance(added, dict) else None
         if not isinstance(release.launch, list):
@@ -92,7 +93,7 @@ def _from_output(folder: Path, argument: Path) -> Release:
 def _request(path: Path) -> dict[str, Any]:
     """register-image.json: a mapping, its BlockDeviceMappings a list of mappings each
     with a DeviceName."""
-    request = _read_json(path)
+    request = read_json(path)
     mappings = request.get("BlockDeviceMappings", []) if isinstance(request, dict) else None
     if not isinstance(mappings, list) or not all(
             isinstance(m, dict) and isinstance(m.get("DeviceName"), str) for m in mappings):
@@ -137,15 +138,6 @@ def checked_format(image: Path) -> str:
         raise InputError(f"{image}: a qcow2 image with an external data file; convert it "
                          "first")
     return fmt
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def same_images(releases: list[Release]) -> bool:

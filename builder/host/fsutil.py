@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from builder.errors import InputError
+
 
 def read_regular_file(path: Path, limit: int, label: str,
                       error: type[Exception] = OSError, follow_links: bool = True) -> bytes:
@@ -53,6 +55,17 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a build wrote (or someone edited): a one-line InputError if it is
+    missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (is this a build output directory?)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
