@@ -15,6 +15,7 @@ from builder.diff.guest import FileEntry
 from builder.errors import InputError, ToolFailed
 from builder.host.fsutil import read_json
 from builder.host.run import qemu_img
+from builder.outputs.manifest import package_entries
 from builder.outputs.sbom import parse_status
 
 KERNEL_PACKAGE = re.compile(r"linux-image-\d[\w.+-]*")
@@ -41,14 +42,14 @@ class Release:
     def sizes(self) -> dict[str, int]:
         """The disk's size, and as the build measured it, the data it holds (allocated in
         the sparse raw image: a copy of the file may allocate otherwise)."""
-        from builder.vm import image_info
+        from builder.vm import image_size
 
         raw = next((a for a in (self.manifest or {}).get("artifacts", [])
                     if a.get("format") == "raw"), None)
         if raw:
             return {"disk_size": int(raw["virtual_size"]),
                     "allocated": int(raw["allocated_size"])}
-        return {"disk_size": int(str(image_info(self.image)["virtual-size"]))}
+        return {"disk_size": image_size(self.image)}
 
 
 def load_release(argument: Path) -> Release:
@@ -102,9 +103,7 @@ def _request(path: Path) -> dict[str, Any]:
 
 
 def packages_from_status(text: str) -> dict[str, dict[str, str]]:
-    listed = [{"name": f["Package"], "version": f.get("Version", ""),
-               "architecture": f.get("Architecture", "")} for f in parse_status(text)]
-    return _packages(listed, Path("/var/lib/dpkg/status"))
+    return _packages(package_entries(parse_status(text)), Path("/var/lib/dpkg/status"))
 
 
 def _packages(listed: list[Any], where: Path) -> dict[str, dict[str, str]]:

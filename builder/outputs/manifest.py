@@ -3,6 +3,7 @@ partitions), how long each stage took, and which amiforge made it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ from builder.stages.disk import partitions_report
 
 def installed_packages(tree: Path) -> list[dict[str, str]]:
     """The installed packages (dpkg's status file, read inside the tree)."""
-    packages = [{"name": fields["Package"], "version": fields.get("Version", ""),
-                 "architecture": fields.get("Architecture", "")}
-                for fields in status_paragraphs(tree)]
-    return sorted(packages, key=lambda p: p["name"])
+    return sorted(package_entries(status_paragraphs(tree)), key=lambda p: p["name"])
+
+
+def package_entries(paragraphs: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """build-manifest.json's entry (name, version, architecture) of each status paragraph."""
+    return [{"name": fields["Package"], "version": fields.get("Version", ""),
+             "architecture": fields.get("Architecture", "")} for fields in paragraphs]
 
 
 def artifact_entry(path: Path, fmt: str, final_name: str) -> dict[str, Any]:
