@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder.commands.args import Parser
+from builder.commands.args import Parser, regex
 from builder.errors import InputError
 
 EXIT_OK = 0
@@ -129,7 +129,7 @@ def cmd_launch(argv: Sequence[str]) -> int:
     parser.add_argument("--key-name", help="an EC2 key pair for SSH")
     parser.add_argument("--security-group", action="append", default=[], metavar="SG_ID")
     parser.add_argument("--user-data", type=Path, metavar="FILE")
-    parser.add_argument("--expect", default=LOGIN_PROMPT, metavar="REGEX",
+    parser.add_argument("--expect", default=LOGIN_PROMPT, type=regex, metavar="REGEX",
                         help="wait for this on the console (e.g. what user data prints)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds (default 900)")
     parser.add_argument("--keep", action="store_true", help="leave the instance running")

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.commands.args import Parser
+from builder.commands.args import Parser, regex
 from builder.errors import InputError
 
 EXIT_OK = 0
@@ -14,8 +14,6 @@ EXIT_DIFFERENT = 1  # build diff, as diff(1)
 
 
 def cmd_boot(argv: Sequence[str]) -> int:
-    import re
-
     from builder.recipe.sizes import parse_size
     from builder.vm import FIRMWARES, LOGIN_PROMPT, VirtualMachine, image_size
 
@@ -30,8 +28,8 @@ def cmd_boot(argv: Sequence[str]) -> int:
                         help="the image's architecture (arm64: qemu-system-aarch64, UEFI)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--expect", "--pattern", dest="pattern", default=LOGIN_PROMPT,
-                        metavar="REGEX", help="wait for this on the serial console instead "
-                        "(e.g. what a user-data script prints)")
+                        type=regex, metavar="REGEX", help="wait for this on the serial "
+                        "console instead (e.g. what a user-data script prints)")
     parser.add_argument("--console", action="store_true", help="print the console log")
     parser.add_argument("--ec2", action="store_true", help="an EC2-like machine: disks on "
                         "NVMe with EBS-like serials, EC2's SMBIOS (no ENA: the NIC is virtio)")
@@ -44,10 +42,6 @@ def cmd_boot(argv: Sequence[str]) -> int:
     for image in (args.image, *args.disk):
         if not image.is_file():
             raise InputError(f"{image}: image not found")
-    try:
-        re.compile(args.pattern)
-    except re.error as exc:
-        raise InputError(f"--expect {args.pattern!r}: not a regular expression ({exc})") from None
     if args.root_size is not None and args.root_size < image_size(args.image):
         raise InputError(f"--root-size: smaller than {args.image} ({image_size(args.image)} "
                          "bytes)")
