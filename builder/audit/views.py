@@ -71,21 +71,26 @@ class TreeView:
         return self._host(path).is_symlink()
 
 
+def appliance(drives: list[tuple[Path, str | None]]) -> Any:
+    """A launched libguestfs appliance with these disk images attached read-only (each in
+    its format, when known): TCG, as these machines have no working KVM."""
+    import guestfs  # Debian's python3-guestfs; the venv sees system site-packages
+
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    handle = guestfs.GuestFS(python_return_dict=True)
+    for image, fmt in drives:
+        handle.add_drive_opts(str(image), readonly=True, **({"format": fmt} if fmt else {}))
+    handle.launch()
+    return handle
+
+
 class GuestView:
     """A disk image opened read-only with libguestfs, its filesystems mounted as the
     guest would mount them (from inspection)."""
 
     def __init__(self, image: Path, fmt: str | None = None):
-        import guestfs  # Debian's python3-guestfs; the venv sees system site-packages
-
-        os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-        os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-        self.g: Any = guestfs.GuestFS(python_return_dict=True)
-        options = {"readonly": True}
-        if fmt:
-            options["format"] = fmt
-        self.g.add_drive_opts(str(image), **options)
-        self.g.launch()
+        self.g: Any = appliance([(image, fmt)])
         roots = self.g.inspect_os()
         if not roots:
             raise ValueError(f"{image}: no operating system found in the image")

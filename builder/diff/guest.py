@@ -4,7 +4,6 @@ under a folder of its own, its files listed with their metadata and SHA-256."""
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import tempfile
@@ -42,15 +41,10 @@ class Roots:
     """``images``: (path, format) each; ``mount(i)`` mounts image i's root at /i."""
 
     def __init__(self, images: list[tuple[Path, str]]):
-        import guestfs  # Debian's python3-guestfs; the venv sees system site-packages
+        from builder.audit.views import appliance
 
-        os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-        os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
-        self.g: Any = guestfs.GuestFS(python_return_dict=True)
         self.images = images
-        for path, fmt in images:
-            self.g.add_drive_opts(str(path), readonly=True, format=fmt)
-        self.g.launch()
+        self.g: Any = appliance(list(images))
         self.roots = self._roots()
 
     def _roots(self) -> list[str]:
