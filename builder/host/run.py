@@ -176,7 +176,7 @@ def spawn(argv: Sequence[str | os.PathLike[str]], *, log_path: Path) -> subproce
     with open(log_path, "wb") as handle:
         try:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=handle,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         except FileNotFoundError as exc:
             raise ToolMissing([(args[0], "booting images", package_for(args[0]))]) from exc
 
@@ -188,7 +188,7 @@ def start(argv: Sequence[str | os.PathLike[str]]) -> subprocess.Popen[bytes]:
     log.debug("$ %s &", _describe(args))
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError as exc:
         raise ToolMissing([(args[0], "this step", package_for(args[0]))]) from exc
 
