@@ -114,6 +114,7 @@ class Plan:
     os: OSPlan
     boot: str
     secure_boot: bool
+    grow_root: bool
     kernel_cmdline: tuple[str, ...]
     disk_size: int
     partitions: tuple[Partition, ...]
@@ -217,6 +218,8 @@ def packages_for(recipe: Recipe, distribution: type[distros.Distribution]) -> tu
               *distribution.arch_packages.get(recipe.arch, ())]
     if volume.secure_boot:
         wanted += distribution.signed_boot_packages[recipe.arch]
+    if volume.grow:
+        wanted += distribution.release(recipe.os.release).repart_packages
     if any(user.sudo for user in volume.users):
         wanted.append("sudo")
     wanted += volume.packages
@@ -264,6 +267,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         os=os_plan,
         boot=volume.boot,
         secure_boot=volume.secure_boot,
+        grow_root=volume.grow,
         kernel_cmdline=cmdline,
         disk_size=disk_size,
         partitions=tuple(partitions),

@@ -15,6 +15,7 @@ class Release:
     codename: str
     version: str
     security_suite: str   # the suite on the security archive
+    repart_packages: tuple[str, ...] = ()  # systemd-repart, where systemd does not hold it
 
     def default_suites(self) -> tuple[str, ...]:
         """The release, its point-release updates and its security updates: an image
@@ -58,7 +59,7 @@ class Debian(Distribution):
     name = "debian"
     releases: ClassVar[dict[str, Release]] = {
         "bookworm": Release("bookworm", "12", "bookworm-security"),
-        "trixie": Release("trixie", "13", "trixie-security"),
+        "trixie": Release("trixie", "13", "trixie-security", ("systemd-repart",)),
     }
     default_release = "trixie"
     default_mirror = "http://deb.debian.org/debian"

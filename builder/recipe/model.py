@@ -153,6 +153,10 @@ class RootVolume(Strict):
                                        "(shim, GRUB and kernel signed for Secure Boot); "
                                        "needs boot uefi or hybrid")] = False
     hostname: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] = "debian"
+    grow: Annotated[bool, Field(description="on every boot, grow the root partition and "
+                                "filesystem into free space after them (systemd-repart, "
+                                "x-systemd.growfs): an EBS volume is usually larger than "
+                                "the image")] = True
     kernel_cmdline: list[KernelParameter] = []
     packages: list[PackageName] = []
     files: list[FileSpec] = []

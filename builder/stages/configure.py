@@ -24,6 +24,8 @@ from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT
 
 HOST_KEY_UNIT = "amiforge-ssh-host-keys.service"
+REPART_UNIT = "systemd-repart.service"
+REPART_ROOT_TYPES = {"x86_64": "root-x86-64", "arm64": "root-arm64"}  # repart.d(5) names
 
 
 # Plan fields the configured tree does not depend on.
@@ -93,6 +95,9 @@ def write_system_files(plan: Plan, tree: Path) -> None:
         treepath.make_dirs(tree, volume.mount_point)
     if esp:
         treepath.make_dirs(tree, "/boot/efi")
+    if plan.grow_root:
+        _write(tree, "/etc/repart.d/50-root.conf", render_template(
+            "repart-root.conf.j2", repart_type=REPART_ROOT_TYPES[plan.arch]))
     if treepath.in_root(tree, "/usr/sbin/sshd").exists():
         _write(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}",
                render_template("ssh-host-keys.service.j2"))
@@ -180,6 +185,8 @@ def enable_services(plan: Plan, tree: Path) -> None:
     if treepath.in_root(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}").exists():
         enable.append(HOST_KEY_UNIT)
     run_in_root(tree, systemctl_argv("enable", enable))
+    if plan.grow_root:  # (the unit has no [Install]: systemd runs it in initrds by default)
+        run_in_root(tree, systemctl_argv("add-wants", ["sysinit.target", REPART_UNIT]))
     if plan.services_disable:
         run_in_root(tree, systemctl_argv("disable", list(plan.services_disable)))
 
