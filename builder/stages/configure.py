@@ -185,7 +185,7 @@ def enable_services(plan: Plan, tree: Path) -> None:
     if treepath.in_root(tree, f"/etc/systemd/system/{HOST_KEY_UNIT}").exists():
         enable.append(HOST_KEY_UNIT)
     run_in_root(tree, systemctl_argv("enable", enable))
-    if plan.grow_root:  # (the unit has no [Install]: systemd runs it in initrds by default)
+    if plan.grow_root:  # (Debian's systemd wants it there already: said for every release)
         run_in_root(tree, systemctl_argv("add-wants", ["sysinit.target", REPART_UNIT]))
     if plan.services_disable:
         run_in_root(tree, systemctl_argv("disable", list(plan.services_disable)))
