@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from builder.recipe.model import BlockDeviceMapping, Ebs, FileSpec, Recipe
+from builder.recipe.model import BlockDeviceMapping, Ebs, FileSpec, Recipe, UefiKeys
 from builder.recipe.rules import effective_boot_mode, image_gib
 
 GiB = 1 << 30
@@ -115,13 +116,16 @@ def volume_image_name(device: str) -> str:
     return f"volume-{short_device(device)}.raw"
 
 
-def uefi_data_blob(value: Any) -> str | None:
-    """RegisterImage's UefiData: the recipe's blob, or the one amiforge makes for its keys."""
+def uefi_data_blob(value: Any, base_dir: Path) -> str | None:
+    """RegisterImage's UefiData: the recipe's blob, or the one amiforge makes for its keys
+    or certificates (paths relative to the recipe's folder)."""
     if value is None or isinstance(value, str):
         return value
-    from builder.outputs.uefivars import microsoft_keys
+    from builder.outputs.uefivars import certificate_store, microsoft_keys
 
-    return microsoft_keys()
+    if isinstance(value, UefiKeys):
+        return microsoft_keys()
+    return certificate_store(value.certificates, base_dir)
 
 
 def _variables(blob: str | None) -> dict[str, list[str]] | None:
@@ -132,15 +136,16 @@ def _variables(blob: str | None) -> dict[str, list[str]] | None:
     return decoded(blob)
 
 
-def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str]) -> AmiPlan:
-    """The typed AMI of ``recipe``; ``fixed_uuid(purpose)`` makes the data volumes' UUIDs."""
+def ami_plan(recipe: Recipe, fixed_uuid: Callable[[str], str], base_dir: Path) -> AmiPlan:
+    """The typed AMI of ``recipe`` (whose files are relative to ``base_dir``);
+    ``fixed_uuid(purpose)`` makes the data volumes' UUIDs."""
     ami, instance_store = recipe.ami, recipe.ami.backing == "instance-store"
     root = root_mapping(recipe)
     devices = [] if instance_store else [BlockDevice(
         root.device, "root", _ebs(root.ebs, root.ebs.volume_size or image_gib(recipe)))]
     devices += [_device(m, fixed_uuid) for m in recipe.block_device_mappings if not m.root]
     permissions = ami.launch_permissions
-    blob = uefi_data_blob(ami.uefi_data)
+    blob = uefi_data_blob(ami.uefi_data, base_dir)
     return AmiPlan(
         name=ami.name or recipe.name,
         description=ami.description if ami.description is not None else recipe.description,

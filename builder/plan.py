@@ -253,7 +253,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         initramfs_modules=INITRAMFS_DRIVERS[recipe.arch],
     )
     cmdline = ("ro", *CONSOLES[recipe.arch], *volume.kernel_cmdline)
-    ami = ami_plan(recipe, lambda purpose: fixed_uuid(seed, purpose))
+    ami = ami_plan(recipe, lambda purpose: fixed_uuid(seed, purpose), loaded.base_dir)
     return Plan(
         name=recipe.name,
         description=recipe.description,

@@ -6,6 +6,7 @@ virt-firmware (its AWS varstore is based on Amazon's python-uefivars).
 two KEKs (2011, 2023) and its db certificates (Windows and third-party UEFI CAs, 2011 and
 2023: Debian's shim is signed by the "Microsoft Corporation UEFI CA 2011"), with a
 placeholder dbx. With a PK enrolled the instance boots with Secure Boot enforced.
+``{certificates: {pk, kek, db, dbx}}`` enrolls the user's own X.509 certificates instead.
 https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/uefi-secure-boot-optionB.html"""
 
 from __future__ import annotations
@@ -13,15 +14,47 @@ from __future__ import annotations
 import base64
 import struct
 import tempfile
+import uuid
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from virt.firmware.efi import efivar
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from virt.firmware.efi import certs, efivar, guids
 from virt.firmware.varstore.aws import AwsVarStore
 
 from builder.errors import InputError
+from builder.host.fsutil import read_regular_file
+
+if TYPE_CHECKING:
+    from builder.recipe.model import UefiCertificateFiles
 
 SECURE_BOOT_VARIABLES = ("PK", "KEK", "db", "dbx")
+# the signature owner of the certificates amiforge enrolls (AWS's example takes a random
+# GUID; a fixed one keeps the blob reproducible)
+OWNER = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/amiforge/uefi-signature-owner"))
+MAX_CERTIFICATE = 64 * 1024
+# what Debian's shim-signed is signed with: a db without it refuses the boot chain
+SHIM_SIGNER = "Microsoft Corporation UEFI CA 2011"
+
+
+def shim_signer() -> bytes:
+    """The DER bytes of SHIM_SIGNER's certificate (virt-firmware ships it)."""
+    return x509.load_pem_x509_certificate(certs.load_cert(certs.MS_3RD_2011)).public_bytes(
+        Encoding.DER)
+
+
+def enrolls_platform_key(value: object) -> bool:
+    """Whether recipe's uefi_data gives instances a PK, so that they enforce Secure Boot."""
+    if value is None:
+        return False
+    if not isinstance(value, str):
+        return True  # {keys: microsoft} and {certificates: ...} both enroll one
+    try:
+        return bool(decoded(value).get("PK"))
+    except InputError:
+        return False  # (the blob's own rule says why)
 
 
 def microsoft_keys() -> str:
@@ -30,6 +63,35 @@ def microsoft_keys() -> str:
     variables = efivar.EfiVarList()
     variables.enroll_platform_microsoft()
     variables.add_microsoft_keys("all")
+    return AwsVarStore.base64_varstore(variables).decode()
+
+
+def read_certificate(path: Path) -> bytes:
+    """The DER bytes of an X.509 certificate file, PEM or DER; ValueError if it is not."""
+    data = read_regular_file(path, MAX_CERTIFICATE, "the file", ValueError)
+    if data.count(b"-----BEGIN") > 1:
+        raise ValueError("more than one PEM block: give each certificate its own file")
+    load = x509.load_pem_x509_certificate if b"-----BEGIN" in data else \
+        x509.load_der_x509_certificate
+    return load(data).public_bytes(Encoding.DER)
+
+
+def certificate_files(files: UefiCertificateFiles) -> list[tuple[str, int | None, str]]:
+    """(variable, index in the recipe's list or None for pk, file) of each certificate."""
+    return [("PK", None, files.pk)] + [
+        (name, index, path) for name, paths in (("KEK", files.kek), ("db", files.db),
+                                                ("dbx", files.dbx))
+        for index, path in enumerate(paths)]
+
+
+def certificate_store(files: UefiCertificateFiles, base_dir: Path) -> str:
+    """The UefiData blob enrolling the recipe's certificates (files relative to
+    ``base_dir``) in PK, KEK, db and dbx."""
+    variables = efivar.EfiVarList()
+    owner = guids.parse_str(OWNER)
+    for name, _, path in certificate_files(files):
+        variables.add_cert_prepare(name).sigdb_add_cert_data(
+            owner, read_certificate(base_dir / path))
     return AwsVarStore.base64_varstore(variables).decode()
 
 

@@ -88,7 +88,8 @@ def problems_from(exc: ValidationError, model: type[BaseModel], data: Any,
                   prefix: tuple[Any, ...] = ()) -> list[Problem]:
     problems = []
     for error in exc.errors():
-        path = tuple(error["loc"])
+        path = tuple(step for step in error["loc"]  # a tagged union's tag is no key
+                     if not (isinstance(step, str) and step.startswith("<")))
         full = prefix + path
         if error["type"] == "extra_forbidden":
             where = key_mark_of(data, path)

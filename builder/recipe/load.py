@@ -72,7 +72,7 @@ def load_recipe(path: Path, options: LoadOptions | None = None) -> LoadedRecipe:
             problems = _render_tree(data, variables, skip=("vars", "env"))
             check_paths(data, base_dir, options.allow_host_paths, problems)
             recipe = _validate(Recipe, data, reported=problems)
-            _check_rules(recipe, data, options.allow_host_paths)
+            _check_rules(recipe, data, options.allow_host_paths, base_dir)
             recipe = _render_recipe_templates(recipe, data, base_dir, variables, sources)
             recipe = _apply_apps(recipe, data, base_dir, variables, options, sources)
     except (OutOfTime, MemoryError) as exc:  # outside a single template's rendering
@@ -173,8 +173,9 @@ def _render_tree(node: Any, variables: dict[str, Any], skip: tuple[str, ...] = (
     return problems
 
 
-def _check_rules(recipe: Recipe, data: Any, allow_host: bool) -> None:
-    found = [*rules.check(recipe), *([] if allow_host else rules.host_path_rules(recipe))]
+def _check_rules(recipe: Recipe, data: Any, allow_host: bool, base_dir: Path) -> None:
+    found = [*rules.check(recipe), *([] if allow_host else rules.host_path_rules(recipe)),
+             *rules.uefi_certificate_rules(recipe, base_dir)]
     problems = [Problem(mark_of(data, path) or Location("<recipe>"), dotted(path), message)
                 for path, message in found]
     if problems:

@@ -11,7 +11,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     WithJsonSchema,
     model_validator,
 )
@@ -240,6 +242,42 @@ class UefiKeys(Strict):
         "instance boots with UEFI Secure Boot enforced"))]
 
 
+CertificateFile = Annotated[str, Field(description="an X.509 certificate, PEM or DER, "
+                                       "relative to the recipe")]
+
+
+class UefiCertificateFiles(Strict):
+    pk: CertificateFile = Field(description="the platform key's certificate")
+    kek: Annotated[list[CertificateFile], Field(min_length=1)]
+    db: Annotated[list[CertificateFile], Field(min_length=1)]
+    dbx: list[CertificateFile] = Field([], description="revoked certificates")
+
+
+class UefiCertificates(Strict):
+    certificates: Annotated[UefiCertificateFiles, Field(description=(
+        "enroll your own keys (PK, KEK, db, dbx): the instance boots with UEFI Secure "
+        "Boot enforced, starting what your db signs"))]
+
+
+def _uefi_data_kind(value: Any) -> str | None:
+    """Which form of uefi_data a value is (a tagged union: one error, for that form)."""
+    if isinstance(value, str):
+        return "<blob>"
+    for model, key in ((UefiKeys, "keys"), (UefiCertificates, "certificates")):
+        if isinstance(value, model) or (isinstance(value, dict) and key in value):
+            return f"<{key}>"
+    return None
+
+
+# (tags in <> are dropped from error locations: they are not keys of the recipe)
+UefiData = Annotated[
+    Annotated[str, Tag("<blob>")] | Annotated[UefiKeys, Tag("<keys>")]
+    | Annotated[UefiCertificates, Tag("<certificates>")],
+    Discriminator(_uefi_data_kind, custom_error_type="uefi_data_form",
+                  custom_error_message="must be a base64 blob, {keys: microsoft} or "
+                  "{certificates: {pk, kek, db, dbx}}")]
+
+
 class Ami(Strict):
     name: str | None = Field(None, description="AMI name; default: the recipe's name")
     description: str | None = None
@@ -249,9 +287,10 @@ class Ami(Strict):
     sriov_net_support: Literal["simple"] | None = None
     tpm_support: Literal["v2.0"] | None = None
     imds_support: Literal["v2.0"] | None = "v2.0"
-    uefi_data: str | UefiKeys | None = Field(None, description=(
+    uefi_data: UefiData | None = Field(None, description=(
         "the UEFI variable store instances start with: a base64 blob (RegisterImage's "
-        "UefiData), or {keys: microsoft} for amiforge to make one"))
+        "UefiData), or {keys: microsoft} or {certificates: {pk, kek, db, dbx}} for "
+        "amiforge to make one"))
     tags: dict[str, str] = {}
     launch_permissions: LaunchPermissions = LaunchPermissions()
     share_snapshots: bool = Field(False, description=(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import Location, Problem
-from builder.recipe.yamlsource import LocDict, display_path, dotted, shown
+from builder.recipe.yamlsource import LocDict, LocList, display_path, dotted, shown
 
 # --- paths -------------------------------------------------------------------------------
 
@@ -37,9 +37,24 @@ def _path_fields(data: Any) -> list[tuple[tuple[Any, ...], Any, str]]:
     for i, app in enumerate(apps if isinstance(apps, list) else []):
         if isinstance(app, dict):
             out.append((("apps", i), app, "include"))
-    bundle = (data.get("ami") or {}).get("bundle") if isinstance(data.get("ami"), dict) else None
+    ami = data.get("ami") if isinstance(data.get("ami"), dict) else {}
+    bundle = ami.get("bundle")
     if isinstance(bundle, dict):
         out += [(("ami", "bundle"), bundle, key) for key in ("user_cert", "user_key", "ec2_cert")]
+    return out + _certificate_fields(ami)
+
+
+def _certificate_fields(ami: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any, Any]]:
+    """ami.uefi_data.certificates: pk names a file, kek, db and dbx lists of them."""
+    uefi = ami.get("uefi_data")
+    files = uefi.get("certificates") if isinstance(uefi, dict) else None
+    if not isinstance(files, dict):
+        return []
+    where = ("ami", "uefi_data", "certificates")
+    out: list[tuple[tuple[Any, ...], Any, Any]] = [(where, files, "pk")]
+    for key in ("kek", "db", "dbx"):
+        if isinstance(files.get(key), list):
+            out += [((*where, key), files[key], i) for i in range(len(files[key]))]
     return out
 
 
@@ -51,10 +66,10 @@ def check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Prob
     recipe's folder, which keeps plans free of machine-specific absolute paths.
     """
     for where, mapping, key in _path_fields(data):
-        value = mapping.get(key)
+        value = mapping.get(key) if isinstance(mapping, dict) else mapping[key]
         if not isinstance(value, str):
             continue
-        mark = mapping.value_marks.get(key) if isinstance(mapping, LocDict) else None
+        mark = _mark(mapping, key)
         declared_in = Path(mark.file).resolve().parent if mark else base_dir
         target = (declared_in / value).resolve()
         refused = outside(value, target, base_dir, allow_host)
@@ -70,6 +85,15 @@ def check_paths(data: Any, base_dir: Path, allow_host: bool, problems: list[Prob
             continue
         inside = target == base_dir or base_dir in target.parents
         mapping[key] = str(target) if not inside else os.path.relpath(target, base_dir)
+
+
+def _mark(container: Any, key: Any) -> Location | None:
+    """Where a mapping's value or a list's item was written."""
+    if isinstance(container, LocDict):
+        return container.value_marks.get(key)
+    if isinstance(container, LocList) and key < len(container.item_marks):
+        return container.item_marks[key]
+    return None
 
 
 def outside(value: str, target: Path, base_dir: Path, allow_host: bool) -> str | None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from builder import distros
 from builder.aws.limits import MAX_RECIPE_TAGS, deprecation_limit_days, ssm_name_problem
 from builder.errors import InputError
 from builder.host.aptauth import split_credentials
-from builder.recipe.model import Recipe
+from builder.recipe.model import Recipe, UefiCertificates
 from builder.recipe.sizes import MAX_DISK, MIN_ROOT_PARTITION, format_size, layout_overhead
 
 GiB = 1 << 30
@@ -150,10 +151,20 @@ def boot_rules(recipe: Recipe) -> Found:
                f"(boot mode is {effective!r}, root_volume.boot is {boot!r})")
     if recipe.ami.uefi_data and boot == "bios":
         yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
+    elif _enrolls_platform_key(recipe) and not recipe.root_volume.secure_boot:
+        yield ("ami", "uefi_data"), ("enrolls a platform key, so instances boot with Secure "
+                                     "Boot enforced: needs root_volume.secure_boot (amiforge's "
+                                     "own GRUB is not signed)")
     if isinstance(recipe.ami.uefi_data, str):
         yield from _uefi_blob_rules(recipe.ami.uefi_data)
     if recipe.root_volume.secure_boot:
         yield from _secure_boot_rules(recipe, effective)
+
+
+def _enrolls_platform_key(recipe: Recipe) -> bool:
+    from builder.outputs.uefivars import enrolls_platform_key
+
+    return enrolls_platform_key(recipe.ami.uefi_data)
 
 
 def _secure_boot_rules(recipe: Recipe, effective: str) -> Found:
@@ -172,6 +183,36 @@ def _secure_boot_rules(recipe: Recipe, effective: str) -> Found:
                       "firmware in amiforge's tests)")
     if recipe.os.kernel and recipe.os.kernel.endswith("-unsigned"):
         yield ("os", "kernel"), "Secure Boot needs a signed kernel (not an -unsigned package)"
+
+
+def uefi_certificate_rules(recipe: Recipe, base_dir: Path) -> Found:
+    """Each file of ami.uefi_data.certificates is an X.509 certificate (PEM or DER), and the
+    variable store they make fits RegisterImage's UefiData."""
+    from builder.outputs.uefivars import (
+        SHIM_SIGNER,
+        certificate_files,
+        certificate_store,
+        read_certificate,
+        shim_signer,
+    )
+
+    value = recipe.ami.uefi_data
+    if not isinstance(value, UefiCertificates):
+        return
+    where, read = ("ami", "uefi_data", "certificates"), {}
+    for variable, index, name in certificate_files(value.certificates):
+        at = (*where, "pk") if index is None else (*where, variable.lower(), index)
+        try:
+            read[(variable, index)] = read_certificate(base_dir / name)
+        except (ValueError, OSError) as exc:
+            yield at, f"{name}: not an X.509 certificate, PEM or DER ({str(exc)[:80]})"
+    if len(read) < len(certificate_files(value.certificates)):
+        return
+    if shim_signer() not in [der for (variable, _), der in read.items() if variable == "db"]:
+        yield (*where, "db"), (f"none is {SHIM_SIGNER}'s certificate, which signed Debian's "
+                               "shim: instances would refuse to start it")
+    if len(certificate_store(value.certificates, base_dir)) > UEFI_DATA_MAX:
+        yield where, f"the variable store exceeds {UEFI_DATA_MAX} characters (RegisterImage)"
 
 
 def _uefi_blob_rules(blob: str) -> Found:

@@ -12,6 +12,7 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
+from builder.errors import RecipeError
 from builder.outputs.ami import is_placeholder, launch_permission_input, register_image_input
 from builder.plan import make_plan
 from builder.recipe.load import LoadOptions, load_recipe
@@ -150,7 +151,6 @@ def test_bundle_mapping_lists_the_instance_store_volumes_in_bundle_order(
 def test_no_snapshot_mapping_carries_encryption_fields(tmp_path: Path) -> None:
     """EbsBlockDevice: with a SnapshotId, Encrypted must be omitted; KmsKeyId is never
     RegisterImage's (RunInstances only). An empty volume may ask for encryption."""
-    from builder.errors import RecipeError
     from builder.outputs.ami import snapshots_input
 
     (tmp_path / "r.yaml").write_text(
@@ -178,7 +178,6 @@ def test_no_snapshot_mapping_carries_encryption_fields(tmp_path: Path) -> None:
 ])
 def test_encrypted_amis_are_shared_only_as_aws_allows(tmp_path: Path, permissions: str,
                                                       message: str) -> None:
-    from builder.errors import RecipeError
 
     (tmp_path / "r.yaml").write_text(
         f"name: xyz\nami: {{launch_permissions: {permissions}}}\nblock_device_mappings:\n"
@@ -218,3 +217,107 @@ def test_the_secure_boot_recipe_registers_with_its_uefi_data() -> None:
     report = ParamValidator().validate(request, model.operation_model("RegisterImage")
                                        .input_shape)
     assert not report.has_errors(), report.generate_report()
+
+
+def certificate(path: Path, name: str, der: bool = False) -> None:
+    """A self-signed X.509 certificate (what `openssl req -x509` makes for PK, KEK, db)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    when = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(when)
+            .not_valid_after(when + datetime.timedelta(days=3650)).sign(key, hashes.SHA256()))
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    path.write_bytes(cert.public_bytes(encoding))
+
+
+CERTIFICATES_RECIPE = """name: own-keys
+root_volume: {boot: uefi, secure_boot: true}
+ami:
+  boot_mode: uefi
+  uefi_data:
+    certificates:
+      pk: keys/pk.pem
+      kek: [keys/kek.pem]
+      db: [keys/db.pem, keys/db2.der, keys/shim-signer.der]
+      dbx: [keys/revoked.pem]
+"""
+
+
+def own_keys(keys: Path) -> None:
+    """The certificates CERTIFICATES_RECIPE names: the user's own, and the one that signed
+    Debian's shim (without which db refuses it)."""
+    from builder.outputs.uefivars import shim_signer
+
+    keys.mkdir(parents=True)
+    for name in ("pk", "kek", "db", "revoked"):
+        certificate(keys / f"{name}.pem", f"my {name}")
+    certificate(keys / "db2.der", "my db 2", der=True)
+    (keys / "shim-signer.der").write_bytes(shim_signer())
+
+
+def test_uefi_data_from_your_own_certificates(tmp_path: Path) -> None:
+    """{certificates: ...} enrolls the recipe's certificates (PEM or DER) in PK, KEK, db
+    and dbx; virt-firmware reads the blob back to them; botocore takes the request."""
+    own_keys(tmp_path / "keys")
+    (tmp_path / "r.yaml").write_text(CERTIFICATES_RECIPE)
+    plan = make_plan(load_recipe(tmp_path / "r.yaml", LoadOptions(source_date_epoch=FIXED_EPOCH)))
+    variables = plan.ami.uefi_variables
+    assert variables is not None and variables.pop("db")[:2] == ["CN=my db", "CN=my db 2"]
+    assert variables == {"PK": ["CN=my pk"], "KEK": ["CN=my kek"], "dbx": ["CN=my revoked"]}
+    request = register_image_input(plan.ami, plan.arch)
+    assert validate("RegisterImage", with_snapshot_ids(request)) == ""
+    again = make_plan(load_recipe(tmp_path / "r.yaml", LoadOptions(source_date_epoch=1)))
+    assert again.ami.uefi_data == plan.ami.uefi_data  # the same bytes: a reproducible AMI
+
+
+def two_certificates(path: Path) -> None:
+    certificate(path, "one")
+    first = path.read_bytes()
+    certificate(path, "two")
+    path.write_bytes(first + path.read_bytes())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda keys: (keys / "db2.der").write_bytes(b"not a certificate"),
+     r"r.yaml:9:\d+: ami.uefi_data.certificates.db\[1\]: keys/db2.der: not an X.509 "
+     "certificate"),
+    (lambda keys: (keys / "pk.pem").unlink(),
+     r"r.yaml:7:\d+: ami.uefi_data.certificates.pk: 'keys/pk.pem' not found"),
+    (lambda keys: two_certificates(keys / "kek.pem"),
+     r"r.yaml:8:\d+: ami.uefi_data.certificates.kek\[0\]: .*more than one PEM block"),
+    (lambda keys: certificate(keys / "shim-signer.der", "not Microsoft", der=True),
+     r"r.yaml:9:\d+: ami.uefi_data.certificates.db: none is Microsoft Corporation UEFI CA "
+     "2011's certificate"),
+    (None,  # the recipe without secure_boot: amiforge's GRUB, refused
+     r"r.yaml:6:\d+: ami.uefi_data: enrolls a platform key, so instances boot with Secure "
+     "Boot enforced: needs root_volume.secure_boot"),
+])
+def test_uefi_certificates_that_cannot_work_are_refused_where_named(tmp_path: Path, change,
+                                                                    message: str) -> None:
+    own_keys(tmp_path / "keys")
+    recipe = CERTIFICATES_RECIPE
+    if change is None:
+        recipe = recipe.replace("secure_boot: true", "secure_boot: false")
+    else:
+        change(tmp_path / "keys")
+    (tmp_path / "r.yaml").write_text(recipe)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_uefi_certificates_outside_the_recipe_folder_are_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipes"
+    own_keys(recipe / "keys")
+    certificate(tmp_path / "host.pem", "host")
+    (recipe / "r.yaml").write_text(CERTIFICATES_RECIPE.replace("keys/kek.pem", "../host.pem"))
+    with pytest.raises(RecipeError, match=r"certificates.kek\[0\]: '../host.pem' is a path "
+                       "outside the recipe's folder"):
+        load_recipe(recipe / "r.yaml")
