@@ -21,6 +21,7 @@ from types import TracebackType
 
 from builder.errors import BuildFailed, ToolFailed
 from builder.host.run import qemu_img, run, spawn, stop
+from builder.imds import GUEST_NETWORK, IMDS_ADDRESS, Instance, MetadataService
 from builder.stages.convert import image_info
 
 log = logging.getLogger("amiforge.vm")
@@ -37,6 +38,7 @@ FIRMWARES = ("bios", "uefi", "uefi-secureboot")
 LOGIN_PROMPT = r"login:"
 CONSOLE_STALL = 150  # seconds without a byte on the console: the guest has stopped
 SSH_CONNECT_FAILED = 255
+EC2_UUID = "ec2e1f4a-5c3b-4d2e-8f00-000000000001"
 
 
 def free_port() -> int:
@@ -73,9 +75,11 @@ def disk_argv(disks: list[Path], nvme: bool) -> list[str]:
 
 
 def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],
-              memory_mib: int = 1024, arch: str = "x86_64", ec2: bool = False) -> list[str]:
+              memory_mib: int = 1024, arch: str = "x86_64", ec2: bool = False,
+              imds_command: str | None = None) -> list[str]:
     """x86_64: the q35 machine, SeaBIOS or OVMF. arm64: the virt machine (a PL011 console,
-    ttyAMA0) with AAVMF; UEFI only, as on Graviton."""
+    ttyAMA0) with AAVMF; UEFI only, as on Graviton. ``imds_command`` (EC2-like machines)
+    serves the guest's connections to 169.254.169.254:80."""
     if arch == "arm64":
         argv = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
         code = AAVMF_CODE
@@ -92,15 +96,30 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
         argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
     argv += disk_argv(disks, nvme=ec2)
-    if ec2:  # what an instance's firmware says (cloud-init's EC2 detection reads it)
-        argv += ["-smbios", "type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like",
-                 "-uuid", "ec2e1f4a-5c3b-4d2e-8f00-000000000001"]
+    if ec2:  # what an instance's firmware says: cloud-init (ds-identify) takes a machine
+        # whose product UUID and serial are equal and start with "ec2" for EC2
+        argv += ["-smbios", f"type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like,"
+                 f"serial={EC2_UUID}", "-uuid", EC2_UUID]
     # Entropy for the guest: TCG's CPU has no RDRAND, and a boot that waits in getrandom()
     # can stall past the timeout (seen once in CI).
     argv += ["-device", "virtio-rng-pci"]
-    hostfwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in
-                      sorted(forwards.items()))
-    return [*argv, "-nic", f"user,model=virtio-net-pci{hostfwd}"]
+    return [*argv, "-nic", user_network(forwards, ec2, imds_command)]
+
+
+def user_network(forwards: dict[int, int], ec2: bool, imds_command: str | None) -> str:
+    """QEMU's user network: host ports forwarded to the guest's. On an EC2-like machine the
+    guest's /24 holds 169.254.169.254 (QEMU forwards only addresses of its own network),
+    connections to it on port 80 go to ``imds_command``, and nothing else leaves the
+    guest: restricted, without IPv6, it cannot reach the host's own services (QEMU maps
+    the rest of that /24 to the host's loopback) nor the host's metadata service at
+    [fd00:ec2::254] on an EC2 host, which cloud-init asks alongside the IPv4 one."""
+    nic = "user,model=virtio-net-pci" + "".join(
+        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in sorted(forwards.items()))
+    if ec2:
+        nic += f",net={GUEST_NETWORK},restrict=on,ipv6=off"
+    if ec2 and imds_command:  # (a comma in an option's value is written twice)
+        nic += f",guestfwd=tcp:{IMDS_ADDRESS}:80-cmd:{imds_command.replace(',', ',,')}"
+    return nic
 
 
 @dataclass
@@ -109,50 +128,91 @@ class VirtualMachine:
     firmware: str = "bios"
     arch: str = "x86_64"
     extra_disks: list[Path] = field(default_factory=list)
-    ec2: bool = False              # NVMe disks with EBS-like serials, EC2's SMBIOS
+    ec2: bool = False              # NVMe disks with EBS-like serials, EC2's SMBIOS, IMDSv2
     root_size: int | None = None   # the root volume larger than the image (bytes), as EBS's
+    instance: Instance | None = None  # (ec2) what the metadata service says
     guest_ports: tuple[int, ...] = (22,)
     forwards: dict[int, int] = field(default_factory=dict)
+    imds: MetadataService | None = None
     _work: Path | None = None
+    _disks: list[Path] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _started: float = 0.0
     _seen_pattern: bool = False
 
     def __enter__(self) -> VirtualMachine:
         try:
+            if self.ec2:
+                self.imds = MetadataService(self.instance or Instance(architecture=self.arch))
+                self.imds.__enter__()
             self._start()
         except BaseException:
-            self._cleanup()
+            self.__exit__(None, None, None)
             raise
         return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self._cleanup()
+        finally:
+            if self.imds is not None:
+                self.imds.__exit__()
 
     def _start(self) -> None:
         """A fresh machine: new overlays, new firmware variables, QEMU started."""
         self._work = Path(tempfile.mkdtemp(prefix="amiforge-vm-"))
-        disks = [self._overlay(disk, i) for i, disk in
-                 enumerate([self.image, *self.extra_disks])]
+        self._disks = [self._overlay(disk, i) for i, disk in
+                       enumerate([self.image, *self.extra_disks])]
         if self.arch == "arm64" and self.firmware != "uefi":
             raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi)")
         if self.firmware == "uefi":
             shutil.copyfile(FIRMWARE_VARS[self.arch], self._work / "vars.fd")
         elif self.firmware == "uefi-secureboot":
             shutil.copyfile(OVMF_SECURE_VARS, self._work / "vars.fd")
+        self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._work is not None
         self.forwards = {port: free_port() for port in self.guest_ports}
         self._started = time.monotonic()
-        self._proc = spawn(qemu_argv(self.firmware, disks, self._work, self.forwards,
-                                     arch=self.arch, ec2=self.ec2),
+        self._proc = spawn(qemu_argv(self.firmware, self._disks, self._work, self.forwards,
+                                     arch=self.arch, ec2=self.ec2,
+                                     imds_command=self.imds and self.imds.relay_command()),
                            log_path=self.console_log)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._cleanup()
+    def power_on_again(self, timeout: float = 120) -> None:
+        """Start the machine again on the same disks and firmware variables, once the guest
+        has powered itself off or asked to reboot (QEMU runs with -no-reboot): a second
+        boot of the same instance. The first boot's console is kept in console-1.log."""
+        assert self._proc is not None and self._work is not None
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BuildFailed(f"the guest did not shut down within {timeout:.0f}s") from None
+        self._close_ssh()
+        boots = len(list(self._work.glob("console-*.log"))) + 1
+        self.console_log.rename(self._work / f"console-{boots}.log")
+        self._spawn()
+
+    def reboot(self, user: str, key: Path, timeout: float = 300) -> float:
+        """Reboot the guest from inside, as an instance reboots (same disks, same instance
+        and metadata), and wait for its login prompt again."""
+        self.ssh(user, key, "sudo -n systemd-run --on-active=1 systemctl reboot")
+        self.power_on_again()
+        return self.wait_for(timeout=timeout)
+
+    def _close_ssh(self) -> None:
+        assert self._work is not None
+        for master in self._work.glob("ssh-*"):  # before the guest goes: a clean exit
+            with contextlib.suppress(ToolFailed):
+                run(["ssh", "-o", f"ControlPath={master}", "-O", "exit", "guest"],
+                    capture=True)
+            master.unlink(missing_ok=True)
 
     def _cleanup(self) -> None:
         if self._work is not None:
-            for master in self._work.glob("ssh-*"):  # before the guest goes: a clean exit
-                with contextlib.suppress(ToolFailed):
-                    run(["ssh", "-o", f"ControlPath={master}", "-O", "exit", "guest"],
-                        capture=True)
+            self._close_ssh()
         if self._proc is not None:
             stop(self._proc)
             self._proc = None

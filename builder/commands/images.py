@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from builder.aws.launch import DEFAULT_TYPES
 from builder.commands.args import Parser, regex
 from builder.errors import InputError
+from builder.host.fsutil import read_regular_file
+from builder.imds import MAX_USER_DATA, Instance, Request
+from builder.recipe.model import SSH_PUBLIC_KEY
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1  # build diff, as diff(1)
@@ -38,22 +45,62 @@ def cmd_boot(argv: Sequence[str]) -> int:
     parser.add_argument("--root-size", type=parse_size, metavar="SIZE",
                         help="the root disk this large (as an EBS volume larger than the "
                         "image), e.g. 4GiB")
+    parser.add_argument("--user-data", type=Path, metavar="FILE", help="(--ec2) the "
+                        "instance's user data, served by the metadata service")
+    parser.add_argument("--ssh-key", type=Path, metavar="PUB", help="(--ec2) an OpenSSH "
+                        "public key file: the instance's key pair (public-keys/0)")
     args = parser.parse_args(argv)
+    if len(args.disk) > MAX_DISKS:
+        raise InputError(f"build boot: at most {MAX_DISKS} --disk (sdf to sdz)")
     for image in (args.image, *args.disk):
         if not image.is_file():
             raise InputError(f"{image}: image not found")
     if args.root_size is not None and args.root_size < image_size(args.image):
         raise InputError(f"--root-size: smaller than {args.image} ({image_size(args.image)} "
                          "bytes)")
+    if not args.ec2 and (args.user_data or args.ssh_key):
+        raise InputError("build boot: --user-data and --ssh-key are for an EC2-like machine "
+                         "(--ec2)")
+    instance = ec2_instance(args) if args.ec2 else None
     with VirtualMachine(args.image, args.firmware, args.arch, extra_disks=args.disk,
-                        ec2=args.ec2, root_size=args.root_size) as vm:
+                        ec2=args.ec2, root_size=args.root_size, instance=instance) as vm:
         try:
             seconds = vm.wait_for(args.pattern, args.timeout)
         finally:
             if args.console:
                 print(vm.console())
+            if vm.imds is not None:
+                print(imds_summary(vm.imds.requests), file=sys.stderr)
     print(f"BOOT OK {seconds:.1f}")
     return EXIT_OK
+
+
+def ec2_instance(args: argparse.Namespace) -> Instance:
+    """What the metadata service of ``build boot --ec2`` serves: the user data and key
+    given, checked as AWS and OpenSSH would."""
+    user_data = ssh_key = None
+    if args.user_data is not None:
+        user_data = read_regular_file(args.user_data, MAX_USER_DATA, f"--user-data "
+                                      f"{args.user_data} (AWS takes 16 KB)", InputError)
+    if args.ssh_key is not None:
+        ssh_key = read_regular_file(args.ssh_key, 16 * 1024, f"--ssh-key {args.ssh_key}",
+                                    InputError).decode(errors="replace").strip()
+        if not re.fullmatch(SSH_PUBLIC_KEY, ssh_key):
+            raise InputError(f"{args.ssh_key}: not one OpenSSH public key line "
+                             "(TYPE BASE64 [COMMENT])")
+    return Instance(architecture=args.arch, user_data=user_data, ssh_key=ssh_key,
+                    instance_type=DEFAULT_TYPES[args.arch],
+                    data_devices=tuple(f"sd{chr(ord('f') + i)}" for i in range(len(args.disk))))
+
+
+MAX_DISKS = 21  # /dev/sdf to /dev/sdz
+
+
+def imds_summary(requests: list[Request]) -> str:
+    tokens = sum(r.method == "PUT" and r.status == 200 for r in requests)
+    refused = sum(r.status == 401 for r in requests)
+    return (f"metadata service: {len(requests)} requests, {tokens} tokens given, "
+            f"{refused} refused for want of a valid token")
 
 
 def cmd_unbundle(argv: Sequence[str]) -> int:

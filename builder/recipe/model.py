@@ -70,6 +70,9 @@ def _file_mode(value: object) -> str:
 FileMode = Annotated[str, BeforeValidator(_file_mode),
                      WithJsonSchema({"type": "string", "pattern": "^[0-7]{3,4}$"})]
 Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+# one OpenSSH line: no control characters nor the line breaks str.splitlines() sees
+# (cloud-init splits keys so), which would make one key two
+SSH_PUBLIC_KEY = r"^(ssh-|ecdsa-|sk-)\S+ \S+( [^\x00-\x1f\x7f\x85\u2028\u2029]*)?$"
 # No leading "-": a unit name is a systemctl argument (passed after "--" as well).
 UnitName = Annotated[str, Field(pattern=r"^[A-Za-z0-9@_:][A-Za-z0-9@._:-]*$", max_length=255)]
 # One kernel parameter: no white space or control characters (GRUB's config quotes it).
@@ -127,8 +130,7 @@ class User(Strict):
     name: Name
     groups: list[Name] = []
     shell: ImagePath = "/bin/bash"
-    ssh_authorized_keys: list[Annotated[str, Field(
-        pattern=r"^(ssh-|ecdsa-|sk-)\S+ \S+( [^\x00-\x1f\x7f]*)?$")]] = []
+    ssh_authorized_keys: list[Annotated[str, Field(pattern=SSH_PUBLIC_KEY)]] = []
     sudo: bool = False
 
 

@@ -1,37 +1,99 @@
 """The images on an EC2-like machine: disks on NVMe with EBS-like serials (as Nitro shows
-EBS volumes), EC2's SMBIOS, the root volume larger than the image. The initramfs must hold
-the NVMe driver to boot at all; ENA's driver is in the image for the real thing."""
+EBS volumes), EC2's SMBIOS, the root volume larger than the image, and an IMDSv2 metadata
+service at 169.254.169.254. The initramfs must hold the NVMe driver to boot at all; ENA's
+driver is in the image for the real thing. First-boot work (growing the root, host keys,
+cloud-init's per-instance modules) happens once: a reboot changes nothing."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from builder.host.run import run
+from builder.imds import GUEST_ADDRESS, Instance
 from builder.vm import VirtualMachine, ebs_serial
 from tests.conftest import needs_root_tools
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
+VOLUME = 4 << 30  # the EBS volume; the images are 2 GiB (web: 3 GiB)
 
 
-def test_minimal_image_boots_from_nvme(build_recipe, ssh_key: Path) -> None:
+def grown_root(ssh) -> tuple[int, int]:
+    """(root partition, root filesystem) sizes in bytes."""
+    partition = int(ssh("lsblk -bno SIZE $(findmnt -no SOURCE /)"))
+    filesystem = int(ssh("df -B1 --output=size / | tail -1"))
+    return partition, filesystem
+
+
+def host_key(ssh) -> str:
+    return ssh("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+
+
+def test_minimal_image_boots_from_nvme_and_grows_once(build_recipe, ssh_key: Path) -> None:
     built = build_recipe("debian-13-minimal.yaml")
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
-                        root_size=4 << 30) as vm:
+                        root_size=VOLUME) as vm:
         vm.wait_for(timeout=400)
         ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
         root = ssh("findmnt -no SOURCE /")
         assert re.fullmatch(r"/dev/nvme\dn1p3", root), root
         disk = root.removesuffix("p3")
         assert ssh(f"lsblk -dno SERIAL {disk}") == ebs_serial(0)
-        assert int(ssh(f"lsblk -bdno SIZE {disk}")) == 4 << 30  # the EBS volume's
+        assert int(ssh(f"lsblk -bdno SIZE {disk}")) == VOLUME  # the EBS volume's
         assert ssh("cat /sys/class/dmi/id/sys_vendor") == "Amazon EC2"
         where = {module: ssh(f"/usr/sbin/modinfo -n {module}") for module in ("nvme", "ena")}
         assert all(w.endswith((".ko", ".ko.xz", "(builtin)")) for w in where.values()), where
         if not where["nvme"].endswith("(builtin)"):  # else the kernel itself holds it
             listed = ssh("sudo -n lsinitramfs /boot/initrd.img-$(uname -r) | grep -c /nvme")
             assert int(listed) > 0
+        # the first boot grew the root partition and filesystem into the volume
+        partition, filesystem = grown_root(ssh)
+        assert partition > VOLUME - 300 * 2**20 and filesystem > VOLUME - 400 * 2**20, \
+            (partition, filesystem)
+        first = host_key(ssh), ssh("cat /etc/machine-id")
+        vm.reboot("admin", ssh_key)
+        # nothing more to do on the second boot: same sizes, same host keys, same machine
+        assert grown_root(ssh) == (partition, filesystem)
+        assert (host_key(ssh), ssh("cat /etc/machine-id")) == first
+        assert "No changes." in ssh("sudo -n journalctl -b -o cat -u systemd-repart")
+
+
+def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: Path,
+                                                       tmp_path: Path) -> None:
+    """The web recipe's cloud-init on an EC2-like machine: the EC2 datasource over IMDSv2
+    sets the hostname, installs the key pair's key and runs the user data, once."""
+    built = build_recipe("debian-13-web.yaml")
+    instance_key = tmp_path / "instance_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "key-pair", "-f",
+         str(instance_key)])
+    user_data = b"#!/bin/sh\necho \"user-data ran on $(hostname)\" | tee -a /var/tmp/ud.log\n"
+    instance = Instance(ssh_key=instance_key.with_suffix(".pub").read_text().strip(),
+                        user_data=user_data)
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True, root_size=VOLUME,
+                        instance=instance) as vm:
+        ran = vm.wait_for(r"user-data ran on (\S+)", timeout=500)
+        hostname = f"ip-{GUEST_ADDRESS.replace('.', '-')}"
+        print(f"user data ran {ran:.0f}s after power-on")
+        assert f"user-data ran on {hostname}" in vm.console()
+        vm.wait_for(timeout=300)
+        # the key from the metadata, not the recipe's: this log-in is the proof
+        ssh = lambda command: vm.ssh("admin", instance_key, command).strip()  # noqa: E731
+        assert ssh("hostname") == hostname
+        data = json.loads(ssh("sudo -n cat /run/cloud-init/instance-data.json"))
+        assert (data["v1"]["cloud_name"], data["v1"]["platform"]) == ("aws", "ec2")
+        assert data["v1"]["instance_id"] == instance.instance_id
+        partition, _ = grown_root(ssh)
+        assert partition > VOLUME - 300 * 2**20
+        gets = [r for r in vm.imds.requests if r.method == "GET"]
+        assert any(r.method == "PUT" and r.status == 200 for r in vm.imds.requests)
+        assert gets and all(r.token == "valid" for r in gets), \
+            [r for r in gets if r.token != "valid"]
+        vm.reboot("admin", instance_key)
+        assert ssh("cat /var/tmp/ud.log").splitlines() == [f"user-data ran on {hostname}"]
+        assert "user-data ran" not in vm.console()
 
 
 def test_ebs_image_mounts_its_data_volume_from_nvme(build_recipe, ssh_key: Path) -> None:

@@ -255,8 +255,26 @@ def test_an_ec2_like_machine_has_nvme_disks_with_ebs_serials(tmp_path: Path) -> 
     assert "nvme,serial=vol00000000000000001,drive=ebs0" in devices
     assert "nvme,serial=vol00000000000000002,drive=ebs1" in devices
     assert not any("if=virtio" in a for a in argv)
-    assert "type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like" in argv
+    smbios = argv[argv.index("-smbios") + 1]
+    assert smbios.startswith("type=1,manufacturer=Amazon EC2,")
+    # ds-identify's AWS test: product serial and UUID equal, both starting with "ec2"
+    uuid = argv[argv.index("-uuid") + 1]
+    assert uuid.startswith("ec2") and f"serial={uuid}" in smbios
     assert len("vol00000000000000001") == 20  # an EBS volume id without its dash
+
+
+def test_an_ec2_like_machine_reaches_its_metadata_service_on_its_own_link(
+        tmp_path: Path) -> None:
+    argv = qemu_argv("uefi", [tmp_path / "root.qcow2"], tmp_path, {22: 2222}, ec2=True,
+                     imds_command="/opt/py,3/python -m builder.imds 4242")
+    nic = argv[argv.index("-nic") + 1]
+    assert nic == ("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22,"
+                   "net=169.254.169.0/24,restrict=on,ipv6=off,"
+                   "guestfwd=tcp:169.254.169.254:80-cmd:"
+                   "/opt/py,,3/python -m builder.imds 4242")
+    plain = qemu_argv("uefi", [tmp_path / "root.qcow2"], tmp_path, {22: 2222})
+    assert plain[plain.index("-nic") + 1] == \
+        "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22"
 
 
 def test_secure_boot_firmware_runs_with_smm(tmp_path: Path) -> None:

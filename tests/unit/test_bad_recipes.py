@@ -268,7 +268,10 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
         ["recipe.yaml:3:18: root_volume.files[0].dest: '/etc/a\\nb' may not hold control characters (newlines, tabs) and is at most 4096 characters"]),
     "ssh-key-two-lines": (
         {"recipe.yaml": "name: xyz\nroot_volume:\n  users: [{name: a, ssh_authorized_keys: [\"ssh-ed25519 AAAA a\\nssh-rsa EVIL\"]}]\n"},
-        ["recipe.yaml:3:43: root_volume.users[0].ssh_authorized_keys[0]: 'ssh-ed25519 AAAA a\\nssh-rsa EVIL' does not match the pattern ^(ssh-|ecdsa-|sk-)\\S+ \\S+( [^\\x00-\\x1f\\x7f]*)?$"]),
+        ["recipe.yaml:3:43: root_volume.users[0].ssh_authorized_keys[0]: 'ssh-ed25519 AAAA a\\nssh-rsa EVIL' does not match the pattern ^(ssh-|ecdsa-|sk-)\\S+ \\S+( [^\\x00-\\x1f\\x7f\\x85\\u2028\\u2029]*)?$"]),
+    "ssh-key-unicode-line-separator": (
+        {"recipe.yaml": "name: xyz\nroot_volume:\n  users: [{name: a, ssh_authorized_keys: [\"ssh-ed25519 AAAA a\\u2028ssh-rsa EVIL\"]}]\n"},
+        ["recipe.yaml:3:43: root_volume.users[0].ssh_authorized_keys[0]: 'ssh-ed25519 AAAA a\\u2028ssh-rsa EVIL' does not match the pattern ^(ssh-|ecdsa-|sk-)\\S+ \\S+( [^\\x00-\\x1f\\x7f\\x85\\u2028\\u2029]*)?$"]),
     "size-too-small": (
         {"recipe.yaml": "name: xyz\nroot_volume: {size: 1MiB}\n"},
         ["recipe.yaml:2:21: root_volume.size: 1MiB leaves no room for the hybrid layout and a root filesystem: at least 195MiB"]),

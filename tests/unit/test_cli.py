@@ -112,3 +112,28 @@ def test_help_lists_every_subcommand(capsys) -> None:
     out = capsys.readouterr().out
     for name in SUBCOMMANDS:
         assert f"  build {name}" in out, name
+
+
+@pytest.mark.parametrize(("files", "args", "message"), [
+    ({"ud": b"x" * 16385}, ["--ec2", "--user-data", "ud"],
+     "--user-data ud (AWS takes 16 KB): larger than 16384 bytes"),
+    ({}, ["--ec2", "--user-data", "/dev/zero"], "/dev/zero (AWS takes 16 KB): not a regular"),
+    ({"k.pub": b"ssh-ed25519 AAAA a\nssh-ed25519 BBBB b\n"}, ["--ec2", "--ssh-key", "k.pub"],
+     "k.pub: not one OpenSSH public key line"),
+    ({"k.pub": b"-----BEGIN OPENSSH PRIVATE KEY-----\n"}, ["--ec2", "--ssh-key", "k.pub"],
+     "k.pub: not one OpenSSH public key line"),
+    ({"k.pub": "ssh-ed25519 AAAA a\u2028ssh-ed25519 BBBB b\n".encode()},
+     ["--ec2", "--ssh-key", "k.pub"], "k.pub: not one OpenSSH public key line"),
+    ({}, ["--ec2", "--user-data", "missing"], "--user-data missing (AWS takes 16 KB): cannot "
+     "read: No such file"),
+    ({"ud": b"#!/bin/sh\n"}, ["--user-data", "ud"], "are for an EC2-like machine (--ec2)"),
+])
+def test_boot_refuses_metadata_aws_or_openssh_would(tmp_path: Path, files: dict[str, bytes],
+                                                    args: list[str], message: str) -> None:
+    from builder.host.run import qemu_img
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"), "1M")
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    result = build("boot", "disk.qcow2", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
