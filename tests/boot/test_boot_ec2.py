@@ -87,6 +87,11 @@ def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: P
         assert data["v1"]["instance_id"] == instance.instance_id
         partition, _ = grown_root(ssh)
         assert partition > VOLUME - 300 * 2**20
+        # Amazon's own IMDSv2 client, from amazon-ec2-utils, finds the service too; that
+        # package's udev rules name EBS volumes by their mapping (they match only EBS's
+        # NVMe model and vendor data, which QEMU's NVMe cannot present)
+        assert ssh("ec2-metadata --instance-id") == f"instance-id: {instance.instance_id}"
+        assert ssh("test -f /usr/lib/udev/rules.d/70-ec2-nvme-devices.rules && echo ok") == "ok"
         gets = [r for r in vm.imds.requests if r.method == "GET"]
         assert any(r.method == "PUT" and r.status == 200 for r in vm.imds.requests)
         assert gets and all(r.token == "valid" for r in gets), \
