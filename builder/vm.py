@@ -30,10 +30,15 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # qemu-efi-aarch64
 AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 FIRMWARE_VARS = {"x86_64": OVMF_VARS, "arm64": AAVMF_VARS}
+# (arm64: AAVMF with Microsoft's keys enrolled; the virt machine has no SMM to guard them)
+AAVMF_SECURE_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.ms.fd")
+AAVMF_SECURE_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.ms.fd")
+
 # Secure Boot enforced: OVMF's SMM build with Microsoft's keys enrolled (Debian's ovmf);
 # the firmware starts only what those keys' chain signed (shim, which trusts Debian's)
 OVMF_SECURE_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
 OVMF_SECURE_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+SECURE_VARS = {"x86_64": OVMF_SECURE_VARS, "arm64": AAVMF_SECURE_VARS}
 FIRMWARES = ("bios", "uefi", "uefi-secureboot")
 LOGIN_PROMPT = r"login:"
 CONSOLE_STALL = 150  # seconds without a byte on the console: the guest has stopped
@@ -82,7 +87,7 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
     serves the guest's connections to 169.254.169.254:80."""
     if arch == "arm64":
         argv = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt", "-cpu", "cortex-a72"]
-        code = AAVMF_CODE
+        code = AAVMF_SECURE_CODE if firmware == "uefi-secureboot" else AAVMF_CODE
     elif firmware == "uefi-secureboot":  # its variables are protected by SMM
         argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,smm=on",
                 "-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -164,12 +169,13 @@ class VirtualMachine:
         self._work = Path(tempfile.mkdtemp(prefix="amiforge-vm-"))
         self._disks = [self._overlay(disk, i) for i, disk in
                        enumerate([self.image, *self.extra_disks])]
-        if self.arch == "arm64" and self.firmware != "uefi":
-            raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi)")
+        if self.arch == "arm64" and self.firmware == "bios":
+            raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi or "
+                              "uefi-secureboot)")
         if self.firmware == "uefi":
             shutil.copyfile(FIRMWARE_VARS[self.arch], self._work / "vars.fd")
         elif self.firmware == "uefi-secureboot":
-            shutil.copyfile(OVMF_SECURE_VARS, self._work / "vars.fd")
+            shutil.copyfile(SECURE_VARS[self.arch], self._work / "vars.fd")
         self._spawn()
 
     def _spawn(self) -> None:

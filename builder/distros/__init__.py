@@ -70,7 +70,8 @@ class Debian(Distribution):
     # Secure Boot: the signed shim and GRUB (their ESP files come from the image's tree),
     # whose kernels are signed too
     signed_boot_packages: ClassVar[dict[str, tuple[str, ...]]] = {
-        "x86_64": ("shim-signed", "grub-efi-amd64-signed")}
+        "x86_64": ("shim-signed", "grub-efi-amd64-signed"),
+        "arm64": ("shim-signed", "grub-efi-arm64-signed")}
 
 
 def get(name: str) -> type[Distribution]:

@@ -36,13 +36,17 @@ BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
 EFI_MODULES = ("fat", "efi_gop", "all_video", *COMMON_MODULES)
 EFI_REMOVABLE = {"x86_64": ("x86_64-efi", "EFI/BOOT/BOOTX64.EFI"),
                  "arm64": ("arm64-efi", "EFI/BOOT/BOOTAA64.EFI")}
-# Secure Boot (x86_64): ESP path -> the file the image's shim-signed and
-# grub-efi-amd64-signed install. MokManager rides along (shim starts it when a MOK change
+# Secure Boot: ESP path -> the file the image's shim-signed (and its shim-helpers) and
+# grub-efi-ARCH-signed install. MokManager rides along (shim starts it when a MOK change
 # is pending); the fallback loader does not (it would add boot entries and reset).
 SIGNED_EFI = {"x86_64": {"EFI/BOOT/BOOTX64.EFI": "/usr/lib/shim/shimx64.efi.signed",
                          "EFI/BOOT/grubx64.efi":
                              "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
-                         "EFI/BOOT/mmx64.efi": "/usr/lib/shim/mmx64.efi.signed"}}
+                         "EFI/BOOT/mmx64.efi": "/usr/lib/shim/mmx64.efi.signed"},
+              "arm64": {"EFI/BOOT/BOOTAA64.EFI": "/usr/lib/shim/shimaa64.efi.signed",
+                        "EFI/BOOT/grubaa64.efi":
+                            "/usr/lib/grub/arm64-efi-signed/grubaa64.efi.signed",
+                        "EFI/BOOT/mmaa64.efi": "/usr/lib/shim/mmaa64.efi.signed"}}
 SIGNED_GRUB_CONFIG = "EFI/debian/grub.cfg"
 MAX_EFI_BINARY = 16 << 20  # signed GRUB is ~4 MiB
 

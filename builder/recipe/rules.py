@@ -133,7 +133,7 @@ def effective_boot_mode(recipe: Recipe) -> str:
 
 
 UEFI_DATA_MAX = 64000  # RegisterImage's UefiData
-SIGNED_BOOT = ("x86_64",)  # architectures whose signed boot chain amiforge builds
+SIGNED_BOOT = ("x86_64", "arm64")  # architectures whose signed boot chain amiforge builds
 
 
 def boot_rules(recipe: Recipe) -> Found:

@@ -39,3 +39,19 @@ def test_enforcing_firmware_refuses_an_unsigned_bootloader(build_recipe) -> None
         vm.wait_for(r"Access Denied|Security Violation", timeout=180)
         assert "login:" not in vm.console()
         assert "Booting `" not in vm.console()  # GRUB never ran
+
+
+def test_arm64_secure_boot_image_boots_with_secure_boot_enforced(build_recipe,
+                                                                 ssh_key: Path) -> None:
+    """Graviton's chain: AAVMF with Microsoft's keys enrolled starts Debian's signed arm64
+    shim (BOOTAA64.EFI), GRUB and kernel."""
+    built = build_recipe("debian-13-arm64-secureboot.yaml")
+    with VirtualMachine(built.artifact("disk.qcow2"), "uefi-secureboot", arch="arm64") as vm:
+        seconds = vm.wait_for(timeout=900)
+        print(f"arm64 (uefi-secureboot): login prompt after {seconds:.1f}s")
+        assert "UEFI Secure Boot is enabled" in vm.console()  # the kernel's EFI stub
+        check_configured(vm, ssh_key)
+        assert vm.ssh("admin", ssh_key, "mokutil --sb-state").strip() == "SecureBoot enabled"
+        assert vm.ssh("admin", ssh_key, "dpkg --print-architecture").strip() == "arm64"
+        lockdown = vm.ssh("admin", ssh_key, "cat /sys/kernel/security/lockdown")
+        assert "[integrity]" in lockdown or "[confidentiality]" in lockdown
