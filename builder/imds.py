@@ -73,7 +73,8 @@ class Instance:
     key_name: str = "amiforge"
     ssh_key: str | None = None        # public-keys/0/openssh-key
     user_data: bytes | None = None
-    data_devices: tuple[str, ...] = ()  # the mapping's data volumes, e.g. ("sdf",)
+    # the mapping's other volumes: (metadata name, device), e.g. ("ebs1", "sdf")
+    block_devices: tuple[tuple[str, str], ...] = ()
 
     @property
     def local_hostname(self) -> str:
@@ -84,7 +85,7 @@ def metadata(instance: Instance) -> dict[str, Any]:
     """The tree under /VERSION/: dicts are directories, strings files."""
     hostname = instance.local_hostname
     mappings = {"ami": "/dev/xvda", "root": "/dev/xvda"}
-    mappings |= {f"ebs{i + 1}": device for i, device in enumerate(instance.data_devices)}
+    mappings |= dict(instance.block_devices)
     interface = {"device-number": "0", "interface-id": "eni-0a1f0e2c3b4d5e6f7",
                  "local-hostname": hostname, "local-ipv4s": GUEST_ADDRESS, "mac": GUEST_MAC,
                  "subnet-id": "subnet-0a1f0e2c", "subnet-ipv4-cidr-block": GUEST_NETWORK,

@@ -67,21 +67,30 @@ def ebs_serial(index: int) -> str:
     return f"vol{index + 1:017x}"
 
 
-def disk_argv(disks: list[Path], nvme: bool) -> list[str]:
-    """virtio disks, or (an EC2-like machine) NVMe controllers with EBS-like serials."""
+def instance_store_serial(index: int) -> str:
+    """What Nitro shows for an instance-store NVMe disk: "AWS" and 17 hex digits."""
+    return f"AWS{index + 1:017X}"
+
+
+def disk_argv(disks: list[Path], nvme: bool, instance_store: int = 0) -> list[str]:
+    """virtio disks, or (an EC2-like machine) NVMe controllers with EBS-like serials, the
+    last ``instance_store`` with instance-store serials."""
     argv: list[str] = []
+    first_store = len(disks) - instance_store
     for index, disk in enumerate(disks):
         if not nvme:
             argv += ["-drive", f"file={disk},format=qcow2,if=virtio"]
             continue
-        argv += ["-drive", f"file={disk},format=qcow2,if=none,id=ebs{index}",
-                 "-device", f"nvme,serial={ebs_serial(index)},drive=ebs{index}"]
+        serial = ebs_serial(index) if index < first_store else \
+            instance_store_serial(index - first_store)
+        argv += ["-drive", f"file={disk},format=qcow2,if=none,id=disk{index}",
+                 "-device", f"nvme,serial={serial},drive=disk{index}"]
     return argv
 
 
 def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, int],
               memory_mib: int = 1024, arch: str = "x86_64", ec2: bool = False,
-              imds_command: str | None = None) -> list[str]:
+              imds_command: str | None = None, instance_store: int = 0) -> list[str]:
     """x86_64: the q35 machine, SeaBIOS or OVMF. arm64: the virt machine (a PL011 console,
     ttyAMA0) with AAVMF; UEFI only, as on Graviton. ``imds_command`` (EC2-like machines)
     serves the guest's connections to 169.254.169.254:80."""
@@ -100,7 +109,7 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
     if firmware in ("uefi", "uefi-secureboot"):
         argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,file={work / 'vars.fd'}"]
-    argv += disk_argv(disks, nvme=ec2)
+    argv += disk_argv(disks, nvme=ec2, instance_store=instance_store)
     if ec2:  # what an instance's firmware says: cloud-init (ds-identify) takes a machine
         # whose product UUID and serial are equal and start with "ec2" for EC2
         argv += ["-smbios", f"type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like,"
@@ -133,6 +142,7 @@ class VirtualMachine:
     firmware: str = "bios"
     arch: str = "x86_64"
     extra_disks: list[Path] = field(default_factory=list)
+    instance_store: list[Path] = field(default_factory=list)  # (ec2) after extra_disks
     ec2: bool = False              # NVMe disks with EBS-like serials, EC2's SMBIOS, IMDSv2
     root_size: int | None = None   # the root volume larger than the image (bytes), as EBS's
     instance: Instance | None = None  # (ec2) what the metadata service says
@@ -168,7 +178,7 @@ class VirtualMachine:
         """A fresh machine: new overlays, new firmware variables, QEMU started."""
         self._work = Path(tempfile.mkdtemp(prefix="amiforge-vm-"))
         self._disks = [self._overlay(disk, i) for i, disk in
-                       enumerate([self.image, *self.extra_disks])]
+                       enumerate([self.image, *self.extra_disks, *self.instance_store])]
         if self.arch == "arm64" and self.firmware == "bios":
             raise BuildFailed("arm64 images boot with UEFI only (--firmware uefi or "
                               "uefi-secureboot)")
@@ -184,7 +194,8 @@ class VirtualMachine:
         self._started = time.monotonic()
         self._proc = spawn(qemu_argv(self.firmware, self._disks, self._work, self.forwards,
                                      arch=self.arch, ec2=self.ec2,
-                                     imds_command=self.imds and self.imds.relay_command()),
+                                     imds_command=self.imds and self.imds.relay_command(),
+                                     instance_store=len(self.instance_store)),
                            log_path=self.console_log)
 
     def power_on_again(self, timeout: float = 120) -> None:

@@ -6,8 +6,10 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from builder.aws.launch import DEFAULT_TYPES
 from builder.commands.args import Parser, regex
@@ -21,49 +23,11 @@ EXIT_DIFFERENT = 1  # build diff, as diff(1)
 
 
 def cmd_boot(argv: Sequence[str]) -> int:
-    from builder.recipe.sizes import parse_size
-    from builder.vm import FIRMWARES, LOGIN_PROMPT, VirtualMachine, image_size
+    from builder.vm import VirtualMachine
 
-    parser = Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
-                     "throw-away overlay and wait for a login prompt on the serial console "
-                     "(or --expect REGEX): exit 0 when it shows, 1 on timeout.")
-    parser.add_argument("image", type=Path)
-    parser.add_argument("--firmware", choices=FIRMWARES, default="bios",
-                        help="uefi-secureboot: OVMF enforcing Secure Boot with Microsoft's "
-                        "keys enrolled")
-    parser.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
-                        help="the image's architecture (arm64: qemu-system-aarch64, UEFI)")
-    parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--expect", "--pattern", dest="pattern", default=LOGIN_PROMPT,
-                        type=regex, metavar="REGEX", help="wait for this on the serial "
-                        "console instead (e.g. what a user-data script prints)")
-    parser.add_argument("--console", action="store_true", help="print the console log")
-    parser.add_argument("--ec2", action="store_true", help="an EC2-like machine: disks on "
-                        "NVMe with EBS-like serials, EC2's SMBIOS (no ENA: the NIC is virtio)")
-    parser.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
-                        help="another disk (a data volume image), in order")
-    parser.add_argument("--root-size", type=parse_size, metavar="SIZE",
-                        help="the root disk this large (as an EBS volume larger than the "
-                        "image), e.g. 4GiB")
-    parser.add_argument("--user-data", type=Path, metavar="FILE", help="(--ec2) the "
-                        "instance's user data, served by the metadata service")
-    parser.add_argument("--ssh-key", type=Path, metavar="PUB", help="(--ec2) an OpenSSH "
-                        "public key file: the instance's key pair (public-keys/0)")
-    args = parser.parse_args(argv)
-    if len(args.disk) > MAX_DISKS:
-        raise InputError(f"build boot: at most {MAX_DISKS} --disk (sdf to sdz)")
-    for image in (args.image, *args.disk):
-        if not image.is_file():
-            raise InputError(f"{image}: image not found")
-    if args.root_size is not None and args.root_size < image_size(args.image):
-        raise InputError(f"--root-size: smaller than {args.image} ({image_size(args.image)} "
-                         "bytes)")
-    if not args.ec2 and (args.user_data or args.ssh_key):
-        raise InputError("build boot: --user-data and --ssh-key are for an EC2-like machine "
-                         "(--ec2)")
-    instance = ec2_instance(args) if args.ec2 else None
-    with VirtualMachine(args.image, args.firmware, args.arch, extra_disks=args.disk,
-                        ec2=args.ec2, root_size=args.root_size, instance=instance) as vm:
+    args = boot_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="amiforge-boot-") as blanks, \
+            VirtualMachine(**machine_for(args, Path(blanks))) as vm:
         try:
             seconds = vm.wait_for(args.pattern, args.timeout)
         finally:
@@ -75,7 +39,84 @@ def cmd_boot(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def ec2_instance(args: argparse.Namespace) -> Instance:
+def boot_parser() -> Parser:
+    from builder.recipe.sizes import parse_size
+    from builder.vm import FIRMWARES, LOGIN_PROMPT
+
+    parser = Parser(prog="build boot", description="Boot an image under QEMU (TCG) on a "
+                     "throw-away overlay and wait for a login prompt on the serial console "
+                     "(or --expect REGEX): exit 0 when it shows, 1 on timeout.")
+    parser.add_argument("image", type=Path, help="an image file, or (--ec2) a build's "
+                        "output directory: its block device mapping, laid out")
+    parser.add_argument("--firmware", choices=FIRMWARES, default="bios",
+                        help="uefi-secureboot: OVMF enforcing Secure Boot with Microsoft's "
+                        "keys enrolled")
+    parser.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                        help="the image's architecture (arm64: qemu-system-aarch64, UEFI)")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--expect", "--pattern", dest="pattern", default=LOGIN_PROMPT,
+                        type=regex, metavar="REGEX", help="wait for this on the serial "
+                        "console instead (e.g. what a user-data script prints)")
+    parser.add_argument("--console", action="store_true", help="print the console log")
+    parser.add_argument("--ec2", action="store_true", help="an EC2-like machine: disks on "
+                        "NVMe with EBS-like serials, EC2's SMBIOS, an IMDSv2 metadata "
+                        "service (no ENA: the NIC is virtio)")
+    parser.add_argument("--disk", action="append", type=Path, default=[], metavar="IMAGE",
+                        help="another disk (a data volume image), in order")
+    parser.add_argument("--root-size", type=parse_size, metavar="SIZE",
+                        help="the root disk this large (as an EBS volume larger than the "
+                        "image), e.g. 4GiB")
+    parser.add_argument("--user-data", type=Path, metavar="FILE", help="(--ec2) the "
+                        "instance's user data, served by the metadata service")
+    parser.add_argument("--ssh-key", type=Path, metavar="PUB", help="(--ec2) an OpenSSH "
+                        "public key file: the instance's key pair (public-keys/0)")
+    return parser
+
+
+def machine_for(args: argparse.Namespace, blanks: Path) -> dict[str, Any]:
+    """VirtualMachine's arguments: an image and --disk images, or (--ec2) an output
+    directory's mapping, whose blank volumes are made in ``blanks``."""
+    from builder.vm import image_size
+
+    if not args.ec2 and (args.user_data or args.ssh_key):
+        raise InputError("build boot: --user-data and --ssh-key are for an EC2-like machine "
+                         "(--ec2)")
+    if len(args.disk) > MAX_DISKS:
+        raise InputError(f"build boot: at most {MAX_DISKS} --disk (sdf to sdz)")
+    if args.image.is_dir():
+        machine = mapped_machine(args, blanks)
+    else:
+        for image in (args.image, *args.disk):
+            if not image.is_file():
+                raise InputError(f"{image}: image not found")
+        devices = tuple((f"ebs{i + 1}", f"sd{chr(ord('f') + i)}")
+                        for i in range(len(args.disk)))
+        machine = {"image": args.image, "extra_disks": args.disk, "root_size": args.root_size,
+                   "block_devices": devices}
+    if machine["root_size"] is not None and machine["root_size"] < image_size(machine["image"]):
+        raise InputError(f"--root-size: smaller than {machine['image']} "
+                         f"({image_size(machine['image'])} bytes)")
+    devices = machine.pop("block_devices")
+    instance = ec2_instance(args, devices) if args.ec2 else None
+    return {**machine, "firmware": args.firmware, "arch": args.arch, "ec2": args.ec2,
+            "instance": instance}
+
+
+def mapped_machine(args: argparse.Namespace, blanks: Path) -> dict[str, Any]:
+    """An output directory booted as an instance of its AMI: the root volume as large as
+    the mapping says, its EBS volumes (filled or blank), then its instance-store volumes."""
+    from builder.ec2layout import attach, mapping_layout
+
+    if not args.ec2 or args.disk:
+        raise InputError(f"{args.image}: an output directory boots as an instance of its "
+                         "AMI (--ec2, without --disk); give an image file otherwise")
+    layout = mapping_layout(args.image)
+    ebs, instance_store, devices = attach(layout, blanks)
+    return {"image": layout.root, "extra_disks": ebs, "instance_store": instance_store,
+            "root_size": args.root_size or layout.root_size, "block_devices": devices}
+
+
+def ec2_instance(args: argparse.Namespace, devices: tuple[tuple[str, str], ...]) -> Instance:
     """What the metadata service of ``build boot --ec2`` serves: the user data and key
     given, checked as AWS and OpenSSH would."""
     user_data = ssh_key = None
@@ -89,8 +130,7 @@ def ec2_instance(args: argparse.Namespace) -> Instance:
             raise InputError(f"{args.ssh_key}: not one OpenSSH public key line "
                              "(TYPE BASE64 [COMMENT])")
     return Instance(architecture=args.arch, user_data=user_data, ssh_key=ssh_key,
-                    instance_type=DEFAULT_TYPES[args.arch],
-                    data_devices=tuple(f"sd{chr(ord('f') + i)}" for i in range(len(args.disk))))
+                    instance_type=DEFAULT_TYPES[args.arch], block_devices=devices)
 
 
 MAX_DISKS = 21  # /dev/sdf to /dev/sdz

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from builder.ec2layout import INSTANCE_STORE_SIZE, attach, mapping_layout
 from builder.host.run import run
 from builder.imds import GUEST_ADDRESS, Instance
-from builder.vm import VirtualMachine, ebs_serial
+from builder.vm import VirtualMachine, ebs_serial, instance_store_serial
 from tests.conftest import needs_root_tools
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
@@ -101,15 +102,24 @@ def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: P
         assert "user-data ran" not in vm.console()
 
 
-def test_ebs_image_mounts_its_data_volume_from_nvme(build_recipe, ssh_key: Path) -> None:
+def test_ebs_image_boots_as_an_instance_of_its_mapping(build_recipe, ssh_key: Path,
+                                                       tmp_path: Path) -> None:
+    """The EBS recipe's output laid out as `build boot OUT --ec2` does: the 8 GiB root
+    volume, the data volume amiforge filled (mounted by label), the instance store."""
     built = build_recipe("debian-13-ebs.yaml")
-    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
-                        extra_disks=[built.artifact("volume-sdf.qcow2")]) as vm:
+    layout = mapping_layout(built.output_dir)
+    ebs, instance_store, devices = attach(layout, tmp_path)
+    with VirtualMachine(layout.root, "uefi", ec2=True, extra_disks=ebs,
+                        instance_store=instance_store, root_size=layout.root_size,
+                        instance=Instance(block_devices=devices)) as vm:
         vm.wait_for(timeout=400)
+        ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
         # NVMe names follow the order the controllers are found in, on EC2 as here: the
         # volume is told by its serial, and the image mounts it by label
-        source = vm.ssh("admin", ssh_key, "findmnt -no SOURCE /srv/data").strip()
+        source = ssh("findmnt -no SOURCE /srv/data")
         assert source.startswith("/dev/nvme")
-        serial = vm.ssh("admin", ssh_key, f"lsblk -dno SERIAL {source}").strip()
-        assert serial == ebs_serial(1)
-        assert "built by amiforge" in vm.ssh("admin", ssh_key, "cat /srv/data/README")
+        assert ssh(f"lsblk -dno SERIAL {source}") == ebs_serial(1)
+        assert "built by amiforge" in ssh("cat /srv/data/README")
+        assert grown_root(ssh)[0] > 8 * 2**30 - 300 * 2**20  # the mapping's 8 GiB
+        serials = dict(line.split() for line in ssh("lsblk -dnbo SERIAL,SIZE").splitlines())
+        assert serials[instance_store_serial(0)] == str(INSTANCE_STORE_SIZE)

@@ -249,11 +249,12 @@ def test_sh_program_failure_is_a_tool_error() -> None:
 
 
 def test_an_ec2_like_machine_has_nvme_disks_with_ebs_serials(tmp_path: Path) -> None:
-    disks = [tmp_path / "root.qcow2", tmp_path / "data.qcow2"]
-    argv = qemu_argv("uefi", disks, tmp_path, {22: 2222}, ec2=True)
+    disks = [tmp_path / "root.qcow2", tmp_path / "data.qcow2", tmp_path / "store.qcow2"]
+    argv = qemu_argv("uefi", disks, tmp_path, {22: 2222}, ec2=True, instance_store=1)
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
-    assert "nvme,serial=vol00000000000000001,drive=ebs0" in devices
-    assert "nvme,serial=vol00000000000000002,drive=ebs1" in devices
+    assert "nvme,serial=vol00000000000000001,drive=disk0" in devices
+    assert "nvme,serial=vol00000000000000002,drive=disk1" in devices
+    assert "nvme,serial=AWS00000000000000001,drive=disk2" in devices  # instance store
     assert not any("if=virtio" in a for a in argv)
     smbios = argv[argv.index("-smbios") + 1]
     assert smbios.startswith("type=1,manufacturer=Amazon EC2,")

@@ -137,3 +137,13 @@ def test_boot_refuses_metadata_aws_or_openssh_would(tmp_path: Path, files: dict[
     result = build("boot", "disk.qcow2", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_output_directory_boots_only_as_an_instance_of_its_ami(tmp_path: Path) -> None:
+    result = build("boot", ".", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: .: an output directory boots as an instance of "
+                                     "its AMI (--ec2, without --disk); give an image file "
+                                     "otherwise")
+    result = build("boot", ".", "--ec2", cwd=tmp_path)
+    assert result.returncode == 2 and "register-image.json" in result.stderr

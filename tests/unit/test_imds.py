@@ -29,7 +29,8 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtC4dBn0dR0aGzDlqbEO4Ckh0G1xKXb4uN7m
 
 @pytest.fixture
 def imds():
-    instance = Instance(ssh_key=KEY, user_data=b"#!/bin/sh\necho hi\n", data_devices=("sdf",))
+    instance = Instance(ssh_key=KEY, user_data=b"#!/bin/sh\necho hi\n",
+                        block_devices=(("ebs1", "sdf"), ("ephemeral0", "sdb")))
     with MetadataService(instance) as service:
         yield service
 
@@ -90,6 +91,7 @@ def test_the_tree_cloud_init_reads(imds) -> None:
     assert get(imds, "/latest/meta-data/local-hostname")[1] == \
         f"ip-{GUEST_ADDRESS.replace('.', '-')}.ec2.internal"
     assert get(imds, "/latest/meta-data/block-device-mapping/ebs1") == (200, "sdf")
+    assert get(imds, "/latest/meta-data/block-device-mapping/ephemeral0") == (200, "sdb")
     assert get(imds, "/latest/user-data") == (200, "#!/bin/sh\necho hi\n")
     document = json.loads(get(imds, "/latest/dynamic/instance-identity/document")[1])
     assert document["region"] == "us-east-1" and document["instanceId"].startswith("i-")
