@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from pyuefivars.aws import AWSUEFIVarStore
+from pyuefivars.varstore import UEFIVar, UEFIVarStore
 from virt.firmware.efi import certs, efivar, guids
 from virt.firmware.varstore.aws import AwsVarStore
 
@@ -58,12 +60,27 @@ def enrolls_platform_key(value: object) -> bool:
 
 
 def microsoft_keys() -> str:
-    """The UefiData blob enrolling Microsoft's keys (the same bytes every time: the
-    variables' timestamps come from the certificates)."""
+    """The UefiData blob enrolling Microsoft's keys."""
     variables = efivar.EfiVarList()
     variables.enroll_platform_microsoft()
     variables.add_microsoft_keys("all")
-    return AwsVarStore.base64_varstore(variables).decode()
+    return aws_blob(variables)
+
+
+def aws_blob(variables: efivar.EfiVarList) -> str:
+    """The Secure Boot variables as AWS's own tool writes them (awslabs' python-uefivars,
+    which AWS's "Create the AWS binary blob" page runs as ``uefivars -i none -o aws --PK
+    PK.esl ...``): time-based authenticated variables with an empty timestamp and digest,
+    zlib-compressed with AWS's dictionary, checksummed, base64. virt-firmware makes the
+    signature lists; this writes them the way the tool does (its own format conversion)."""
+    store = UEFIVarStore()
+    for name in SECURE_BOOT_VARIABLES:
+        variable = variables.get(name)
+        if variable is not None:
+            store.vars.append(UEFIVar(name, bytes(variable.data), variable.guid.bytes_le,
+                                      variable.attr))
+    store.__class__ = AWSUEFIVarStore  # (how uefivars' main() turns a store into AWS's)
+    return bytes(store).decode()
 
 
 def read_certificate(path: Path) -> bytes:
@@ -92,7 +109,7 @@ def certificate_store(files: UefiCertificateFiles, base_dir: Path) -> str:
     for name, _, path in certificate_files(files):
         variables.add_cert_prepare(name).sigdb_add_cert_data(
             owner, read_certificate(base_dir / path))
-    return AwsVarStore.base64_varstore(variables).decode()
+    return aws_blob(variables)
 
 
 def decoded(blob: str) -> dict[str, list[str]]:

@@ -151,6 +151,9 @@ def boot_rules(recipe: Recipe) -> Found:
                f"(boot mode is {effective!r}, root_volume.boot is {boot!r})")
     if recipe.ami.uefi_data and boot == "bios":
         yield ("ami", "uefi_data"), "uefi_data needs a UEFI-bootable image (boot is 'bios')"
+    elif recipe.ami.uefi_data and effective == "legacy-bios":
+        yield ("ami", "uefi_data"), ("needs ami.boot_mode 'uefi' (an instance that boots "
+                                     "legacy-bios has no UEFI variables)")
     elif _enrolls_platform_key(recipe) and not recipe.root_volume.secure_boot:
         yield ("ami", "uefi_data"), ("enrolls a platform key, so instances boot with Secure "
                                      "Boot enforced: needs root_volume.secure_boot (amiforge's "

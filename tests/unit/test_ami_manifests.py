@@ -321,3 +321,31 @@ def test_uefi_certificates_outside_the_recipe_folder_are_refused(tmp_path: Path)
     with pytest.raises(RecipeError, match=r"certificates.kek\[0\]: '../host.pem' is a path "
                        "outside the recipe's folder"):
         load_recipe(recipe / "r.yaml")
+
+
+def test_uefi_data_is_what_aws_own_tool_writes(tmp_path: Path) -> None:
+    """The blob for {keys: microsoft} is byte for byte what AWS's documented command makes
+    of the same signature lists (`uefivars -i none -o aws --PK PK.esl --KEK KEK.esl --db
+    db.esl --dbx dbx.esl`, "Create the AWS binary blob"), and that tool reads it back."""
+    import subprocess
+    import sys
+
+    from pyuefivars.aws import AWSUEFIVarStore
+    from virt.firmware.efi import efivar
+
+    from builder.outputs.uefivars import microsoft_keys
+
+    variables = efivar.EfiVarList()
+    variables.enroll_platform_microsoft()
+    variables.add_microsoft_keys("all")
+    options = []
+    for name, flag in (("PK", "--PK"), ("KEK", "--KEK"), ("db", "--db"), ("dbx", "--dbx")):
+        (tmp_path / f"{name}.esl").write_bytes(bytes(variables[name].data))
+        options += [flag, str(tmp_path / f"{name}.esl")]
+    tool = subprocess.run([sys.executable, "-c", "import pyuefivars; pyuefivars.main()",
+                           "-i", "none", "-o", "aws", "-O", str(tmp_path / "blob"), *options],
+                          capture_output=True, check=True, timeout=60)
+    assert (tmp_path / "blob").read_bytes().decode() == microsoft_keys(), tool.stderr
+    read = AWSUEFIVarStore(microsoft_keys().encode())
+    assert [v.name for v in read.vars] == ["PK", "KEK", "db", "dbx"]
+    assert all(v.attr == 0x27 and v.timestamp is None and v.digest is None for v in read.vars)

@@ -333,6 +333,10 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "long-duplicate-key-not-echoed": (
         {"recipe.yaml": "name: xyz\n" + "k" * 60 + ": 1\n" + "k" * 60 + ": 2\n"},
         ["recipe.yaml:3:1: " + "k" * 40 + "…: duplicate key (the mapping already has '" + "k" * 40 + "'… at line 2)"]),
+    "uefi-data-with-legacy-bios": (
+        {"recipe.yaml": "name: xyz\nami:\n  boot_mode: legacy-bios\n  uefi_data: QUJDRA==\n"},
+        ["recipe.yaml:4:14: ami.uefi_data: needs ami.boot_mode 'uefi' (an instance that boots legacy-bios has no UEFI variables)",
+         "recipe.yaml:4:14: ami.uefi_data: not an AWS UEFI variable store"]),
     "uefi-data-not-a-variable-store": (
         {"recipe.yaml": "name: xyz\nami:\n  boot_mode: uefi\n  uefi_data: QUJDRA==\n"},
         ["recipe.yaml:4:14: ami.uefi_data: not an AWS UEFI variable store"]),
