@@ -36,10 +36,9 @@ class Layout:
 
 
 def mapping_layout(out_dir: Path) -> Layout:
-    data = read_json(out_dir / "register-image.json")
-    manifest = data.get("register_image") if isinstance(data, dict) else None
+    manifest = read_json(out_dir / "register-image.json")
     if not isinstance(manifest, dict):
-        raise InputError(f"{out_dir}/register-image.json: no register_image request")
+        raise InputError(f"{out_dir}/register-image.json: not a RegisterImage request")
     root_device = manifest.get("RootDeviceName")
     root, root_size, volumes = _image(out_dir, "disk"), None, []
     mappings = manifest.get("BlockDeviceMappings") or []
