@@ -17,6 +17,7 @@ from builder.outputs.ami import SNAPSHOT_PLACEHOLDER
 GiB = 1 << 30
 INSTANCE_STORE_SIZE = 4 * GiB  # the instance type decides it on EC2; a stand-in here
 MAX_VOLUME_GIB = 64            # larger mapped volumes boot as this (sparse, never filled)
+MAX_MAPPINGS = 48              # root, /dev/sd[b-z], ephemeral0-23 would be fewer
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ def mapping_layout(out_dir: Path) -> Layout:
     if not isinstance(mappings, list) or not all(isinstance(m, dict) for m in mappings):
         raise InputError(f"{out_dir}/register-image.json: BlockDeviceMappings is not a list "
                          "of mappings")
+    if len(mappings) > MAX_MAPPINGS:
+        raise InputError(f"{out_dir}/register-image.json: more than {MAX_MAPPINGS} block "
+                         "device mappings")
     for mapping in mappings:
         device, ebs = str(mapping.get("DeviceName", "")), mapping.get("Ebs")
         if device == root_device and isinstance(ebs, dict):

@@ -50,7 +50,8 @@ def test_a_mapped_image_name_cannot_lead_out_of_the_output(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("text", ["[]", "3", "{", '{"BlockDeviceMappings": {"a": 1}}',
-                                  '{"BlockDeviceMappings": ["x"]}'])
+                                  '{"BlockDeviceMappings": ["x"]}',
+                                  json.dumps({"BlockDeviceMappings": [{}] * 49})])
 def test_a_broken_register_image_file_is_a_clear_error(tmp_path: Path, text: str) -> None:
     out = output_dir(tmp_path)
     (out / "register-image.json").write_text(text)
