@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from builder.errors import Location, Problem
+from builder.recipe.model import UNION_TAGS
 from builder.recipe.yamlsource import dotted, key_mark_of, mark_of, shown
 
 __all__ = ["dotted", "problems_from"]
@@ -84,12 +85,19 @@ def _message(error: dict[str, Any], model: type[BaseModel], path: tuple[Any, ...
     return error["msg"].removeprefix("Value error, ")[:200]
 
 
+def without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A location without the tags of tagged unions (``uefi_data``'s ``<keys>``...): they
+    are no keys of the recipe. Only the step right after the union's own field is a tag; a
+    key of the same name anywhere else is the user's."""
+    return tuple(step for i, step in enumerate(loc)
+                 if not (i and step in UNION_TAGS.get(loc[i - 1], ())))
+
+
 def problems_from(exc: ValidationError, model: type[BaseModel], data: Any,
                   prefix: tuple[Any, ...] = ()) -> list[Problem]:
     problems = []
     for error in exc.errors():
-        path = tuple(step for step in error["loc"]  # a tagged union's tag is no key
-                     if not (isinstance(step, str) and step.startswith("<")))
+        path = without_union_tags(tuple(error["loc"]))
         full = prefix + path
         if error["type"] == "extra_forbidden":
             where = key_mark_of(data, path)

@@ -271,7 +271,8 @@ def _uefi_data_kind(value: Any) -> str | None:
     return None
 
 
-# (tags in <> are dropped from error locations: they are not keys of the recipe)
+# field -> its tagged union's tags (dropped from error locations: they are no keys)
+UNION_TAGS = {"uefi_data": ("<blob>", "<keys>", "<certificates>")}
 UefiData = Annotated[
     Annotated[str, Tag("<blob>")] | Annotated[UefiKeys, Tag("<keys>")]
     | Annotated[UefiCertificates, Tag("<certificates>")],

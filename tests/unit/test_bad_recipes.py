@@ -333,6 +333,13 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "long-duplicate-key-not-echoed": (
         {"recipe.yaml": "name: xyz\n" + "k" * 60 + ": 1\n" + "k" * 60 + ": 2\n"},
         ["recipe.yaml:3:1: " + "k" * 40 + "…: duplicate key (the mapping already has '" + "k" * 40 + "'… at line 2)"]),
+    "key-that-looks-like-a-union-tag": (
+        {"recipe.yaml": "name: xyz\n\"<\": 1\n\"<keys>\": 2\n"},
+        ["recipe.yaml:2:1: <: unknown key '<' (known keys: name, description, arch, vars, extends, env, os, root_volume, apps, block_device_mappings, ami, outputs, audit)",
+         "recipe.yaml:3:1: <keys>: unknown key '<keys>' (known keys: name, description, arch, vars, extends, env, os, root_volume, apps, block_device_mappings, ami, outputs, audit)"]),
+    "uefi-data-with-a-key-like-its-tag": (
+        {"recipe.yaml": "name: xyz\nami:\n  boot_mode: uefi\n  uefi_data: {keys: microsoft, \"<keys>\": 1}\n"},
+        ["recipe.yaml:4:32: ami.uefi_data.<keys>: unknown key '<keys>'"]),
     "uefi-data-with-legacy-bios": (
         {"recipe.yaml": "name: xyz\nami:\n  boot_mode: legacy-bios\n  uefi_data: QUJDRA==\n"},
         ["recipe.yaml:4:14: ami.uefi_data: needs ami.boot_mode 'uefi' (an instance that boots legacy-bios has no UEFI variables)",
