@@ -1,6 +1,6 @@
 """RegisterImage's UefiData: the UEFI variable store an instance of the AMI starts with, in
-AWS's format (base64 of a compressed, checksummed variable list), written and read by
-virt-firmware (its AWS varstore is based on Amazon's python-uefivars).
+AWS's format (base64 of a compressed, checksummed variable list). virt-firmware makes the
+signature lists and reads a store back; AWS's own tool (awslabs' python-uefivars) writes it.
 
 ``{keys: microsoft}`` enrolls what PCs ship with: Microsoft's OEM platform key (PK), its
 two KEKs (2011, 2023) and its db certificates (Windows and third-party UEFI CAs, 2011 and
@@ -104,11 +104,16 @@ def certificate_files(files: UefiCertificateFiles) -> list[tuple[str, int | None
 def certificate_store(files: UefiCertificateFiles, base_dir: Path) -> str:
     """The UefiData blob enrolling the recipe's certificates (files relative to
     ``base_dir``) in PK, KEK, db and dbx."""
+    return enrolled([(name, read_certificate(base_dir / path))
+                     for name, _, path in certificate_files(files)])
+
+
+def enrolled(certificates: list[tuple[str, bytes]]) -> str:
+    """The UefiData blob enrolling (variable, DER certificate) pairs, in order."""
     variables = efivar.EfiVarList()
     owner = guids.parse_str(OWNER)
-    for name, _, path in certificate_files(files):
-        variables.add_cert_prepare(name).sigdb_add_cert_data(
-            owner, read_certificate(base_dir / path))
+    for name, der in certificates:
+        variables.add_cert_prepare(name).sigdb_add_cert_data(owner, der)
     return aws_blob(variables)
 
 

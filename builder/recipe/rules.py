@@ -194,7 +194,7 @@ def uefi_certificate_rules(recipe: Recipe, base_dir: Path) -> Found:
     from builder.outputs.uefivars import (
         SHIM_SIGNER,
         certificate_files,
-        certificate_store,
+        enrolled,
         read_certificate,
         shim_signer,
     )
@@ -202,19 +202,20 @@ def uefi_certificate_rules(recipe: Recipe, base_dir: Path) -> Found:
     value = recipe.ami.uefi_data
     if not isinstance(value, UefiCertificates):
         return
-    where, read = ("ami", "uefi_data", "certificates"), {}
+    where, read, bad = ("ami", "uefi_data", "certificates"), [], False
     for variable, index, name in certificate_files(value.certificates):
         at = (*where, "pk") if index is None else (*where, variable.lower(), index)
         try:
-            read[(variable, index)] = read_certificate(base_dir / name)
+            read.append((variable, read_certificate(base_dir / name)))
         except (ValueError, OSError) as exc:
+            bad = True
             yield at, f"{name}: not an X.509 certificate, PEM or DER ({str(exc)[:80]})"
-    if len(read) < len(certificate_files(value.certificates)):
+    if bad:
         return
-    if shim_signer() not in [der for (variable, _), der in read.items() if variable == "db"]:
+    if shim_signer() not in [der for variable, der in read if variable == "db"]:
         yield (*where, "db"), (f"none is {SHIM_SIGNER}'s certificate, which signed Debian's "
                                "shim: instances would refuse to start it")
-    if len(certificate_store(value.certificates, base_dir)) > UEFI_DATA_MAX:
+    if len(enrolled(read)) > UEFI_DATA_MAX:
         yield where, f"the variable store exceeds {UEFI_DATA_MAX} characters (RegisterImage)"
 
 
