@@ -15,11 +15,12 @@ from builder.aws.launch import DEFAULT_TYPES
 from builder.commands.args import Parser, regex
 from builder.errors import InputError
 from builder.host.fsutil import read_regular_file
-from builder.imds import MAX_USER_DATA, Instance, Request
+from builder.imds import MAX_USER_DATA, Instance, MetadataService
 from builder.recipe.model import SSH_PUBLIC_KEY
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1  # build diff, as diff(1)
+MAX_DISKS = 21  # build boot --disk: /dev/sdf to /dev/sdz
 
 
 def cmd_boot(argv: Sequence[str]) -> int:
@@ -34,7 +35,7 @@ def cmd_boot(argv: Sequence[str]) -> int:
             if args.console:
                 print(vm.console())
             if vm.imds is not None:
-                print(imds_summary(vm.imds.requests), file=sys.stderr)
+                print(imds_summary(vm.imds), file=sys.stderr)
     print(f"BOOT OK {seconds:.1f}")
     return EXIT_OK
 
@@ -133,14 +134,15 @@ def ec2_instance(args: argparse.Namespace, devices: tuple[tuple[str, str], ...])
                     instance_type=DEFAULT_TYPES[args.arch], block_devices=devices)
 
 
-MAX_DISKS = 21  # /dev/sdf to /dev/sdz
-
-
-def imds_summary(requests: list[Request]) -> str:
+def imds_summary(service: MetadataService) -> str:
+    """How the guest used the metadata service (counted over the recorded requests; those
+    past the log's bound are only counted in the total)."""
+    requests = service.requests
     tokens = sum(r.method == "PUT" and r.status == 200 for r in requests)
     refused = sum(r.status == 401 for r in requests)
-    return (f"metadata service: {len(requests)} requests, {tokens} tokens given, "
-            f"{refused} refused for want of a valid token")
+    more = f" (counts from the first {len(requests)})" if service.unrecorded else ""
+    return (f"metadata service: {len(requests) + service.unrecorded} requests, {tokens} "
+            f"tokens given, {refused} refused for want of a valid token{more}")
 
 
 def cmd_unbundle(argv: Sequence[str]) -> int:
