@@ -76,8 +76,6 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
         # downloading them again. The configure stage removes them from the image.
         "--skip=cleanup/apt/lists",
     ]
-    if native is not None:  # (before the seed's: put back before mkinitramfs runs)
-        argv += native_tools.hooks(native)
     if seed is not None:
         folders = sorted({folder for _, folder, _, _ in SEED_FILES})
         argv.append("--essential-hook=mkdir -p " +
@@ -98,6 +96,8 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
             f"--setup-hook=sync-in {shlex.quote(str(apt_cache))} /var/cache/apt/archives/",
             f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(apt_cache))}",
         ]
+    if native is not None:  # last: the stand-ins serve every hook before theirs
+        argv += native_tools.hooks(native)
     # "--": the suite, target and sources are never read as options, whatever they hold;
     # each source a whole sources.list line (values checked by the recipe's patterns)
     components = " ".join(os_plan.components)
@@ -119,6 +119,8 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
         native = native_tools.collect(seed / "native")
     try:
         run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth, native))
+        if native is not None:
+            native_tools.check_gone(target)
     finally:
         if auth is not None:
             auth.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
 from builder.plan import sha256_file
+from builder.stages import native_tools
 from builder.vm import VirtualMachine
 from tests.conftest import needs_root_tools
 
@@ -40,9 +41,10 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
         "initramfs-tools")
     assert int(vm.ssh("admin", key, "stat -c %s /usr/sbin/update-initramfs")) > 1000
     assert "unsafe-io" not in vm.ssh("admin", key, "cat /etc/dpkg/dpkg.cfg.d/*")
-    # (arm64) the host's stand-ins for dpkg-deb and dash are gone, the packages' own back
-    # (the docs the recipe leaves out are "missing"; a changed file's line starts "??5")
-    changed = [line for line in vm.ssh("admin", key, "dpkg --verify dpkg dash || true")
+    # (arm64) the host's stand-ins are gone, the packages' own programs back (the docs the
+    # recipe leaves out are "missing"; a changed file's line starts "??5")
+    packages = " ".join(native_tools.PACKAGES)
+    changed = [line for line in vm.ssh("admin", key, f"dpkg --verify {packages} || true")
                .splitlines() if not line.startswith("missing ")]
     assert changed == []
     assert vm.ssh("admin", key, "ls -d /amiforge-native 2>&1 || true").count("No such") == 1

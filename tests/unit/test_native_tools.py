@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import lzma
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from builder.errors import BuildFailed
 from builder.stages import native_tools
 from tests.unit.test_argv import OS
 
@@ -47,11 +50,66 @@ def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
             assert (f"cp --remove-destination --preserve=mode '/w/my seed/native'{tool} "
                     f'"$1"{tool}') in hook
         assert "cp -R" not in hook  # no folder of the tree takes the host folder's modes
-    assert customize == (
+    assert customize.startswith(
         '--customize-hook=mv "$1"/amiforge-native/tree/dpkg-deb "$1"/usr/bin/dpkg-deb && '
-        'mv "$1"/amiforge-native/tree/dash "$1"/usr/bin/dash && rm -rf "$1"/amiforge-native'
-        ' && ! grep -q /amiforge-native "$1"/usr/bin/dpkg-deb'
-        ' && ! grep -q /amiforge-native "$1"/usr/bin/dash')
+        'mv "$1"/amiforge-native/tree/dash "$1"/usr/bin/dash && ')
+    for tool in native_tools.TOOLS:
+        name = tool.rsplit("/", 1)[1]
+        assert f'mv "$1"/amiforge-native/tree/{name} "$1"{tool} && ' in customize
+    assert customize.endswith(' && rm -rf "$1"/amiforge-native')
+
+
+def test_no_stand_in_runs_where_the_answer_depends_on_the_machine() -> None:
+    names = {tool.rsplit("/", 1)[1] for tool in native_tools.TOOLS}
+    assert not names & {"uname", "arch", "nproc", "id", "chown", "install", "dpkg", "perl"}
+    assert all(tool.startswith("/usr/bin/") for tool in native_tools.TOOLS)
+
+
+def _initramfs(*members: bytes, early: bytes = b"") -> bytes:
+    return early + b"".join(gzip.compress(member, mtime=0) for member in members)
+
+
+EARLY = b"070701" + b"0" * 104 + b"kernel/x86/microcode/x.bin\0TRAILER!!!\0" + bytes(300)
+
+
+def test_a_tree_without_stand_ins_passes(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/sed").write_bytes(b"\x7fELF arm64 sed, loader /lib/ld-linux-aarch64")
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/initrd.img-6.12").write_bytes(
+        _initramfs(b"070701 usr/bin/sh ... TRAILER!!!", early=EARLY))
+    (tmp_path / "usr/bin/link").symlink_to("/amiforge-native/ld.so")  # links are not read
+    native_tools.check_gone(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["usr/bin/sed", "usr/share/deep/copied-by-a-script"])
+def test_a_stand_in_left_in_the_tree_fails_the_bootstrap(tmp_path: Path, where: str) -> None:
+    left = tmp_path / where
+    left.parent.mkdir(parents=True)
+    # across the boundary of the chunks the file is read in
+    left.write_bytes(b"x" * ((1 << 24) - 5) + b"/amiforge-native/ld.so")
+    with pytest.raises(BuildFailed, match=f"left in the tree: /{where} "):
+        native_tools.check_gone(tmp_path)
+
+
+@pytest.mark.parametrize("image", [
+    _initramfs(b"usr/bin/sed \x7fELF /amiforge-native/ld.so", early=EARLY),
+    _initramfs(b"first member", b"a second: /amiforge-native/libc.so.6"),
+    EARLY + b"/amiforge-native in an uncompressed archive"])
+def test_a_stand_in_in_the_initramfs_fails_the_bootstrap(tmp_path: Path, image: bytes) -> None:
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/initrd.img-6.12").write_bytes(image)
+    with pytest.raises(BuildFailed, match=r"left in the tree: /boot/initrd\.img-6\.12 "):
+        native_tools.check_gone(tmp_path)
+
+
+@pytest.mark.parametrize("image", [EARLY + lzma.compress(b"usr/bin/sed" * 100),
+                                   EARLY + gzip.compress(b"usr/bin/sed" * 100)[:-9]])
+def test_an_initramfs_that_cannot_be_read_fails_closed(tmp_path: Path, image: bytes) -> None:
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/initrd.img-6.12").write_bytes(image)
+    with pytest.raises(BuildFailed, match=r"/boot/initrd\.img-6\.12: "):
+        native_tools.check_gone(tmp_path)
 
 
 ARM64 = dataclasses.replace(OS, architecture="arm64")
@@ -62,8 +120,8 @@ ARM64 = dataclasses.replace(OS, architecture="arm64")
 def test_collected_tools_load_from_their_folder(tmp_path: Path) -> None:
     folder = native_tools.collect(tmp_path / "native")
     libraries = folder / "amiforge-native"
-    assert {p.name for p in folder.rglob("*") if p.parent.name == "bin"} == {"dpkg-deb",
-                                                                             "dash"}
+    assert {f"/usr/bin/{p.name}" for p in folder.rglob("*")
+            if p.parent.name == "bin"} == set(native_tools.TOOLS)
     for tool in native_tools.TOOLS:
         copy = folder / tool.lstrip("/")
         interpreter = subprocess.run(["patchelf", "--print-interpreter", copy],
