@@ -6,13 +6,20 @@ An entry is the hex SHA-256 of a block the snapshot holds, ``"zero"`` for a bloc
 that is all zeros, or None where it holds nothing (an unencrypted volume reads zeros there,
 an encrypted one random bytes: builder.aws.snapshots). A child snapshot reads its parent's
 block wherever it writes none of its own, so a block that became zeros is written as zeros:
-the parent's data must not show through."""
+the parent's data must not show through.
+
+A recorded index is trusted only as far as EBS vouches for it: publish tags each snapshot
+it starts with the SHA-256 of the index the snapshot will have (INDEX_TAG), and a
+snapshot's blocks cannot change once it is completed. An index from a file (an earlier
+publish.json, --parent-index) whose digest is not the parent's tag is not used: what the
+parent holds is then read from EBS (index_from_api)."""
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from builder.aws.snapshots import BLOCK, data_blocks, list_blocks
 from builder.errors import InputError
 
 ZERO = "zero"
+INDEX_TAG = "amiforge:block-index-sha256"
 _ZERO_SHA256 = hashlib.sha256(bytes(BLOCK)).hexdigest()
 
 Entry = str | None
@@ -40,6 +48,26 @@ class BlockIndex:
     def to_json(self) -> dict[str, Any]:
         return {"snapshot_id": self.snapshot_id, "block_size": BLOCK,
                 "blocks": list(self.blocks)}
+
+
+def index_digest(blocks: object) -> str:
+    """The SHA-256 of an index's blocks, as INDEX_TAG carries it."""
+    return hashlib.sha256(json.dumps(blocks, separators=(",", ":")).encode()).hexdigest()
+
+
+def vouched_index(snapshot: dict[str, Any], recorded: object) -> BlockIndex | None:
+    """RECORDED (a block index as publish.json keeps it, read from a file) as the index of
+    SNAPSHOT (as DescribeSnapshots shows it), if the snapshot's INDEX_TAG is its digest;
+    else None."""
+    tags = {t.get("Key"): t.get("Value") for t in snapshot.get("Tags") or []}
+    if not isinstance(recorded, dict) or tags.get(INDEX_TAG) is None:
+        return None
+    blocks = recorded.get("blocks")
+    if recorded.get("snapshot_id") != snapshot.get("SnapshotId") or \
+            recorded.get("block_size") != BLOCK or not isinstance(blocks, list) or \
+            index_digest(blocks) != tags[INDEX_TAG]:
+        return None
+    return BlockIndex(snapshot["SnapshotId"], tuple(blocks))
 
 
 def image_blocks(path: Path) -> list[str]:

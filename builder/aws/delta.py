@@ -4,11 +4,14 @@ are sent (builder.aws.blockindex).
 
 The parent is the snapshot an earlier publish made for the same device (``--parent
 PREV_OUT``: its publish.json names it) or one named with ``--parent-snapshot
-DEVICE=snap-...``. What it holds is read from EBS itself (ListSnapshotBlocks, and the
-checksum GetSnapshotBlock answers for each block), never taken from a file: a block index
-in an edited publish.json could otherwise make publish skip blocks the parent does not
-hold as claimed, and the AMI would show the parent's bytes (another snapshot's data) there.
-Whatever the parent is, the child then reads as the image.
+DEVICE=snap-...``. What it holds comes from the block index that publish recorded for it
+(PREV_OUT's publish.json, or a file given with ``--parent-index``) only when the parent
+snapshot's own tag holds that index's digest (builder.aws.blockindex.vouched_index);
+otherwise it is read from EBS itself (ListSnapshotBlocks, and the checksum
+GetSnapshotBlock answers for each block). An index from an edited file could otherwise make
+publish skip blocks the parent does not hold as claimed, and the AMI would show the
+parent's bytes (another snapshot's data) there. Whatever the parent is, the child then
+reads as the image.
 
 What AWS refuses with a parent is refused here first, before anything is uploaded
 (https://docs.aws.amazon.com/ebs/latest/userguide/ebsapis-using-encryption.html): a child
@@ -24,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from builder.aws import state
-from builder.aws.blockindex import BlockIndex, index_from_api
+from builder.aws.blockindex import BlockIndex, index_from_api, vouched_index
 from builder.aws.job import Publication, own_snapshot, say
 from builder.aws.snapshots import Encryption, volume_gib
 from builder.errors import InputError
+from builder.host.fsutil import read_json
 
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,59}")  # at most 64 characters (the API's)
 
@@ -36,6 +40,7 @@ SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,59}")  # at most 64 characters (the A
 class ParentOptions:
     output_dir: Path | None = None                            # --parent PREV_OUT
     snapshots: dict[str, str] = field(default_factory=dict)   # --parent-snapshot DEV=SNAP
+    index_files: tuple[Path, ...] = ()                        # --parent-index FILE
 
     def __bool__(self) -> bool:
         return bool(self.output_dir or self.snapshots)
@@ -64,6 +69,7 @@ def resolve_parents(job: Publication, entries: list[dict[str, Any]], options: Pa
                          f"(it has {', '.join(sorted(devices))})")
     chosen = _recorded_parents(job, options.output_dir) if options.output_dir else {}
     chosen.update(options.snapshots)
+    recorded = _recorded_indexes(options)
     ebs, parents = job.aws.client("ebs"), {}
     for entry in entries:
         device = entry["device"]
@@ -71,11 +77,38 @@ def resolve_parents(job: Publication, entries: list[dict[str, Any]], options: Pa
             say(f"{device}: no parent snapshot; uploading it whole")
             continue
         snapshot_id = chosen[device]
-        _check_parent(job, device, snapshot_id, job.output_dir / entry["image"],
-                      encryption_of(entry))
-        say(f"{device}: reading what {snapshot_id} holds (ListSnapshotBlocks, checksums)")
-        parents[device] = index_from_api(ebs, snapshot_id, job.workers)
+        snapshot = _check_parent(job, device, snapshot_id, job.output_dir / entry["image"],
+                                 encryption_of(entry))
+        index = vouched_index(snapshot, recorded.get(snapshot_id))
+        if index is not None:
+            say(f"{device}: what {snapshot_id} holds, from its recorded block index (the "
+                "snapshot's tag holds the index's digest)")
+        else:
+            say(f"{device}: reading what {snapshot_id} holds (ListSnapshotBlocks, checksums)")
+            index = index_from_api(ebs, snapshot_id, job.workers)
+        parents[device] = index
     return parents
+
+
+def _recorded_indexes(options: ParentOptions) -> dict[str, Any]:
+    """snapshot id -> a block index some file records for it (not trusted yet): those of
+    PREV_OUT's publish.json, and of each --parent-index file (a publish.json, or one
+    block_index of it)."""
+    records: list[Any] = []
+    if options.output_dir:
+        records += state.all_targets(options.output_dir).values()
+    for path in options.index_files:
+        document = read_json(path)
+        targets = document.get("targets") if isinstance(document, dict) else None
+        records += targets.values() if isinstance(targets, dict) else [document]
+    found: dict[str, Any] = {}
+    for record in records:
+        uploads = record.get("uploads") if isinstance(record, dict) else None
+        for made in uploads.values() if isinstance(uploads, dict) else [record]:
+            index = made.get("block_index", made) if isinstance(made, dict) else None
+            if isinstance(index, dict) and isinstance(index.get("snapshot_id"), str):
+                found[index["snapshot_id"]] = index
+    return found
 
 
 def _recorded_parents(job: Publication, output_dir: Path) -> dict[str, str]:
@@ -97,10 +130,10 @@ def _recorded_parents(job: Publication, output_dir: Path) -> dict[str, str]:
 
 
 def _check_parent(job: Publication, device: str, snapshot_id: str, image: Path,
-                  encryption: Encryption) -> int:
+                  encryption: Encryption) -> dict[str, Any]:
     """The parent is this account's, completed, no larger than the new volume, and
     encrypted as the new snapshot is to be (a child keeps its parent's encryption).
-    Returns its volume size (GiB)."""
+    Returns it as DescribeSnapshots shows it."""
     named = f"{device}: the parent snapshot {snapshot_id}"
     snapshot = own_snapshot(job, snapshot_id)
     if snapshot is None:
@@ -114,7 +147,7 @@ def _check_parent(job: Publication, device: str, snapshot_id: str, image: Path,
     if parent_encrypted == encryption.enabled:
         if parent_encrypted:
             _check_key(named, str(snapshot.get("KmsKeyId")), encryption.kms_key_arn)
-        return int(snapshot.get("VolumeSize", 0))
+        return snapshot
     if not parent_encrypted and job.encrypted_by_default:
         raise InputError(f"{named} is unencrypted, and AWS starts no snapshot from an "
                          "unencrypted parent in an account that encrypts new snapshots by "

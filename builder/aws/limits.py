@@ -50,5 +50,7 @@ ORGANIZATION_ARN = re.compile(ORGANIZATION_ARN_PATTERN)
 OU_ARN = re.compile(OU_ARN_PATTERN)
 
 # "You can assign a maximum of 50 tags to each resource"; publish adds 4 amiforge:* tags
+# to the AMI, and to each snapshot those 4, amiforge:image-id and amiforge:block-index-sha256
 # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/Using_Tags.html#tag-restrictions
-MAX_RECIPE_TAGS = 46
+AMIFORGE_SNAPSHOT_TAGS = 6
+MAX_RECIPE_TAGS = 50 - AMIFORGE_SNAPSHOT_TAGS

@@ -4,13 +4,21 @@ instance-store bundle into S3."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from builder.aws.blockindex import after_writes, delta_writes, full_writes, image_blocks
+from builder.aws.blockindex import (
+    INDEX_TAG,
+    after_writes,
+    delta_writes,
+    full_writes,
+    image_blocks,
+    index_digest,
+)
 from builder.aws.delta import ParentOptions, resolve_parents
 from builder.aws.job import Publication, description, own_snapshot, say
 from builder.aws.kms import usable_key_arn
@@ -118,6 +126,8 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
     zeros_held = encryption.enabled or not job.skip_zero_blocks
     writes = delta_writes(blocks, parent, zeros_held) if parent else \
         full_writes(blocks, zeros_held)
+    made = after_writes("", blocks, writes, parent)  # the new snapshot's index, vouched for
+    tags = {**job.tags, INDEX_TAG: index_digest(made.blocks)}  # by its tag (blockindex)
 
     def started(snapshot_id: str) -> None:
         job.record["pending"][device] = {**job.record["pending"][device],
@@ -136,7 +146,7 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
     how = f"{len(writes)} changed blocks over {parent_id}" if parent else entry["image"]
     say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {how} "
         f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
-    common = {"description": description(job, device), "tags": job.tags, "workers": job.workers,
+    common = {"description": description(job, device), "tags": tags, "workers": job.workers,
               "encryption": encryption, "started": started, "writes": writes,
               "parent_snapshot_id": parent_id}
     token = pending.get("token") if same and not resume else None
@@ -160,7 +170,7 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
         "encrypted": stats.encrypted, "asked": asked, "blocks_written": stats.blocks_sent,
         "blocks_skipped": max(0, unsent), "parent": parent_id,
         **({"written": writes} if parent else {}),  # verify asks ListChangedBlocks
-        "block_index": after_writes(done, blocks, writes, parent).to_json()}
+        "block_index": dataclasses.replace(made, snapshot_id=done).to_json()}
     job.save()
     return done
 

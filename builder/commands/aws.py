@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from builder.errors import InputError
 
 EXIT_OK = 0
 EXIT_DIFFERS = 1
-SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8,17}$")
 
 
 def _aws_args(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +78,10 @@ def cmd_publish(argv: Sequence[str]) -> int:
     parser.add_argument("--parent-snapshot", action="append", default=[],
                         metavar="DEVICE=SNAP", help="start DEVICE's snapshot from SNAP instead "
                         "(repeatable)")
+    parser.add_argument("--parent-index", action="append", default=[], type=Path,
+                        metavar="FILE", help="a parent's block index (a publish.json, or one "
+                        "block_index of it): used when the parent snapshot carries its digest, "
+                        "else what the parent holds is read from EBS (repeatable)")
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print a summary for tools: "
                        "image_ids (region -> AMI id), snapshot_ids, deprecate_at")
@@ -113,7 +115,9 @@ def _parents(args: argparse.Namespace) -> Any:
     snapshots = dict(parse_parent_snapshot(value) for value in args.parent_snapshot)
     if args.parent is not None and not (args.parent / "publish.json").is_file():
         raise InputError(f"--parent {args.parent}: no publish.json there (publish it first)")
-    return ParentOptions(args.parent, snapshots)
+    if args.parent_index and not (args.parent or snapshots):
+        raise InputError("--parent-index: name the parent with --parent or --parent-snapshot")
+    return ParentOptions(args.parent, snapshots, tuple(args.parent_index))
 
 
 def cmd_launch(argv: Sequence[str]) -> int:
@@ -156,6 +160,7 @@ def cmd_launch(argv: Sequence[str]) -> int:
 
 
 def cmd_verify_snapshot(argv: Sequence[str]) -> int:
+    from builder.aws.delta import SNAPSHOT_ID
     from builder.aws.verify import verify_snapshot
 
     parser = Parser(prog="build verify-snapshot", description="Read an EBS snapshot back "
@@ -167,7 +172,7 @@ def cmd_verify_snapshot(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the result for tools")
     _aws_args(parser)
     args = parser.parse_args(argv)
-    if not SNAPSHOT_ID.match(args.snapshot_id):
+    if not SNAPSHOT_ID.fullmatch(args.snapshot_id):
         raise InputError(f"{args.snapshot_id!r}: not a snapshot id (snap-...)")
     if args.workers < 1:
         raise InputError("--workers must be at least 1")

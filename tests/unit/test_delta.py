@@ -15,12 +15,15 @@ import pytest
 from botocore.exceptions import ClientError
 
 from builder.aws.blockindex import (
+    INDEX_TAG,
     ZERO,
     BlockIndex,
     after_writes,
     delta_writes,
     full_writes,
     image_blocks,
+    index_digest,
+    vouched_index,
 )
 from builder.aws.snapshots import BLOCK
 from builder.plan import sha256_file
@@ -201,8 +204,71 @@ def test_publish_parent_sends_only_the_changed_blocks(aws, aws_rules, tmp_path: 
     # the unchanged data volume: a child with no block of its own
     sdf = record["snapshot_ids"]["/dev/sdf"]
     assert aws_rules.snapshots.written[sdf] == set()
+    # each recorded index is what the snapshot holds: the image's blocks (all were sent)
+    assert published(first)["uploads"]["/dev/xvda"]["block_index"]["blocks"] == \
+        image_blocks(first / "disk.raw")
+    assert record["uploads"]["/dev/xvda"]["block_index"]["blocks"] == \
+        image_blocks(second / "disk.raw")
     assert record["uploads"]["/dev/xvda"]["block_index"]["blocks"][4] == ZERO
+    # the parent's recorded index was used (its snapshot's tag holds its digest): no read
+    assert "from its recorded block index" in result.stderr
+    assert "ListSnapshotBlocks" not in result.stderr
     assert aws_rules.snapshots.completion_mismatches == []
+    # verify covers the blocks the child inherits: one served corrupted is named
+    with aws_rules.snapshots.lock:
+        aws_rules.snapshots.corrupt.add((child_id, 1))
+    try:
+        bad = aws("verify-snapshot", child_id, str(second / "disk.raw"), "--json",
+                  url=aws_rules.url)
+    finally:
+        aws_rules.snapshots.corrupt.clear()
+    assert bad.returncode == 1 and json.loads(bad.stdout)["differing"] == [1]
+
+
+def test_a_child_that_differs_from_its_parent_elsewhere_fails_verify(aws_rules) -> None:
+    """ListChangedBlocks must list exactly the blocks publish wrote (verify's lineage
+    check): a child whose parent is not the one recorded, or with other writes, fails."""
+    from builder.aws.verify import _lineage_problem
+
+    ebs = client("ebs", aws_rules.url)
+    parent = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+    for index in (0, 1):
+        _put(ebs, parent, index, bytes([index + 1]) * BLOCK)
+    ebs.complete_snapshot(SnapshotId=parent, ChangedBlocksCount=2)
+    child = ebs.start_snapshot(VolumeSize=1, ParentSnapshotId=parent)["SnapshotId"]
+    _put(ebs, child, 1, b"\x09" * BLOCK)
+    ebs.complete_snapshot(SnapshotId=child, ChangedBlocksCount=1)
+    assert _lineage_problem(ebs, parent, child, [1]) is None
+    assert "lists 1 changed blocks, and publish wrote 2" in \
+        _lineage_problem(ebs, parent, child, [0, 1])
+
+
+def _put(ebs, snapshot_id: str, index: int, data: bytes) -> None:
+    checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    for attempt in range(3):  # the first PUT after StartSnapshot: not found yet (the layer)
+        try:
+            ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data,
+                                   DataLength=len(data), ChecksumAlgorithm="SHA256",
+                                   Checksum=checksum)
+            return
+        except ClientError:
+            if attempt == 2:
+                raise
+
+
+def test_a_recorded_index_is_used_only_as_its_snapshot_s_tag_vouches() -> None:
+    blocks = [A, ZERO, None]
+    recorded = {"snapshot_id": "snap-00000001", "block_size": BLOCK, "blocks": blocks}
+    snapshot = {"SnapshotId": "snap-00000001",
+                "Tags": [{"Key": "team", "Value": "x"},
+                         {"Key": INDEX_TAG, "Value": index_digest(blocks)}]}
+    assert vouched_index(snapshot, recorded) == BlockIndex("snap-00000001", tuple(blocks))
+    assert vouched_index({**snapshot, "Tags": []}, recorded) is None  # no tag: not vouched
+    assert vouched_index(snapshot, {**recorded, "blocks": [B, ZERO, None]}) is None
+    assert vouched_index(snapshot, {**recorded, "snapshot_id": "snap-00000002"}) is None
+    assert vouched_index(snapshot, {**recorded, "block_size": 4096}) is None
+    assert vouched_index(snapshot, {**recorded, "blocks": "not a list"}) is None
+    assert vouched_index(snapshot, None) is None
 
 
 def test_a_parent_is_read_from_ebs_not_from_a_file(aws, aws_rules, tmp_path: Path) -> None:
@@ -229,8 +295,9 @@ def test_a_parent_is_read_from_ebs_not_from_a_file(aws, aws_rules, tmp_path: Pat
     parent_id = published(first)["snapshot_ids"]["/dev/xvda"]
     third = next_release(second, tmp_path / "r3", "api-r3", {4: b"\x03" * BLOCK})
     result = aws("publish", str(third), "--parent-snapshot", f"/dev/xvda={parent_id}",
-                 url=aws_rules.url)
+                 "--parent-index", str(first / "publish.json"), url=aws_rules.url)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"what {parent_id} holds, from its recorded block index" in result.stderr
     assert aws_rules.snapshots.written[published(third)["snapshot_ids"]["/dev/xvda"]] == \
         {2, 4}
     assert aws_rules.snapshots.completion_mismatches == []
@@ -300,15 +367,7 @@ def test_block_index_checksums_come_from_get_snapshot_block(aws_rules) -> None:
     snapshot = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
     data = b"\x07" * BLOCK
     for index, block in ((0, data), (2, bytes(BLOCK))):
-        checksum = base64.b64encode(hashlib.sha256(block).digest()).decode()
-        for _ in range(3):  # the first PUT after StartSnapshot: not found yet (the layer)
-            try:
-                ebs.put_snapshot_block(SnapshotId=snapshot, BlockIndex=index, BlockData=block,
-                                       DataLength=BLOCK, Checksum=checksum,
-                                       ChecksumAlgorithm="SHA256")
-                break
-            except ClientError:
-                continue
+        _put(ebs, snapshot, index, block)
     ebs.complete_snapshot(SnapshotId=snapshot, ChangedBlocksCount=2)
     index = index_from_api(ebs, snapshot)
     assert index.blocks == (hashlib.sha256(data).hexdigest(), None, ZERO)
