@@ -323,7 +323,7 @@ class Outputs(Strict):
     qcow2: Qcow2Options = Qcow2Options()
     sbom: Annotated[list[SbomFormat], Field(
         min_length=1, description="software bills of materials to write: sbom.spdx.json "
-        "(SPDX 2.3) and/or sbom.cdx.json (CycloneDX 1.6)")] = ["spdx"]
+        "(SPDX 2.3, always: list spdx) and sbom.cdx.json (CycloneDX 1.6) beside it")] = ["spdx"]
 
 
 AuditCheck = Literal["ssh-host-keys", "machine-id", "root-password", "empty-password",

@@ -43,6 +43,13 @@ def check(recipe: Recipe) -> Found:
     yield from boot_rules(recipe)
     yield from ami_rules(recipe)
     yield from device_rules(recipe)
+    yield from output_rules(recipe)
+
+
+def output_rules(recipe: Recipe) -> Found:
+    if "spdx" not in recipe.outputs.sbom:  # CycloneDX goes beside it, never instead
+        yield (("outputs", "sbom"), "must list spdx: every build writes sbom.spdx.json "
+               "(write [spdx, cyclonedx] for both)")
 
 
 def size_rules(recipe: Recipe) -> Found:
@@ -249,7 +256,7 @@ def ami_rules(recipe: Recipe) -> Found:
         yield ("ami", "description"), "must be at most 255 characters"
     if len(recipe.ami.tags) > MAX_RECIPE_TAGS:
         yield (("ami", "tags"), f"at most {MAX_RECIPE_TAGS} tags: AWS allows 50 per resource "
-               "and publish adds 4 amiforge:* provenance tags")
+               "and publish adds 6 amiforge:* tags to each snapshot")
     for key in recipe.ami.tags:
         if key.lower().startswith("aws:"):
             yield ("ami", "tags", key), "tag keys starting with 'aws:' are reserved by AWS"
