@@ -4,6 +4,7 @@ complete a cached bootstrap that lacks only some packages with apt."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import shlex
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from builder.plan import OSPlan, Plan
 from builder.stages import native_tools
 from builder.templates import render_template, templates_digest
 from builder.tools import STAGE_FORMAT, tool_version
+
+log = logging.getLogger("amiforge.bootstrap")
 
 # Files in place before the kernel package is installed, so that its initramfs is small:
 # (file name, directory in the tree, template, mode).
@@ -82,7 +85,10 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
                     " ".join(f'"$1"{shlex.quote(folder)}' for folder in folders))
         argv += [f"--essential-hook=copy-in {shlex.quote(str(seed / name))} {folder}"
                  for name, folder, _, _ in SEED_FILES]
-        argv += [f"--essential-hook={DEFER_INITRAMFS}", f"--customize-hook={MAKE_INITRAMFS}"]
+        argv.append(f"--essential-hook={DEFER_INITRAMFS}")
+        if native is not None:  # mkinitramfs's utilities, native for its run only
+            argv.append(native_tools.initramfs_hook(native))
+        argv.append(f"--customize-hook={MAKE_INITRAMFS}")
     if auth is not None:  # the mirror's credentials, for apt during the bootstrap only
         folder = shlex.quote(AUTH_FILE.rsplit("/", 1)[0])
         argv += [f"--setup-hook=mkdir -p \"$1\"{folder}",
@@ -120,10 +126,26 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     try:
         run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth, native))
         if native is not None:
-            native_tools.check_gone(target)
+            _no_stand_ins_left(target, native)
     finally:
         if auth is not None:
             auth.unlink(missing_ok=True)
+
+
+def _no_stand_ins_left(tree: Path, native: Path) -> None:
+    """Fail unless every host stand-in is gone from TREE. An initramfs hook may copy one of
+    mkinitramfs's utilities into the initramfs (cryptsetup's copies sed where busybox is
+    not installed): then the initramfs is made again, with the tree's own programs."""
+    left = native_tools.leftovers(tree, native)
+    if left and all(path.name.startswith("initrd.img-") for path in left):
+        log.warning("an initramfs hook copied a host stand-in into %s: making it again "
+                    "without them (slower, emulated)", ", ".join(p.name for p in left))
+        run_in_root(tree, ["update-initramfs", "-u", "-k", "all"])
+        left = native_tools.leftovers(tree, native)
+    if left:
+        raise BuildFailed(f"a host stand-in for an emulated program was left in the tree: "
+                          f"{', '.join('/' + str(p.relative_to(tree)) for p in left[:5])} "
+                          "(a maintainer script copied it)")
 
 
 def write_seed_files(os_plan: OSPlan, folder: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import BuildFailed
-from builder.stages import native_tools
+from builder.stages import bootstrap, native_tools
 from tests.unit.test_argv import OS
 
 pytestmark = pytest.mark.unit
@@ -33,35 +33,47 @@ def test_only_a_bootstrap_with_stand_ins_depends_on_the_hosts_tools(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_tools.platform, "machine", lambda: "x86_64")
     assert native_tools.cache_key(dataclasses.replace(OS, architecture="amd64")) == {}
-    key = native_tools.cache_key(dataclasses.replace(OS, architecture="arm64"))
-    assert set(key["stand_ins"]) == {"format", *native_tools.TOOLS}
+    key = native_tools.cache_key(dataclasses.replace(OS, architecture="arm64"))["stand_ins"]
+    assert key["format"] == native_tools.FORMAT
+    # the tools and the libraries they load (a host's libc update changes them too)
+    assert {str(Path(t).resolve()) for t in native_tools.TOOLS} < set(key)
+    assert any("libc.so" in path for path in key)
+
+
+NATIVE = "'/w/my seed/native'"
+
+
+def _puts_in(hook: str, tool: str) -> bool:
+    # kept aside unless what is in place is the stand-in itself; cmp's trouble stops
+    return (f"cmp -s \"$1\"{tool} {NATIVE}{tool}; case $? in 0) ;; "
+            f'1) cp -p "$1"{tool} "$1"/amiforge-native/tree/ ;; *) false ;; esac;') in hook \
+        and f'cp --remove-destination --preserve=mode {NATIVE}{tool} "$1"{tool}' in hook
 
 
 def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
     extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
+    initramfs = native_tools.initramfs_hook(Path("/w/my seed/native"))
     assert extract.startswith('--extract-hook=[ ! -e "$1"/amiforge-native ] && ')
     assert essential.startswith("--essential-hook=mkdir -p ")
-    for hook in (extract, essential):
-        for tool in native_tools.TOOLS:
-            # kept aside unless what is in place is the stand-in itself; cmp's trouble stops
-            assert (f"cmp -s \"$1\"{tool} '/w/my seed/native'{tool}; case $? in 0) ;; "
-                    f'1) cp -p "$1"{tool} "$1"/amiforge-native/tree/ ;; *) false ;; esac;') \
-                in hook
-            assert (f"cp --remove-destination --preserve=mode '/w/my seed/native'{tool} "
-                    f'"$1"{tool}') in hook
-        assert "cp -R" not in hook  # no folder of the tree takes the host folder's modes
-    assert customize.startswith(
-        '--customize-hook=mv "$1"/amiforge-native/tree/dpkg-deb "$1"/usr/bin/dpkg-deb && '
-        'mv "$1"/amiforge-native/tree/dash "$1"/usr/bin/dash && ')
+    assert initramfs.startswith("--customize-hook=mkdir -p ")
     for tool in native_tools.TOOLS:
+        apt = tool in native_tools.APT_TOOLS  # maintainer scripts run only these
+        assert _puts_in(extract, tool) == apt and _puts_in(essential, tool) == apt
+        assert _puts_in(initramfs, tool) == (not apt)
         name = tool.rsplit("/", 1)[1]
-        assert f'mv "$1"/amiforge-native/tree/{name} "$1"{tool} && ' in customize
+        # put back only over its stand-in: a package that replaced it meanwhile is newer
+        assert (f'{{ cmp -s "$1"{tool} {NATIVE}{tool} || {{ echo "amiforge: a package '
+                f'replaced the stand-in for {tool}" >&2; false; }}; }} && '
+                f'mv "$1"/amiforge-native/tree/{name} "$1"{tool} && ') in customize
+    for hook in (extract, essential, initramfs):
+        assert "cp -R" not in hook  # no folder of the tree takes the host folder's modes
     assert customize.endswith(' && rm -rf "$1"/amiforge-native')
 
 
 def test_no_stand_in_runs_where_the_answer_depends_on_the_machine() -> None:
     names = {tool.rsplit("/", 1)[1] for tool in native_tools.TOOLS}
-    assert not names & {"uname", "arch", "nproc", "id", "chown", "install", "dpkg", "perl"}
+    assert not names & {"uname", "arch", "nproc", "id", "chown", "install", "dpkg", "perl",
+                        "ls", "stat"}
     assert all(tool.startswith("/usr/bin/") for tool in native_tools.TOOLS)
 
 
@@ -70,46 +82,95 @@ def _initramfs(*members: bytes, early: bytes = b"") -> bytes:
 
 
 EARLY = b"070701" + b"0" * 104 + b"kernel/x86/microcode/x.bin\0TRAILER!!!\0" + bytes(300)
+HOST_LIB = b"\x7fELF host libc " * 1000
 
 
-def test_a_tree_without_stand_ins_passes(tmp_path: Path) -> None:
-    (tmp_path / "usr/bin").mkdir(parents=True)
-    (tmp_path / "usr/bin/sed").write_bytes(b"\x7fELF arm64 sed, loader /lib/ld-linux-aarch64")
-    (tmp_path / "boot").mkdir()
-    (tmp_path / "boot/initrd.img-6.12").write_bytes(
+@pytest.fixture
+def native(tmp_path: Path) -> Path:
+    folder = tmp_path / "native"
+    (folder / "amiforge-native").mkdir(parents=True)
+    (folder / "amiforge-native/libc.so.6").write_bytes(HOST_LIB)
+    (folder / "usr/bin").mkdir(parents=True)
+    (folder / "usr/bin/sed").write_bytes(b"\x7fELF x86 sed, loader /amiforge-native/ld.so")
+    return folder
+
+
+def _tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/sed").write_bytes(b"\x7fELF arm64 sed, loader /lib/ld-linux-aarch64")
+    (tree / "boot").mkdir()
+    (tree / "boot/initrd.img-6.12").write_bytes(
         _initramfs(b"070701 usr/bin/sh ... TRAILER!!!", early=EARLY))
-    (tmp_path / "usr/bin/link").symlink_to("/amiforge-native/ld.so")  # links are not read
-    native_tools.check_gone(tmp_path)
+    (tree / "usr/bin/link").symlink_to("/amiforge-native/ld.so")  # links are not read
+    return tree
+
+
+def test_a_tree_without_stand_ins_has_no_leftovers(tmp_path: Path, native: Path) -> None:
+    tree = _tree(tmp_path)
+    with open(tree / "sparse", "wb") as handle:  # holes are not read
+        handle.truncate(1 << 40)
+    assert native_tools.leftovers(tree, native) == []
 
 
 @pytest.mark.parametrize("where", ["usr/bin/sed", "usr/share/deep/copied-by-a-script"])
-def test_a_stand_in_left_in_the_tree_fails_the_bootstrap(tmp_path: Path, where: str) -> None:
-    left = tmp_path / where
-    left.parent.mkdir(parents=True)
+def test_a_stand_in_left_in_the_tree_is_found(tmp_path: Path, native: Path, where: str) -> None:
+    tree = _tree(tmp_path)
+    left = tree / where
+    left.parent.mkdir(parents=True, exist_ok=True)
     # across the boundary of the chunks the file is read in
     left.write_bytes(b"x" * ((1 << 24) - 5) + b"/amiforge-native/ld.so")
-    with pytest.raises(BuildFailed, match=f"left in the tree: /{where} "):
-        native_tools.check_gone(tmp_path)
+    assert native_tools.leftovers(tree, native) == [left]
+
+
+def test_a_host_library_left_in_the_tree_is_found(tmp_path: Path, native: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "usr/lib").mkdir()
+    (tree / "usr/lib/libc.so.6").write_bytes(HOST_LIB)
+    assert native_tools.leftovers(tree, native) == [tree / "usr/lib/libc.so.6"]
 
 
 @pytest.mark.parametrize("image", [
     _initramfs(b"usr/bin/sed \x7fELF /amiforge-native/ld.so", early=EARLY),
     _initramfs(b"first member", b"a second: /amiforge-native/libc.so.6"),
+    _initramfs(b"usr/lib/libc.so.6 " + HOST_LIB),
     EARLY + b"/amiforge-native in an uncompressed archive"])
-def test_a_stand_in_in_the_initramfs_fails_the_bootstrap(tmp_path: Path, image: bytes) -> None:
-    (tmp_path / "boot").mkdir()
-    (tmp_path / "boot/initrd.img-6.12").write_bytes(image)
-    with pytest.raises(BuildFailed, match=r"left in the tree: /boot/initrd\.img-6\.12 "):
-        native_tools.check_gone(tmp_path)
+def test_a_stand_in_in_the_initramfs_is_found(tmp_path: Path, native: Path,
+                                              image: bytes) -> None:
+    tree = _tree(tmp_path)
+    (tree / "boot/initrd.img-6.12").write_bytes(image)
+    assert native_tools.leftovers(tree, native) == [tree / "boot/initrd.img-6.12"]
 
 
 @pytest.mark.parametrize("image", [EARLY + lzma.compress(b"usr/bin/sed" * 100),
                                    EARLY + gzip.compress(b"usr/bin/sed" * 100)[:-9]])
-def test_an_initramfs_that_cannot_be_read_fails_closed(tmp_path: Path, image: bytes) -> None:
-    (tmp_path / "boot").mkdir()
-    (tmp_path / "boot/initrd.img-6.12").write_bytes(image)
+def test_an_initramfs_that_cannot_be_read_fails_closed(tmp_path: Path, native: Path,
+                                                       image: bytes) -> None:
+    tree = _tree(tmp_path)
+    (tree / "boot/initrd.img-6.12").write_bytes(image)
     with pytest.raises(BuildFailed, match=r"/boot/initrd\.img-6\.12: "):
-        native_tools.check_gone(tmp_path)
+        native_tools.leftovers(tree, native)
+
+
+def test_an_initramfs_holding_a_stand_in_is_made_again_without_them(
+        tmp_path: Path, native: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(cryptsetup's hook copies sed where busybox is not installed.) Anything else left
+    fails the bootstrap."""
+    tree = _tree(tmp_path)
+    initrd = tree / "boot/initrd.img-6.12"
+    initrd.write_bytes(_initramfs(b"usr/bin/sed /amiforge-native/ld.so"))
+    commands = []
+
+    def update_initramfs(root: Path, command: list[str]) -> None:
+        commands.append(command)
+        initrd.write_bytes(_initramfs(b"usr/bin/sed arm64"))
+
+    monkeypatch.setattr(bootstrap, "run_in_root", update_initramfs)
+    bootstrap._no_stand_ins_left(tree, native)
+    assert commands == [["update-initramfs", "-u", "-k", "all"]]
+    (tree / "usr/bin/sed").write_bytes(b"/amiforge-native/ld.so")
+    with pytest.raises(BuildFailed, match="left in the tree: /usr/bin/sed "):
+        bootstrap._no_stand_ins_left(tree, native)
 
 
 ARM64 = dataclasses.replace(OS, architecture="arm64")
