@@ -20,7 +20,7 @@ import base64
 import concurrent.futures
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,24 +50,43 @@ class BlockIndex:
                 "blocks": list(self.blocks)}
 
 
-def index_digest(blocks: object) -> str:
-    """The SHA-256 of an index's blocks, as INDEX_TAG carries it."""
+def index_digest(blocks: Sequence[object]) -> str:
+    """The SHA-256 of an index's blocks, as INDEX_TAG carries it (trailing blocks that hold
+    nothing left out: an index read from EBS does not know the volume's end)."""
+    blocks = list(blocks)
+    while blocks and blocks[-1] is None:
+        blocks.pop()
     return hashlib.sha256(json.dumps(blocks, separators=(",", ":")).encode()).hexdigest()
 
 
-def vouched_index(snapshot: dict[str, Any], recorded: object) -> BlockIndex | None:
-    """RECORDED (a block index as publish.json keeps it, read from a file) as the index of
-    SNAPSHOT (as DescribeSnapshots shows it), if the snapshot's INDEX_TAG is its digest;
-    else None."""
+def vouched_index(snapshot: dict[str, Any], recorded: Iterable[object]) -> BlockIndex | None:
+    """The first of RECORDED (block indexes as publish.json keeps them, read from files)
+    that is SNAPSHOT's (as DescribeSnapshots shows it) and whose digest its INDEX_TAG
+    holds; None if there is none."""
     tags = {t.get("Key"): t.get("Value") for t in snapshot.get("Tags") or []}
-    if not isinstance(recorded, dict) or tags.get(INDEX_TAG) is None:
+    if tags.get(INDEX_TAG) is None:
         return None
-    blocks = recorded.get("blocks")
-    if recorded.get("snapshot_id") != snapshot.get("SnapshotId") or \
-            recorded.get("block_size") != BLOCK or not isinstance(blocks, list) or \
-            index_digest(blocks) != tags[INDEX_TAG]:
-        return None
-    return BlockIndex(snapshot["SnapshotId"], tuple(blocks))
+    for index in recorded:
+        blocks = index.get("blocks") if isinstance(index, dict) else None
+        if isinstance(blocks, list) and index.get("block_size") == BLOCK and \
+                index.get("snapshot_id") == snapshot.get("SnapshotId") and \
+                index_digest(blocks) == tags[INDEX_TAG]:
+            return BlockIndex(snapshot["SnapshotId"], tuple(blocks))
+    return None
+
+
+def holds_as_indexed(ebs: Any, index: BlockIndex) -> bool:
+    """EBS lists exactly the blocks INDEX says the snapshot holds (ListSnapshotBlocks: no
+    block is read). What a tag vouches for is checked so far as it can be cheaply."""
+    listed, _ = list_blocks(ebs, "list_snapshot_blocks", "Blocks",
+                            SnapshotId=index.snapshot_id)
+    return {b["BlockIndex"] for b in listed} == \
+        {i for i, entry in enumerate(index.blocks) if entry is not None}
+
+
+def expected_sha256(entry: Entry) -> str | None:
+    """The SHA-256 a block of this index entry has (None: it holds nothing)."""
+    return _ZERO_SHA256 if entry == ZERO else entry
 
 
 def image_blocks(path: Path) -> list[str]:

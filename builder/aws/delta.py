@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.aws import state
-from builder.aws.blockindex import BlockIndex, index_from_api, vouched_index
+from builder.aws.blockindex import BlockIndex, holds_as_indexed, index_from_api, vouched_index
 from builder.aws.job import Publication, own_snapshot, say
 from builder.aws.snapshots import Encryption, volume_gib
 from builder.errors import InputError
@@ -79,7 +79,10 @@ def resolve_parents(job: Publication, entries: list[dict[str, Any]], options: Pa
         snapshot_id = chosen[device]
         snapshot = _check_parent(job, device, snapshot_id, job.output_dir / entry["image"],
                                  encryption_of(entry))
-        index = vouched_index(snapshot, recorded.get(snapshot_id))
+        index = vouched_index(snapshot, recorded.get(snapshot_id, []))
+        if index is not None and not holds_as_indexed(ebs, index):
+            say(f"{device}: {snapshot_id} does not hold the blocks its tag's index names")
+            index = None
         if index is not None:
             say(f"{device}: what {snapshot_id} holds, from its recorded block index (the "
                 "snapshot's tag holds the index's digest)")
@@ -90,8 +93,8 @@ def resolve_parents(job: Publication, entries: list[dict[str, Any]], options: Pa
     return parents
 
 
-def _recorded_indexes(options: ParentOptions) -> dict[str, Any]:
-    """snapshot id -> a block index some file records for it (not trusted yet): those of
+def _recorded_indexes(options: ParentOptions) -> dict[str, list[Any]]:
+    """snapshot id -> the block indexes files record for it (not trusted yet): those of
     PREV_OUT's publish.json, and of each --parent-index file (a publish.json, or one
     block_index of it)."""
     records: list[Any] = []
@@ -101,13 +104,13 @@ def _recorded_indexes(options: ParentOptions) -> dict[str, Any]:
         document = read_json(path)
         targets = document.get("targets") if isinstance(document, dict) else None
         records += targets.values() if isinstance(targets, dict) else [document]
-    found: dict[str, Any] = {}
+    found: dict[str, list[Any]] = {}
     for record in records:
         uploads = record.get("uploads") if isinstance(record, dict) else None
         for made in uploads.values() if isinstance(uploads, dict) else [record]:
             index = made.get("block_index", made) if isinstance(made, dict) else None
             if isinstance(index, dict) and isinstance(index.get("snapshot_id"), str):
-                found[index["snapshot_id"]] = index
+                found.setdefault(index["snapshot_id"], []).append(index)
     return found
 
 

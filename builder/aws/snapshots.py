@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,7 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
                  skip_zero_blocks: bool = False, writes: list[int] | None = None,
                  parent_snapshot_id: str | None = None,
                  started: Callable[[str], None] = lambda snapshot_id: None,
+                 expected: Sequence[str | None] = (),
                  ) -> tuple[str, UploadStats]:
     """Upload ``path`` to a new snapshot, or to the pending ``snapshot_id`` of an
     interrupted run (blocks are simply written again); ``started`` learns the snapshot id
@@ -179,6 +180,9 @@ def upload_image(ebs: Any, path: Path, *, description: str, tags: dict[str, str]
         with open(path, "rb") as handle:
             data = os.pread(handle.fileno(), BLOCK, index * BLOCK).ljust(BLOCK, b"\0")
         digest = hashlib.sha256(data).digest()
+        if index < len(expected) and expected[index] not in (None, digest.hex()):
+            raise BuildFailed(f"{path.name}: block {index} changed while it was uploaded; "
+                              "build it again")
         while_snapshot_appears(lambda: ebs.put_snapshot_block(
             SnapshotId=snapshot_id, BlockIndex=index, BlockData=data, DataLength=BLOCK,
             Checksum=base64.b64encode(digest).decode(), ChecksumAlgorithm="SHA256"))

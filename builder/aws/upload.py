@@ -15,6 +15,7 @@ from builder.aws.blockindex import (
     INDEX_TAG,
     after_writes,
     delta_writes,
+    expected_sha256,
     full_writes,
     image_blocks,
     index_digest,
@@ -117,17 +118,17 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
     asked = asked_for(job, entry)
     parent = job.parents.get(device)
     parent_id = parent.snapshot_id if parent else None
-    pending = job.record["pending"].get(device, {})
-    same = pending.get("sha256") == digest and pending.get("asked") == asked and \
-        pending.get("parent") == parent_id
-    resume = pending.get("snapshot") if same else None
     encryption = _encryption(job, entry)
     blocks = image_blocks(image)
     zeros_held = encryption.enabled or not job.skip_zero_blocks
     writes = delta_writes(blocks, parent, zeros_held) if parent else \
         full_writes(blocks, zeros_held)
     made = after_writes("", blocks, writes, parent)  # the new snapshot's index, vouched for
-    tags = {**job.tags, INDEX_TAG: index_digest(made.blocks)}  # by its tag (blockindex)
+    vouch = index_digest(made.blocks)                # by its tag (builder.aws.blockindex)
+    pending = job.record["pending"].get(device, {})
+    same = pending.get("sha256") == digest and pending.get("asked") == asked and \
+        pending.get("parent") == parent_id and pending.get("index") == vouch
+    resume = pending.get("snapshot") if same else None
 
     def started(snapshot_id: str) -> None:
         job.record["pending"][device] = {**job.record["pending"][device],
@@ -139,16 +140,17 @@ def _upload_one(job: Publication, ebs: Any, entry: dict[str, Any], image: Path,
         crash gets the same snapshot back, and a new snapshot never a finished one's."""
         token = uuid.uuid4().hex
         job.record["pending"][device] = {"sha256": digest, "asked": asked, "token": token,
-                                         "parent": parent_id}
+                                         "parent": parent_id, "index": vouch}
         job.save()
         return token
 
     how = f"{len(writes)} changed blocks over {parent_id}" if parent else entry["image"]
     say(f"{device}: {'resuming ' + resume if resume else 'uploading'} {how} "
         f"({job.workers} workers{', encrypted' if encryption.enabled else ''})")
-    common = {"description": description(job, device), "tags": tags, "workers": job.workers,
-              "encryption": encryption, "started": started, "writes": writes,
-              "parent_snapshot_id": parent_id}
+    common = {"description": description(job, device), "workers": job.workers,
+              "tags": {**job.tags, INDEX_TAG: vouch}, "encryption": encryption,
+              "started": started, "writes": writes, "parent_snapshot_id": parent_id,
+              "expected": [expected_sha256(entry) for entry in blocks]}
     token = pending.get("token") if same and not resume else None
     try:
         done, stats = upload_image(ebs, image, client_token=token or fresh_token(),

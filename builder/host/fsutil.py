@@ -64,8 +64,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: not found (is this a build output directory?)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting, huge numbers
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:100]})") from None
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

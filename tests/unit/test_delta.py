@@ -26,6 +26,7 @@ from builder.aws.blockindex import (
     vouched_index,
 )
 from builder.aws.snapshots import BLOCK
+from builder.errors import BuildFailed
 from builder.plan import sha256_file
 from tests import ebslineage
 from tests.awstools import client, published, small_output
@@ -262,13 +263,56 @@ def test_a_recorded_index_is_used_only_as_its_snapshot_s_tag_vouches() -> None:
     snapshot = {"SnapshotId": "snap-00000001",
                 "Tags": [{"Key": "team", "Value": "x"},
                          {"Key": INDEX_TAG, "Value": index_digest(blocks)}]}
-    assert vouched_index(snapshot, recorded) == BlockIndex("snap-00000001", tuple(blocks))
-    assert vouched_index({**snapshot, "Tags": []}, recorded) is None  # no tag: not vouched
-    assert vouched_index(snapshot, {**recorded, "blocks": [B, ZERO, None]}) is None
-    assert vouched_index(snapshot, {**recorded, "snapshot_id": "snap-00000002"}) is None
-    assert vouched_index(snapshot, {**recorded, "block_size": 4096}) is None
-    assert vouched_index(snapshot, {**recorded, "blocks": "not a list"}) is None
-    assert vouched_index(snapshot, None) is None
+    vouched = BlockIndex("snap-00000001", tuple(blocks))
+    assert vouched_index(snapshot, [recorded]) == vouched
+    assert vouched_index({**snapshot, "Tags": []}, [recorded]) is None  # no tag: not vouched
+    for forged in ({**recorded, "blocks": [B, ZERO, None]},
+                   {**recorded, "snapshot_id": "snap-00000002"},
+                   {**recorded, "block_size": 4096}, {**recorded, "blocks": "not a list"},
+                   None, [], "x"):
+        assert vouched_index(snapshot, [forged]) is None
+        assert vouched_index(snapshot, [forged, recorded]) == vouched  # the first that fits
+    # an index read from EBS ends at its last block: the digest leaves trailing holes out
+    assert index_digest([A, ZERO]) == index_digest([A, ZERO, None, None])
+    assert index_digest([A, None, ZERO]) != index_digest([A, ZERO])
+
+
+def test_a_tag_that_vouches_for_blocks_the_parent_lacks_is_not_trusted(
+        aws, aws_rules, tmp_path: Path) -> None:
+    """Whoever may tag snapshots could vouch for a forged index: EBS must still list the
+    blocks it names (ListSnapshotBlocks), else the parent is read from EBS."""
+    first = small_output(tmp_path / "r1", "forged-r1", encrypted_volume=False)
+    assert aws("publish", str(first), "--skip-zero-blocks", url=aws_rules.url).returncode == 0
+    record = json.loads((first / "publish.json").read_text())
+    [target] = record["targets"].values()
+    index = target["uploads"]["/dev/xvda"]["block_index"]
+    hole = index["blocks"].index(None)  # a zero block publish skipped: the parent lacks it
+    index["blocks"][hole] = ZERO
+    (first / "publish.json").write_text(json.dumps(record))
+    client("ec2", aws_rules.url).create_tags(
+        Resources=[index["snapshot_id"]],
+        Tags=[{"Key": INDEX_TAG, "Value": index_digest(index["blocks"])}])
+    second = next_release(first, tmp_path / "r2", "forged-r2", {3: b"\x06" * BLOCK})
+    result = aws("publish", str(second), "--parent", str(first), "--skip-zero-blocks",
+                 "--verify", url=aws_rules.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not hold the blocks its tag's index names" in result.stderr
+    assert "ListSnapshotBlocks, checksums" in result.stderr
+    assert published(second)["verified"]["/dev/xvda"]["ok"]
+
+
+def test_an_image_changed_during_its_upload_fails_it(aws_rules, tmp_path: Path) -> None:
+    """The tag says what the snapshot holds: a block read otherwise than it was indexed
+    (the image changed meanwhile) stops the upload before it completes."""
+    from builder.aws.snapshots import upload_image
+
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"x" * BLOCK * 2)
+    indexed = image_blocks(image)
+    image.write_bytes(b"x" * BLOCK + b"y" * BLOCK)
+    with pytest.raises(BuildFailed, match="block 1 changed while it was uploaded"):
+        upload_image(client("ebs", aws_rules.url), image, description="t", tags={},
+                     workers=1, expected=indexed)
 
 
 def test_a_parent_is_read_from_ebs_not_from_a_file(aws, aws_rules, tmp_path: Path) -> None:
