@@ -347,6 +347,9 @@ CASES: dict[str, tuple[dict[str, str], list[str]]] = {
     "uefi-data-not-a-variable-store": (
         {"recipe.yaml": "name: xyz\nami:\n  boot_mode: uefi\n  uefi_data: QUJDRA==\n"},
         ["recipe.yaml:4:14: ami.uefi_data: not an AWS UEFI variable store"]),
+    "sbom-without-spdx": (
+        {"recipe.yaml": "name: xyz\noutputs:\n  sbom: [cyclonedx]\n"},
+        ["recipe.yaml:3:9: outputs.sbom: must list spdx: every build writes sbom.spdx.json (write [spdx, cyclonedx] for both)"]),
     "template-string-bomb": (
         {"recipe.yaml": "name: \"{{ 'x' * 10**9 }}\"\n"},
         ["recipe.yaml:1:7: name: the result is too large"]),
