@@ -78,6 +78,17 @@ def published(output: Path) -> dict:
     return next(iter(targets.values()))
 
 
+def verify_with_a_corrupted_block(aws, rules, snapshot_id: str, image: Path, index: int):
+    """`build verify-snapshot SNAPSHOT IMAGE --json` while the test server serves block
+    INDEX of the snapshot corrupted (tests/awsrules.py): the finished process."""
+    with rules.snapshots.lock:
+        rules.snapshots.corrupt.add((snapshot_id, index))
+    try:
+        return aws("verify-snapshot", snapshot_id, str(image), "--json", url=rules.url)
+    finally:
+        rules.snapshots.corrupt.clear()
+
+
 def register_request(output: Path) -> dict:
     return json.loads((output / "register-image.json").read_text())
 

@@ -29,7 +29,7 @@ from builder.aws.snapshots import BLOCK
 from builder.errors import BuildFailed
 from builder.plan import sha256_file
 from tests import ebslineage
-from tests.awstools import client, published, small_output
+from tests.awstools import client, published, small_output, verify_with_a_corrupted_block
 
 pytestmark = pytest.mark.usefixtures("fake_credentials")
 
@@ -216,13 +216,7 @@ def test_publish_parent_sends_only_the_changed_blocks(aws, aws_rules, tmp_path: 
     assert "ListSnapshotBlocks" not in result.stderr
     assert aws_rules.snapshots.completion_mismatches == []
     # verify covers the blocks the child inherits: one served corrupted is named
-    with aws_rules.snapshots.lock:
-        aws_rules.snapshots.corrupt.add((child_id, 1))
-    try:
-        bad = aws("verify-snapshot", child_id, str(second / "disk.raw"), "--json",
-                  url=aws_rules.url)
-    finally:
-        aws_rules.snapshots.corrupt.clear()
+    bad = verify_with_a_corrupted_block(aws, aws_rules, child_id, second / "disk.raw", 1)
     assert bad.returncode == 1 and json.loads(bad.stdout)["differing"] == [1]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from builder.aws.snapshots import BLOCK
 from builder.aws.verify import verify_snapshot
-from tests.awstools import client, published, small_output
+from tests.awstools import client, published, small_output, verify_with_a_corrupted_block
 
 pytestmark = pytest.mark.usefixtures("fake_credentials")
 
@@ -37,13 +37,7 @@ def test_verify_snapshot_names_the_corrupted_block(aws, aws_rules, tmp_path: Pat
     clean = aws("verify-snapshot", snapshot_id, str(out / "disk.raw"), url=aws_rules.url)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.startswith(f"{snapshot_id} equals disk.raw")
-    with aws_rules.snapshots.lock:
-        aws_rules.snapshots.corrupt.add((snapshot_id, 3))
-    try:
-        bad = aws("verify-snapshot", snapshot_id, str(out / "disk.raw"), "--json",
-                  url=aws_rules.url)
-    finally:
-        aws_rules.snapshots.corrupt.clear()
+    bad = verify_with_a_corrupted_block(aws, aws_rules, snapshot_id, out / "disk.raw", 3)
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["differing"] == [3] and not report["ok"]
