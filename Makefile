@@ -23,8 +23,11 @@ APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-b
 build: deps venv
 	$(VENV)/bin/build $(RECIPE)
 
+# Every tier: the builds and boots one at a time (they share session fixtures and each
+# wants the machine), then the unit tier on both cores.
 test: deps venv lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not unit" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m unit -n 2 $(PYTEST_ARGS)
 
 # The fast tier: every test not marked integration or boot (seconds, no build).
 check: venv lint
