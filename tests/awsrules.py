@@ -73,7 +73,8 @@ class Snapshots:
     not_found_answers: int = 0
     # fault injection, not an AWS rule: GetSnapshotBlock of these (snapshot, index) answers
     # the block with its first byte flipped, and a checksum that matches the flipped data
-    # (a snapshot that silently holds other bytes than were sent: NixOS/amis #123)
+    # (a snapshot that silently holds other bytes than were sent: NixOS/amis #123);
+    # ("*", index): that block of every snapshot
     corrupt: set[tuple[str, int]] = field(default_factory=set)
     # and these with the byte flipped but the stored block's checksum (a transfer gone bad)
     garbled: set[tuple[str, int]] = field(default_factory=set)
@@ -761,7 +762,8 @@ class RuleHandler(http.server.BaseHTTPRequestHandler):
         match = re.fullmatch(r"/snapshots/([^/]+)/blocks/(\d+)", self.path.split("?")[0])
         key = (match[1], int(match[2])) if match else None
         with self.server.snapshots.lock:
-            corrupt = key in self.server.snapshots.corrupt
+            corrupt = key is not None and bool({key, ("*", key[1])} &
+                                               self.server.snapshots.corrupt)
             garbled = key in self.server.snapshots.garbled
         if not (corrupt or garbled) or not data:
             return headers, data

@@ -51,9 +51,7 @@ def test_publish_verify_refuses_to_register_a_corrupted_snapshot(aws, aws_rules,
     AMI is not registered, the record forgets the snapshot, and publishing again (the
     fault gone) uploads the image anew."""
     out = small_output(tmp_path / "out", "refused-image", encrypted_volume=False)
-    known = {s["SnapshotId"] for s in client("ec2", aws_rules.url).describe_snapshots(
-        OwnerIds=["self"])["Snapshots"]}
-    result = _publish_with_fault(aws, aws_rules, out, known)
+    result = _publish_with_fault(aws, aws_rules, out)
     assert result.returncode == 1
     assert "/dev/xvda" in result.stderr and "index 2" in result.stderr
     state = published(out)
@@ -65,28 +63,14 @@ def test_publish_verify_refuses_to_register_a_corrupted_snapshot(aws, aws_rules,
     assert state["image_id"] and state["verified"]["/dev/xvda"]["ok"]
 
 
-def _publish_with_fault(aws, aws_rules, out: Path, known: set[str]):
-    """publish --verify with block 2 of each new snapshot served corrupted."""
-    import threading
-
-    stop = threading.Event()
-    ec2 = client("ec2", aws_rules.url)
-
-    def corrupt_new_snapshots() -> None:
-        while not stop.is_set():
-            for snapshot in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]:
-                if snapshot["SnapshotId"] not in known:
-                    with aws_rules.snapshots.lock:
-                        aws_rules.snapshots.corrupt.add((snapshot["SnapshotId"], 2))
-            stop.wait(0.05)
-
-    watcher = threading.Thread(target=corrupt_new_snapshots)
-    watcher.start()
+def _publish_with_fault(aws, aws_rules, out: Path):
+    """publish --verify with block 2 of every snapshot served corrupted (a watcher thread
+    that marked each new one raced verify's first reads)."""
+    with aws_rules.snapshots.lock:
+        aws_rules.snapshots.corrupt.add(("*", 2))
     try:
         return aws("publish", str(out), "--verify", "--workers", "2", url=aws_rules.url)
     finally:
-        stop.set()
-        watcher.join()
         aws_rules.snapshots.corrupt.clear()
 
 
