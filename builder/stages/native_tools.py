@@ -30,6 +30,8 @@ folder is gone.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import re
@@ -104,8 +106,10 @@ def patchelf_argv(binary: Path) -> list[str]:
             "--set-rpath", FOLDER, str(binary)]
 
 
+@functools.cache
 def _libraries(binary: Path) -> list[Path]:
-    """Each library ldd lists for BINARY (the loader included), as named there."""
+    """Each library ldd lists for BINARY (the loader included), as named there (asked once
+    per process: the cache key and collect() both want them)."""
     found = []
     for line in run(["ldd", str(binary)], capture=True).splitlines():
         match = re.search(r"=> (/\S+)|^\s*(/\S+)", line)
@@ -159,14 +163,13 @@ def leftovers(tree: Path, folder: Path) -> list[Path]:
     """Files of TREE that hold a stand-in or one of the host's libraries FOLDER laid out
     (collect()): a file holding the stand-ins' folder's path (each stand-in's loader),
     a file with the same bytes as one of FOLDER's, or an initramfs holding either."""
-    host_files = {sha256_file(p): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-    sizes = set(host_files.values())
+    host = [p.read_bytes() for p in folder.rglob("*") if p.is_file()]
+    digests, sizes = {hashlib.sha256(data).hexdigest() for data in host}, {len(d) for d in host}
     found = []
     for path in _regular_files(tree):
-        size = path.lstat().st_size
-        if (size in sizes and sha256_file(path) in host_files) or _holds_trace(path) or \
-                (path.name.startswith("initrd.img-") and
-                 _initramfs_holds(path, [p for p in folder.rglob("*") if p.is_file()])):
+        if (path.lstat().st_size in sizes and sha256_file(path) in digests) or \
+                _holds_trace(path) or \
+                (path.name.startswith("initrd.img-") and _initramfs_holds(path, host)):
             found.append(path)
     return found
 
@@ -197,9 +200,9 @@ def _holds_trace(path: Path) -> bool:
     return False
 
 
-def _initramfs_holds(path: Path, host_files: list[Path]) -> bool:
+def _initramfs_holds(path: Path, host: list[bytes]) -> bool:
     unpacked = _unpacked(path, path.read_bytes())
-    return TRACE in unpacked or any(p.read_bytes() in unpacked for p in host_files)
+    return TRACE in unpacked or any(data in unpacked for data in host)
 
 
 def _unpacked(path: Path, data: bytes) -> bytes:
