@@ -48,12 +48,19 @@ class Roots:
         self.roots = self._roots()
 
     def _roots(self) -> list[str]:
-        """Each drive's root filesystem, from inspection (devices, not fstab: two releases
-        of a recipe share their filesystem UUIDs)."""
-        found = self.g.inspect_os()
+        """Each drive's root filesystem (devices, not fstab: two releases of a recipe share
+        their filesystem UUIDs): found by os-release, or by libguestfs's inspection when
+        that finds none on some drive."""
+        from builder.audit.views import os_roots
+
+        drives = list(self.g.list_devices())
+        on = lambda root, drive: root.startswith(drive) and root[len(drive):].isdigit()  # noqa: E731
+        found = os_roots(self.g)
+        if not all(any(on(r, drive) for r in found) for drive in drives):
+            found = self.g.inspect_os()
         roots = []
-        for (path, _), drive in zip(self.images, self.g.list_devices(), strict=True):
-            mine = sorted(r for r in found if r.startswith(drive) and r[len(drive):].isdigit())
+        for (path, _), drive in zip(self.images, drives, strict=True):
+            mine = sorted(r for r in found if on(r, drive))
             if len(mine) != 1:
                 raise InputError(f"{path}: {'no' if not mine else 'more than one'} "
                                  "operating system found in the image")

@@ -110,3 +110,30 @@ def test_aws_keys_in_ami_tags() -> None:
     findings = aws_keys_in_tags({"team": "platform", "deployer": "ASIAIOSFODNN7EXAMPLE"})
     assert [(f.check, f.severity, f.path) for f in findings] == [
         ("cloud-credentials", "error", "ami.tags.deployer")]
+
+
+def test_audit_command_prints_a_table_and_exits_3(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`build audit IMAGE` without --json: the table a person reads, exit 3 on errors. (The
+    image is a planted tree here; tests/boot/test_audit.py audits real images through
+    libguestfs, with --json.)"""
+    from builder.audit import views
+    from builder.commands.images import cmd_audit
+
+    root = clean_tree(tmp_path / "root")
+    write(root, "/etc/shadow", "root:*:20000:0:99999:7:::\nguest::20000:0:99999:7:::\n")
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"")
+
+    class PlantedImage(TreeView):
+        def __init__(self, path: Path, fmt: str | None = None):
+            assert path == image
+            super().__init__(root)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(views, "GuestView", PlantedImage)
+    assert cmd_audit([str(image)]) == 3
+    out = capsys.readouterr().out
+    assert "error    empty-password" in out and "user guest" in out
+    assert out.rstrip().splitlines()[-1].startswith("1 error, ")
