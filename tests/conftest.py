@@ -28,6 +28,16 @@ def fixed_epoch(monkeypatch: pytest.MonkeyPatch) -> int:
     return FIXED_EPOCH
 
 
+@pytest.fixture(autouse=True)
+def reproducible_builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builds of the integration and boot tiers are reproducible (SOURCE_DATE_EPOCH):
+    the epoch is part of the bootstrap's cache key, so the suite's builds share their
+    bootstraps (and a recipe with more packages extends a cached one) only when they agree
+    on it. Without this, each tier would bootstrap Debian twice, once per clock."""
+    if any(request.node.get_closest_marker(m) for m in ("integration", "boot")):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", str(FIXED_EPOCH))
+
+
 def needs_root_tools() -> pytest.MarkDecorator:
     missing = [t for t in ("mmdebstrap", "qemu-system-x86_64", "sfdisk", "grub-mkimage")
                if shutil.which(t) is None]
@@ -85,10 +95,11 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def build_recipe(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path, suite_cache: Path):
     """Build a shipped recipe once per test session (with the tests' SSH key), with the
-    suite's own stage cache (removed with the session's temporary files)."""
+    suite's own stage cache (removed with the session's temporary files); reproducible,
+    as the tests' own builds are (``reproducible_builds``)."""
     cache: dict[tuple, Built] = {}
 
-    def build(recipe: str, *extra: str, epoch: int | None = None) -> Built:
+    def build(recipe: str, *extra: str, epoch: int | None = FIXED_EPOCH) -> Built:
         key = (recipe, *extra, epoch)
         if key not in cache:
             out = tmp_path_factory.mktemp(Path(recipe).stem) / "out"
@@ -141,6 +152,17 @@ def suite_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     archives.mkdir(parents=True, exist_ok=True)
     (cache / "apt-archives").symlink_to(archives)
     return cache
+
+
+def read_root_file(disk: Path, path: str) -> bytes:
+    """A file of a raw image's root filesystem (its last partition, ext4), read with
+    debugfs: no mount, no loop device, no boot."""
+    table = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                           check=True).stdout
+    partitions = json.loads(table)["partitiontable"]["partitions"]
+    offset = partitions[-1]["start"] * 512
+    return subprocess.run(["debugfs", "-R", f"cat {path}", f"{disk}?offset={offset}"],
+                          capture_output=True, check=True).stdout
 
 
 def copy_recipes(target: Path) -> Path:

@@ -14,12 +14,12 @@ from builder.vm import VirtualMachine
 from tests.boot.test_boot_minimal import check_configured, check_sbom
 from tests.conftest import FIXED_EPOCH, Built, build_shipped, needs_root_tools, run_build
 
-pytestmark = [pytest.mark.boot, needs_root_tools()]
+pytestmark = [pytest.mark.boot, pytest.mark.arm64, needs_root_tools()]
 RECIPE = "debian-13-arm64.yaml"
 
 
 def shared_build(build_recipe) -> Built:
-    return build_recipe(RECIPE, epoch=FIXED_EPOCH)
+    return build_recipe(RECIPE)
 
 
 def test_arm64_image_boots_and_is_configured(build_recipe, ssh_key: Path) -> None:

@@ -16,6 +16,7 @@ from builder.ec2layout import INSTANCE_STORE_SIZE, attach, mapping_layout
 from builder.host.run import run
 from builder.imds import GUEST_ADDRESS, Instance
 from builder.vm import VirtualMachine, ebs_serial, instance_store_serial
+from tests.boot.test_boot_web import check_cyclonedx, check_web_page
 from tests.conftest import needs_root_tools
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
@@ -33,39 +34,41 @@ def host_key(ssh) -> str:
     return ssh("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
 
 
-def test_minimal_image_boots_from_nvme_and_grows_once(build_recipe, ssh_key: Path) -> None:
-    built = build_recipe("debian-13-minimal.yaml")
-    with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True,
-                        root_size=VOLUME) as vm:
-        vm.wait_for(timeout=400)
-        ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
-        root = ssh("findmnt -no SOURCE /")
-        assert re.fullmatch(r"/dev/nvme\dn1p3", root), root
-        disk = root.removesuffix("p3")
-        assert ssh(f"lsblk -dno SERIAL {disk}") == ebs_serial(0)
-        assert int(ssh(f"lsblk -bdno SIZE {disk}")) == VOLUME  # the EBS volume's
-        assert ssh("cat /sys/class/dmi/id/sys_vendor") == "Amazon EC2"
-        where = {module: ssh(f"/usr/sbin/modinfo -n {module}") for module in ("nvme", "ena")}
-        assert all(w.endswith((".ko", ".ko.xz", "(builtin)")) for w in where.values()), where
-        if not where["nvme"].endswith("(builtin)"):  # else the kernel itself holds it
-            listed = ssh("sudo -n lsinitramfs /boot/initrd.img-$(uname -r) | grep -c /nvme")
-            assert int(listed) > 0
-        # the first boot grew the root partition and filesystem into the volume
-        partition, filesystem = grown_root(ssh)
-        assert partition > VOLUME - 300 * 2**20 and filesystem > VOLUME - 400 * 2**20, \
-            (partition, filesystem)
-        first = host_key(ssh), ssh("cat /etc/machine-id")
-        vm.reboot("admin", ssh_key)
-        # nothing more to do on the second boot: same sizes, same host keys, same machine
-        assert grown_root(ssh) == (partition, filesystem)
-        assert (host_key(ssh), ssh("cat /etc/machine-id")) == first
-        assert "No changes." in ssh("sudo -n journalctl -b -o cat -u systemd-repart")
+def check_nvme_and_grows_once(vm: VirtualMachine, key: Path) -> None:
+    """On an EC2-like machine (``ec2=True``, root volume VOLUME): the root is on NVMe with
+    an EBS serial, the initramfs holds the NVMe driver, the first boot grew the root into
+    the volume, and a reboot changes nothing. (test_boot_minimal boots the default recipe
+    so, as its UEFI boot.)"""
+    ssh = lambda command: vm.ssh("admin", key, command).strip()  # noqa: E731
+    root = ssh("findmnt -no SOURCE /")
+    assert re.fullmatch(r"/dev/nvme\dn1p3", root), root
+    disk = root.removesuffix("p3")
+    assert ssh(f"lsblk -dno SERIAL {disk}") == ebs_serial(0)
+    assert int(ssh(f"lsblk -bdno SIZE {disk}")) == VOLUME  # the EBS volume's
+    assert ssh("cat /sys/class/dmi/id/sys_vendor") == "Amazon EC2"
+    where = {module: ssh(f"/usr/sbin/modinfo -n {module}") for module in ("nvme", "ena")}
+    assert all(w.endswith((".ko", ".ko.xz", "(builtin)")) for w in where.values()), where
+    if not where["nvme"].endswith("(builtin)"):  # else the kernel itself holds it
+        listed = ssh("sudo -n lsinitramfs /boot/initrd.img-$(uname -r) | grep -c /nvme")
+        assert int(listed) > 0
+    # the first boot grew the root partition and filesystem into the volume
+    partition, filesystem = grown_root(ssh)
+    assert partition > VOLUME - 300 * 2**20 and filesystem > VOLUME - 400 * 2**20, \
+        (partition, filesystem)
+    first = host_key(ssh), ssh("cat /etc/machine-id")
+    vm.reboot("admin", key)
+    # nothing more to do on the second boot: same sizes, same host keys, same machine
+    assert grown_root(ssh) == (partition, filesystem)
+    assert (host_key(ssh), ssh("cat /etc/machine-id")) == first
+    assert "No changes." in ssh("sudo -n journalctl -b -o cat -u systemd-repart")
 
 
 def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: Path,
                                                        tmp_path: Path) -> None:
     """The web recipe's cloud-init on an EC2-like machine: the EC2 datasource over IMDSv2
-    sets the hostname, installs the key pair's key and runs the user data, once."""
+    sets the hostname, installs the key pair's key and runs the user data, once; and the
+    recipe's nginx serves its page (test_boot_web's checks: this is the Debian 13 web
+    image's boot)."""
     built = build_recipe("debian-13-web.yaml")
     instance_key = tmp_path / "instance_key"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "key-pair", "-f",
@@ -74,7 +77,7 @@ def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: P
     instance = Instance(ssh_key=instance_key.with_suffix(".pub").read_text().strip(),
                         user_data=user_data)
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi", ec2=True, root_size=VOLUME,
-                        instance=instance) as vm:
+                        instance=instance, guest_ports=(22, 80)) as vm:
         ran = vm.wait_for(r"user-data ran on (\S+)", timeout=500)
         hostname = f"ip-{GUEST_ADDRESS.replace('.', '-')}"
         print(f"user data ran {ran:.0f}s after power-on")
@@ -97,6 +100,8 @@ def test_cloud_init_configures_the_instance_from_imdsv2(build_recipe, ssh_key: P
         assert any(r.method == "PUT" and r.status == 200 for r in vm.imds.requests)
         assert gets and all(r.token == "valid" for r in gets), \
             [r for r in gets if r.token != "valid"]
+        check_web_page(vm, instance_key)
+        check_cyclonedx(vm, instance_key, built.artifact("sbom.cdx.json"))
         vm.reboot("admin", instance_key)
         assert ssh("cat /var/tmp/ud.log").splitlines() == [f"user-data ran on {hostname}"]
         assert "user-data ran" not in vm.console()
@@ -116,8 +121,9 @@ def test_ebs_image_boots_as_an_instance_of_its_mapping(build_recipe, ssh_key: Pa
         ssh = lambda command: vm.ssh("admin", ssh_key, command).strip()  # noqa: E731
         # NVMe names follow the order the controllers are found in, on EC2 as here: the
         # volume is told by its serial, and the image mounts it by label
-        source = ssh("findmnt -no SOURCE /srv/data")
-        assert source.startswith("/dev/nvme")
+        source, fstype = ssh("findmnt -no SOURCE,FSTYPE /srv/data").split()
+        assert source.startswith("/dev/nvme") and fstype == "ext4"
+        assert ssh("hostname") == "ebs"
         assert ssh(f"lsblk -dno SERIAL {source}") == ebs_serial(1)
         assert "built by amiforge" in ssh("cat /srv/data/README")
         assert grown_root(ssh)[0] > 8 * 2**30 - 300 * 2**20  # the mapping's 8 GiB

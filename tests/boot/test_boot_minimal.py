@@ -13,6 +13,7 @@ from spdx_tools.spdx.validation.document_validator import validate_full_spdx_doc
 from builder.plan import sha256_file
 from builder.stages import native_tools
 from builder.vm import VirtualMachine
+from tests.boot.test_boot_ec2 import VOLUME, check_nvme_and_grows_once
 from tests.conftest import needs_root_tools
 
 pytestmark = [pytest.mark.boot, needs_root_tools()]
@@ -73,10 +74,12 @@ def identities() -> dict[str, tuple[str, str]]:
 def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str, firmware: str,
                                  recipe: str, identities: dict) -> None:
     built = build_recipe(recipe)
-    # the UEFI boot's disk is a volume larger than the image (3 GiB): the root grows into
-    # it (Debian 13's systemd-repart package, Debian 12's systemd)
-    volume = 3 << 30 if firmware == "uefi" else None
-    with VirtualMachine(built.artifact(artifact), firmware, root_size=volume) as vm:
+    # the UEFI boot's disk is a volume larger than the image: the root grows into it
+    # (Debian 13's systemd-repart package, Debian 12's systemd). Debian 13's UEFI boot is
+    # on an EC2-like machine (NVMe, EC2's SMBIOS, a 4 GiB EBS-like volume), and reboots.
+    ec2 = firmware == "uefi" and recipe == "debian-13-minimal.yaml"
+    volume = VOLUME if ec2 else 3 << 30 if firmware == "uefi" else None
+    with VirtualMachine(built.artifact(artifact), firmware, root_size=volume, ec2=ec2) as vm:
         seconds = vm.wait_for(timeout=300)
         print(f"{artifact} ({firmware}): login prompt after {seconds:.1f}s")
         check_configured(vm, ssh_key)
@@ -93,6 +96,8 @@ def test_boots_and_is_configured(build_recipe, ssh_key: Path, artifact: str, fir
         release = vm.ssh("admin", ssh_key, ". /etc/os-release; echo $VERSION_ID").strip()
         assert release == RELEASES[recipe]
         identities[recipe, firmware] = (host_key, machine_id)
+        if ec2:
+            check_nvme_and_grows_once(vm, ssh_key)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

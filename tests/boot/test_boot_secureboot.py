@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.vm import VirtualMachine
+from tests.boot.test_boot_arm64 import shared_build
 from tests.boot.test_boot_minimal import check_configured
 from tests.conftest import needs_root_tools, run_build
 
@@ -41,11 +42,15 @@ def test_enforcing_firmware_refuses_an_unsigned_bootloader(build_recipe) -> None
         assert "Booting `" not in vm.console()  # GRUB never ran
 
 
+@pytest.mark.arm64
 def test_arm64_secure_boot_image_boots_with_secure_boot_enforced(build_recipe,
                                                                  ssh_key: Path) -> None:
     """Graviton's chain: AAVMF with Microsoft's keys enrolled starts Debian's signed arm64
-    shim (BOOTAA64.EFI), GRUB and kernel."""
+    shim (BOOTAA64.EFI), GRUB and kernel. Its bootstrap is the arm64 recipe's, completed
+    with the signed packages (one emulated bootstrap for both)."""
+    shared_build(build_recipe)
     built = build_recipe("debian-13-arm64-secureboot.yaml")
+    assert built.manifest["stages"]["bootstrap"]["source"] == "extended"
     with VirtualMachine(built.artifact("disk.qcow2"), "uefi-secureboot", arch="arm64") as vm:
         seconds = vm.wait_for(timeout=900)
         print(f"arm64 (uefi-secureboot): login prompt after {seconds:.1f}s")
