@@ -23,10 +23,19 @@ APT_PACKAGES := mmdebstrap qemu-utils qemu-system-x86 ovmf grub-common grub-pc-b
 build: deps venv
 	$(VENV)/bin/build $(RECIPE)
 
-# Every tier: the builds and boots one at a time (they share session fixtures and each
-# wants the machine), then the unit tier on both cores.
+# Every tier. The builds and boots share session fixtures, so they run in one session,
+# except the Graviton (arm64) ones: their emulated builds keep one core busy for minutes
+# and share nothing with the rest, so they run alongside (their output follows the
+# rest's). Then the unit tier, on both cores.
+ARM64_LOG := $(or $(TMPDIR),/tmp)/amiforge-arm64-tests.log
 test: deps venv lint
-	$(VENV)/bin/pytest -m "not unit" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m "arm64" -p no:cacheprovider $(PYTEST_ARGS) > $(ARM64_LOG) 2>&1 & \
+	arm64=$$!; trap 'kill $$arm64 2>/dev/null' EXIT; \
+	$(VENV)/bin/pytest -m "not unit and not arm64" $(PYTEST_ARGS); rest=$$?; \
+	wait $$arm64; arm64_status=$$?; trap - EXIT; \
+	echo "==> the arm64 tests (run alongside):"; cat $(ARM64_LOG); \
+	for status in $$rest $$arm64_status; do \
+		case $$status in 0|5) ;; *) exit $$status ;; esac; done  # 5: none selected
 	$(VENV)/bin/pytest -m unit -n 2 $(PYTEST_ARGS)
 
 # The fast tier: every test not marked integration or boot (seconds, no build).
