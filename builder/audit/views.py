@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from builder.audit.guestmounts import fstab_mounts, os_roots, safe_mountpoint
+
 
 @dataclass(frozen=True)
 class Node:
@@ -85,70 +87,36 @@ def appliance(drives: list[tuple[Path, str | None]]) -> Any:
     return handle
 
 
-LINUX_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
-OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
-
-
-def os_roots(g: Any) -> list[str]:
-    """The devices (partitions, or whole disks without a partition table) that hold an
-    operating system's root: a Linux filesystem with an os-release file. Each is mounted
-    read-only for a moment to look. About 3 s under TCG, where libguestfs's inspect_os
-    takes about 35 s (it probes every filesystem for every kind of OS); callers fall back
-    to inspect_os when this finds nothing (LVM, other systems)."""
-    partitions = list(g.list_partitions())
-    parted = {g.part_to_dev(p) for p in partitions}
-    roots = []
-    for device in [*partitions, *(d for d in g.list_devices() if d not in parted)]:
-        with contextlib.suppress(RuntimeError):
-            if g.vfs_type(device) not in LINUX_FILESYSTEMS:
-                continue
-            g.mount_ro(device, "/")
-            try:
-                if g.is_dir("/etc") and any(g.exists(path) for path in OS_RELEASE):
-                    roots.append(device)
-            finally:
-                g.umount_all()
-    return roots
-
-
-def fstab_mounts(g: Any) -> dict[str, str]:
-    """mount point -> device, from the mounted root's /etc/fstab: the entries named by
-    filesystem UUID or label (what amiforge writes, and what a cloud image uses), resolved
-    to the appliance's devices. Other entries (swap, device paths) are left out."""
-    if not g.is_file("/etc/fstab"):
-        return {}
-    mounts = {}
-    for line in g.read_lines("/etc/fstab"):
-        fields = line.split("#", 1)[0].split()
-        if len(fields) < 2 or not fields[1].startswith("/") or fields[1] == "/":
-            continue
-        kind, _, value = fields[0].partition("=")
-        find = {"UUID": g.findfs_uuid, "LABEL": g.findfs_label}.get(kind)
-        if find is not None and value:
-            with contextlib.suppress(RuntimeError):
-                mounts[fields[1]] = find(value)
-    return mounts
-
-
 class GuestView:
     """A disk image opened read-only with libguestfs, its filesystems mounted as the
-    guest would mount them (its root, then what its fstab names)."""
+    guest would mount them: its root, then what its fstab mounts (builder.audit.guestmounts),
+    each on a mount point checked inside the image."""
 
     def __init__(self, image: Path, fmt: str | None = None):
         self.g: Any = appliance([(image, fmt)])
-        roots = os_roots(self.g)
-        if roots:
-            self.g.mount_ro(roots[0], "/")
-            mounts = fstab_mounts(self.g)
-        else:
-            inspected = self.g.inspect_os()
-            if not inspected:
-                raise ValueError(f"{image}: no operating system found in the image")
-            mounts = self.g.inspect_get_mountpoints(inspected[0])
+        try:
+            self._mount_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def _mount_all(self) -> None:
+        roots = os_roots(self.g) or list(self.g.inspect_os())
+        if not roots:
+            raise ValueError("no operating system found in the image")
+        if len(roots) > 1:  # which one boots is the bootloader's choice: audit no guess
+            raise ValueError(f"more than one operating system root ({', '.join(roots)}); "
+                             "amiforge audits images with one")
+        self.g.mount_ro(roots[0], "/")
+        mounts = fstab_mounts(self.g)
+        if mounts is None:  # device paths in fstab: inspection maps them
+            self.g.inspect_os()
+            mounts = self.g.inspect_get_mountpoints(roots[0])
         for mountpoint in sorted(mounts, key=len):
-            # e.g. swap or an absent data volume: audit what mounts
-            with contextlib.suppress(RuntimeError):
-                self.g.mount_ro(mounts[mountpoint], mountpoint)
+            # e.g. an absent data volume: audit what mounts
+            if safe_mountpoint(self.g, mountpoint):
+                with contextlib.suppress(RuntimeError):
+                    self.g.mount_ro(mounts[mountpoint], mountpoint)
 
     def close(self) -> None:
         self.g.shutdown()

@@ -241,6 +241,8 @@ def cmd_audit(argv: Sequence[str]) -> int:
         raise InputError(f"{args.image}: cannot inspect the image: {exc}") from None
     try:
         findings = run_checks(view)
+    except (RuntimeError, UnicodeError) as exc:  # e.g. a file name that is not UTF-8
+        raise InputError(f"{args.image}: cannot read the image: {exc}") from None
     finally:
         view.close()
     if args.json:

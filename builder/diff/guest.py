@@ -51,10 +51,11 @@ class Roots:
         """Each drive's root filesystem (devices, not fstab: two releases of a recipe share
         their filesystem UUIDs): found by os-release, or by libguestfs's inspection when
         that finds none on some drive."""
-        from builder.audit.views import os_roots
+        from builder.audit.guestmounts import os_roots
 
         drives = list(self.g.list_devices())
-        on = lambda root, drive: root.startswith(drive) and root[len(drive):].isdigit()  # noqa: E731
+        on = lambda root, drive: root == drive or (  # noqa: E731
+            root.startswith(drive) and root[len(drive):].isdigit())
         found = os_roots(self.g)
         if not all(any(on(r, drive) for r in found) for drive in drives):
             found = self.g.inspect_os()
