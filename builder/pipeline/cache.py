@@ -152,10 +152,17 @@ class StageCache:
         entries = [p for p in self._stage_dir(stage).glob("*") if (p / META).is_file()]
         if not entries:
             return "no cached entry for this stage yet"
-        newest = max(entries, key=lambda p: p.stat().st_mtime)
-        previous = json.loads((newest / META).read_text()).get("inputs", {})
-        changed = sorted(k for k in set(previous) | set(inputs)
-                         if digest(previous.get(k)) != digest(inputs.get(k)))
+        wanted = {k: digest(v) for k, v in inputs.items()}
+
+        def differences(entry: Path) -> list[str]:
+            previous = json.loads((entry / META).read_text()).get("inputs", {})
+            return sorted(k for k in set(previous) | set(inputs)
+                          if digest(previous.get(k)) != wanted.get(k, digest(None)))
+
+        # the nearest entry (a cache shared by several recipes: the newest entry may be
+        # another recipe's), the newest of those equally near
+        by_nearness = sorted(entries, key=lambda p: -p.stat().st_mtime)
+        changed = min((differences(p) for p in by_nearness), key=len)
         if not changed:
             return "changed: nothing (the entry cannot be used here)"
         said = [DESCRIBED[k] for k in changed if k in DESCRIBED]

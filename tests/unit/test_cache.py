@@ -93,6 +93,19 @@ def test_why_missed_names_changed_inputs(tmp_path: Path) -> None:
     assert cache.why_missed("other", {}) == "no cached entry for this stage yet"
 
 
+def test_why_missed_compares_with_the_nearest_entry(tmp_path: Path) -> None:
+    """A cache several recipes share: the newest entry is another recipe's, the nearest is
+    this recipe's previous build."""
+    cache = StageCache(tmp_path)
+    make(cache, "configure", "mine", inputs={"files": 1, "users": 2, "scripts": 3})
+    time.sleep(0.01)
+    make(cache, "configure", "other", inputs={"files": 7, "users": 8, "scripts": 3})
+    assert cache.why_missed("configure", {"files": 9, "users": 2, "scripts": 3}) == \
+        "changed: files"
+    assert cache.why_missed("configure", {"files": 1, "users": 8, "scripts": 4}) == \
+        "changed: files, scripts"  # as near to both: the newest
+
+
 def test_lock_files_use_flock(tmp_path: Path) -> None:
     cache = StageCache(tmp_path)
     with cache.making("s", "k"), cache.in_use("s", "k"):
