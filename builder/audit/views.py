@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from builder.audit.guestmounts import fstab_mounts, os_roots, safe_mountpoint
+from builder.audit.guestmounts import Unauditable, fstab_mounts, mount_checked, os_roots
 
 
 @dataclass(frozen=True)
@@ -101,22 +100,26 @@ class GuestView:
             raise
 
     def _mount_all(self) -> None:
-        roots = os_roots(self.g) or list(self.g.inspect_os())
+        roots = os_roots(self.g)
+        if not roots:  # LVM, RAID, or an OS without os-release: inspection's turn
+            roots = list(self.g.inspect_os())
+            if len(roots) > 1:
+                raise Unauditable(f"more than one operating system ({', '.join(roots)})")
         if not roots:
             raise ValueError("no operating system found in the image")
-        if len(roots) > 1:  # which one boots is the bootloader's choice: audit no guess
-            raise ValueError(f"more than one operating system root ({', '.join(roots)}); "
-                             "amiforge audits images with one")
         self.g.mount_ro(roots[0], "/")
-        mounts = fstab_mounts(self.g)
-        if mounts is None:  # device paths in fstab: inspection maps them
-            self.g.inspect_os()
-            mounts = self.g.inspect_get_mountpoints(roots[0])
+        mounts = fstab_mounts(self.g, lambda: self._inspected_mounts(roots[0]))
         for mountpoint in sorted(mounts, key=len):
-            # e.g. an absent data volume: audit what mounts
-            if safe_mountpoint(self.g, mountpoint):
-                with contextlib.suppress(RuntimeError):
-                    self.g.mount_ro(mounts[mountpoint], mountpoint)
+            mount_checked(self.g, mounts[mountpoint], mountpoint)
+
+    def _inspected_mounts(self, root: str) -> dict[str, str]:
+        """Inspection's mount points (it maps fstab's device paths to the appliance's);
+        inspect_os unmounts everything, so the root is mounted again."""
+        self.g.inspect_os()
+        mounts = self.g.inspect_get_mountpoints(root)
+        self.g.umount_all()
+        self.g.mount_ro(root, "/")
+        return mounts
 
     def close(self) -> None:
         self.g.shutdown()

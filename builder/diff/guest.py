@@ -56,7 +56,10 @@ class Roots:
         drives = list(self.g.list_devices())
         on = lambda root, drive: root == drive or (  # noqa: E731
             root.startswith(drive) and root[len(drive):].isdigit())
-        found = os_roots(self.g)
+        try:
+            found = os_roots(self.g)
+        except ValueError as exc:  # a sealed volume, several roots: name no guess
+            raise InputError(f"{', '.join(str(p) for p, _ in self.images)}: {exc}") from None
         if not all(any(on(r, drive) for r in found) for drive in drives):
             found = self.g.inspect_os()
         roots = []
