@@ -42,6 +42,9 @@ SECURE_VARS = {"x86_64": OVMF_SECURE_VARS, "arm64": AAVMF_SECURE_VARS}
 FIRMWARES = ("bios", "uefi", "uefi-secureboot")
 LOGIN_PROMPT = r"login:"
 CONSOLE_STALL = 150  # seconds without a byte on the console: the guest has stopped
+# the kernel's last word before it starts init (x86_64 and arm64): the hang CONSOLE_STALL
+# is for happens before it; a silence after it is a slow machine's services starting
+USERSPACE = "Freeing unused kernel"
 SSH_CONNECT_FAILED = 255
 EC2_UUID = "ec2e1f4a-5c3b-4d2e-8f00-000000000001"
 
@@ -281,7 +284,8 @@ class VirtualMachine:
             if len(text) != seen:
                 seen, silent_since = len(text), time.monotonic()
             elif (restarts and time.monotonic() - silent_since > CONSOLE_STALL
-                  and not re.search(LOGIN_PROMPT, text)):  # at a prompt it is only idle
+                  and not re.search(LOGIN_PROMPT, text)  # at a prompt it is only idle
+                  and USERSPACE not in text):  # after it, systemd's quiet work (slow TCG)
                 log.warning("the console has been silent for %ds (last: %r): starting the "
                             "machine again", CONSOLE_STALL, text.splitlines()[-1:])
                 restarts -= 1

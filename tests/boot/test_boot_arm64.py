@@ -14,7 +14,10 @@ from builder.vm import VirtualMachine
 from tests.boot.test_boot_minimal import check_configured, check_sbom
 from tests.conftest import FIXED_EPOCH, Built, build_shipped, needs_root_tools, run_build
 
-pytestmark = [pytest.mark.boot, pytest.mark.arm64, needs_root_tools()]
+# an emulated build and a TCG boot, while `make test` runs the rest alongside: more than
+# the suite's 1500 s on a slow day
+pytestmark = [pytest.mark.boot, pytest.mark.arm64, pytest.mark.timeout(3600),
+              needs_root_tools()]
 RECIPE = "debian-13-arm64.yaml"
 
 

@@ -43,6 +43,7 @@ def test_enforcing_firmware_refuses_an_unsigned_bootloader(build_recipe) -> None
 
 
 @pytest.mark.arm64
+@pytest.mark.timeout(3600)  # see test_boot_arm64
 def test_arm64_secure_boot_image_boots_with_secure_boot_enforced(build_recipe,
                                                                  ssh_key: Path) -> None:
     """Graviton's chain: AAVMF with Microsoft's keys enrolled starts Debian's signed arm64

@@ -66,3 +66,12 @@ def test_a_machine_stops_at_once_with_what_it_started(tmp_path: Path) -> None:
     stop(proc)
     assert time.monotonic() - began < 5
     assert proc.returncode == -signal.SIGTERM
+
+
+def test_a_guest_silent_after_its_kernel_started_init_is_not_restarted(machine) -> None:
+    """A slow machine (TCG, the other tier's tests alongside): systemd starts services for
+    minutes without a line on the console; starting again would only lose that time."""
+    slow = "echo '[ 9.1] Freeing unused kernel image (initmem) memory'; sleep 3; echo 'login:'"
+    with machine(slow, "echo never") as guest:
+        guest.wait_for(timeout=20)
+    assert len(machine.starts) == 1
