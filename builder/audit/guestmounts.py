@@ -38,7 +38,7 @@ def os_roots(g: Any) -> list[str]:
     about 35 s. Empty when the image has LVM or RAID (callers ask inspection)."""
     partitions = list(g.list_partitions())
     parted = {g.part_to_dev(p) for p in partitions}
-    roots, etc_only = [], []
+    roots, with_etc = [], {}  # drive -> its filesystems with /etc
     for device in [*partitions, *(d for d in g.list_devices() if d not in parted)]:
         kind = g.vfs_type(device)
         if kind in SEALED:
@@ -47,11 +47,15 @@ def os_roots(g: Any) -> list[str]:
             return []
         if kind in LINUX_FILESYSTEMS:
             has_etc, has_release = _look(g, device)
-            (roots if has_etc and has_release else etc_only if has_etc else []).append(device)
-    if len(roots) + len(etc_only) > 1:  # which one boots is the bootloader's choice
-        raise Unauditable(f"more than one filesystem holds /etc "
-                          f"({', '.join(roots + etc_only)}): which one boots is not the "
-                          "audit's guess")
+            if has_etc:
+                drive = g.part_to_dev(device) if device in partitions else device
+                with_etc.setdefault(drive, []).append(device)
+                if has_release:
+                    roots.append(device)
+    for devices in with_etc.values():
+        if len(devices) > 1:  # which one boots is the bootloader's choice
+            raise Unauditable(f"more than one filesystem holds /etc ({', '.join(devices)}): "
+                              "which one boots is not the audit's guess")
     return roots
 
 

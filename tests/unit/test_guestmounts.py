@@ -169,6 +169,14 @@ def test_what_could_hide_the_real_root_is_refused(more: dict, message: str) -> N
         os_roots(image(**more))
 
 
+def test_each_drive_has_its_own_root() -> None:
+    """build diff opens two images in one appliance: a root each is not two roots."""
+    appliance = Appliance({"/dev/sda3": ("ext4", {**ROOT_FILES, "/etc/x": ""}),
+                           "/dev/sdb3": ("ext4", {**ROOT_FILES, "/etc/x": ""})},
+                          drives=["/dev/sda", "/dev/sdb"])
+    assert os_roots(appliance) == ["/dev/sda3", "/dev/sdb3"]
+
+
 def test_a_disk_without_partitions_is_looked_at_whole() -> None:
     appliance = Appliance({"/dev/sda": ("xfs", {**ROOT_FILES, "/etc/x": ""}),
                            "/dev/sdb1": ("ext4", {"/README": ""}),

@@ -75,3 +75,18 @@ def test_a_guest_silent_after_its_kernel_started_init_is_not_restarted(machine) 
     with machine(slow, "echo never") as guest:
         guest.wait_for(timeout=20)
     assert len(machine.starts) == 1
+
+
+def test_a_kernel_panic_early_in_a_first_boot_starts_it_again(machine, caplog) -> None:
+    panics = "echo '[ 6.7] Kernel panic - not syncing: Fatal exception'; exec sleep 30"
+    with machine(panics, "echo 'debian login:'") as guest:
+        guest.wait_for(timeout=20)
+    assert len(machine.starts) == 2 and "panicked" in caplog.text
+
+
+def test_a_panic_twice_fails_at_once(machine) -> None:
+    panics = "echo '[ 6.7] Kernel panic - not syncing: Fatal exception'; exec sleep 30"
+    started = time.monotonic()
+    with machine(panics, panics) as guest, pytest.raises(BuildFailed, match="Kernel panic"):
+        guest.wait_for(timeout=25)
+    assert time.monotonic() - started < 15  # not the whole timeout
