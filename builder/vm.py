@@ -281,8 +281,9 @@ class VirtualMachine:
         A first boot whose console stays silent for CONSOLE_STALL seconds is started once
         more from scratch, with a warning: TCG now and then stops a guest for good early in
         its boot (seen in CI: a kernel silent after 1 s, the same image booting in 20 s
-        on the next try). A later wait (after a reboot the test asked for) is not
-        restarted, since the disks hold that boot's state."""
+        on the next try), and so is one whose kernel panicked. A later wait (after a reboot
+        the test asked for) is not restarted, since the disks hold that boot's state; a
+        panic then fails it at once."""
         regex = re.compile(pattern)
         restarts = 0 if self._seen_pattern else 1
         seen, silent_since = -1, time.monotonic()
@@ -293,29 +294,35 @@ class VirtualMachine:
                 return time.monotonic() - self._started
             if self._proc is not None and self._proc.poll() is not None:
                 break
-            if PANIC in text:
-                if not restarts:
-                    break
-                log.warning("the guest's kernel panicked: starting the machine again")
+            if len(text) != seen:
+                seen, silent_since = len(text), time.monotonic()
+            why = self._hung(text, time.monotonic() - silent_since)
+            if why and not restarts and PANIC in text:  # it will not come back
+                break
+            if why and restarts:
+                log.warning("%s: starting the machine again", why)
                 restarts -= 1
                 self._cleanup()
                 self._start()
                 seen, silent_since = -1, time.monotonic()
                 continue
-            if len(text) != seen:
-                seen, silent_since = len(text), time.monotonic()
-            elif (restarts and time.monotonic() - silent_since > CONSOLE_STALL
-                  and not re.search(LOGIN_PROMPT, text)  # at a prompt it is only idle
-                  and USERSPACE not in text):  # after it, systemd's quiet work (slow TCG)
-                log.warning("the console has been silent for %ds (last: %r): starting the "
-                            "machine again", CONSOLE_STALL, text.splitlines()[-1:])
-                restarts -= 1
-                self._cleanup()
-                self._start()
-                seen, silent_since = -1, time.monotonic()
             time.sleep(0.5)
         raise BuildFailed(f"no {pattern!r} on the console within {timeout:.0f}s; last lines:\n"
                           + "\n".join(self.console().splitlines()[-15:]))
+
+    @staticmethod
+    def _hung(text: str, silent: float) -> str | None:
+        """Why a booting guest looks hung (None if it does not): its kernel panicked, or its
+        console has been silent for CONSOLE_STALL seconds before the kernel started init
+        (at a login prompt it is only idle; after init, silence is systemd's quiet work on
+        a slow machine)."""
+        if PANIC in text:
+            return "the guest's kernel panicked"
+        if (silent > CONSOLE_STALL and not re.search(LOGIN_PROMPT, text)
+                and USERSPACE not in text):
+            return (f"the console has been silent for {CONSOLE_STALL}s "
+                    f"(last: {text.splitlines()[-1:]!r})")
+        return None
 
     def ssh(self, user: str, key: Path, command: str, timeout: float = 120) -> str:
         """Run ``command`` in the guest; retries while sshd is still coming up."""

@@ -161,8 +161,8 @@ class StageCache:
 
         # the nearest entry (a cache shared by several recipes: the newest entry may be
         # another recipe's), the newest of those equally near
-        by_nearness = sorted(entries, key=lambda p: -p.stat().st_mtime)
-        changed = min((differences(p) for p in by_nearness), key=len)
+        newest_first = sorted(entries, key=lambda p: -p.stat().st_mtime)
+        changed = min((differences(p) for p in newest_first), key=len)
         if not changed:
             return "changed: nothing (the entry cannot be used here)"
         said = [DESCRIBED[k] for k in changed if k in DESCRIBED]
