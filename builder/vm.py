@@ -7,6 +7,7 @@ forwarded port. Used by the test suite and by ``build boot``."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import re
@@ -48,6 +49,15 @@ USERSPACE = "Freeing unused kernel"
 PANIC = "Kernel panic - not syncing"  # (seen under TCG on a busy machine, early in a boot)
 SSH_CONNECT_FAILED = 255
 EC2_UUID = "ec2e1f4a-5c3b-4d2e-8f00-000000000001"
+# TCG runs a guest 10-30 times slower than hardware: an emulated arm64 Debian 13 starts udevd
+# about 130 s into its boot, after systemd's 90 s for a device job (DefaultDeviceTimeoutSec)
+# has run out, so the serial getty on ttyAMA0 failed ("Timed out waiting for device
+# dev-ttyAMA0.device", seen in CI). The machine gives its devices more time with a
+# drop-in for every device unit (dev-.device.d, systemd's prefix drop-in) passed as a
+# system credential in SMBIOS (systemd.unit-dropin.*, systemd 256 and later; older
+# systemd ignores it); the image itself is not changed.
+DEVICE_TIMEOUT = 900
+SLOW_DEVICES_DROPIN = f"[Unit]\nJobRunningTimeoutSec={DEVICE_TIMEOUT}\n"
 
 
 def free_port() -> int:
@@ -118,10 +128,18 @@ def qemu_argv(firmware: str, disks: list[Path], work: Path, forwards: dict[int, 
         # whose product UUID and serial are equal and start with "ec2" for EC2
         argv += ["-smbios", f"type=1,manufacturer=Amazon EC2,product=amiforge-ec2-like,"
                  f"serial={EC2_UUID}", "-uuid", EC2_UUID]
+    argv += ["-smbios", f"type=11,value={slow_devices_credential()}"]
     # Entropy for the guest: TCG's CPU has no RDRAND, and a boot that waits in getrandom()
     # can stall past the timeout (seen once in CI).
     argv += ["-device", "virtio-rng-pci"]
     return [*argv, "-nic", user_network(forwards, ec2, imds_command)]
+
+
+def slow_devices_credential() -> str:
+    """SMBIOS OEM string for SLOW_DEVICES_DROPIN (base64: the drop-in has newlines, and
+    QEMU's option syntax would take a comma as the end of the value)."""
+    encoded = base64.b64encode(SLOW_DEVICES_DROPIN.encode()).decode()
+    return f"io.systemd.credential.binary:systemd.unit-dropin.dev-.device={encoded}"
 
 
 def user_network(forwards: dict[int, int], ec2: bool, imds_command: str | None) -> str:

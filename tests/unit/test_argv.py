@@ -165,6 +165,19 @@ def test_qemu_for_arm64_is_the_virt_machine_with_aavmf(tmp_path: Path) -> None:
     assert any("AAVMF_CODE" in a for a in argv) and not any("OVMF_CODE" in a for a in argv)
 
 
+def test_every_machine_gives_its_devices_time_under_tcg(tmp_path: Path) -> None:
+    """A systemd credential in SMBIOS (OEM strings): a drop-in for every device unit."""
+    import base64
+    for arch in ("x86_64", "arm64"):
+        argv = qemu_argv("uefi", [tmp_path / "d.qcow2"], tmp_path, {22: 2222}, arch=arch)
+        oem = [a for a in argv if a.startswith("type=11,")]
+        assert len(oem) == 1 and "," not in oem[0].removeprefix("type=11,")
+        name, _, encoded = oem[0].removeprefix("type=11,value=").partition("=")
+        assert name == "io.systemd.credential.binary:systemd.unit-dropin.dev-.device"
+        assert base64.b64decode(encoded).decode().splitlines() == [
+            "[Unit]", "JobRunningTimeoutSec=900"]
+
+
 def test_arm64_plan_boots_uefi_with_both_serial_consoles(tmp_path: Path) -> None:
     from builder.plan import make_plan
     from builder.recipe.load import load_recipe
