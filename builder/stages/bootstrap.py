@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from builder.archive import cache_relevant, tree_matches
 from builder.errors import BuildFailed, ToolFailed
 from builder.host.aptauth import AUTH_FILE
 from builder.host.chroot import prepared_root, run_in_root
+from builder.host.downloads import private_copy, publish
 from builder.host.run import run
 from builder.image.filesystem import clamp_times
 from builder.pipeline.cache import Entry, StageCache, copy_tree
@@ -112,8 +114,13 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
 
 
 def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
+    """mmdebstrap into TARGET. APT_CACHE (shared with other builds, maybe running now) is
+    read through a private copy and gets the new downloads once mmdebstrap is done."""
+    downloads = None
     if apt_cache is not None:
         apt_cache.mkdir(parents=True, exist_ok=True)
+        downloads = target.parent / f"{target.name}-downloads"
+        private_copy(apt_cache, downloads)
     seed = write_seed_files(os_plan, target.parent / f"{target.name}-seed")
     auth = None
     if os_plan.apt_auth:
@@ -124,12 +131,16 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     if native_tools.wanted(os_plan):
         native = native_tools.collect(seed / "native")
     try:
-        run(mmdebstrap_argv(os_plan, target, apt_cache, seed, auth, native))
+        run(mmdebstrap_argv(os_plan, target, downloads, seed, auth, native))
         if native is not None:
             _no_stand_ins_left(target, native)
+        if apt_cache is not None and downloads is not None:
+            publish(downloads, apt_cache)
     finally:
         if auth is not None:
             auth.unlink(missing_ok=True)
+        if downloads is not None:
+            shutil.rmtree(downloads, ignore_errors=True)
 
 
 def _no_stand_ins_left(tree: Path, native: Path) -> None:
