@@ -5,13 +5,16 @@ folder. Handed to mmdebstrap's sync-in and sync-out, it was archived by tar whil
 build wrote into it, and tar fails on a folder or file that changes as it reads it (seen
 in CI: "special hook failed" in the setup of a bootstrap). So mmdebstrap gets a private
 copy of the folder instead (hard links where they can be made), and the new packages go
-into the shared folder afterwards, each written beside it and renamed into it whole. A
-package in the shared folder is never changed afterwards, so reading it takes no lock."""
+into the shared folder afterwards, each written under a hidden random name there (never
+read as a package) and renamed to its own name whole. A package in the shared folder is
+never changed afterwards, so reading it takes no lock. (The hard links cannot carry the
+tree's writes back: mmdebstrap's untar replaces a file rather than writing into it.)"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -26,24 +29,23 @@ def private_copy(shared: Path, private: Path) -> None:
 
 
 def publish(private: Path, shared: Path) -> list[str]:
-    """Put into SHARED each .deb file of PRIVATE it lacks, whole: written in a folder
-    beside it (the same filesystem, out of what private_copy reads), then renamed in.
+    """Put into SHARED each .deb file of PRIVATE it lacks, whole: written to a new file of
+    a random hidden name in SHARED (created exclusively: no link planted there is followed;
+    the same filesystem, even when SHARED is a mount point), then renamed to its name.
     Returns the names added."""
-    folder = shared.resolve()
-    incoming = folder.parent / f".{folder.name}.incoming"
-    incoming.mkdir(exist_ok=True)
-    known = set(_packages(folder))
+    known = set(_packages(shared))
     added = []
     for name in _packages(private):
         if name in known:
             continue
-        partial = incoming / f"{name}.{os.getpid()}"
+        fd, partial = tempfile.mkstemp(dir=shared, prefix=".", suffix=".part")
         try:
-            shutil.copyfile(private / name, partial)
-            os.chmod(partial, 0o644)
-            os.replace(partial, folder / name)
+            with os.fdopen(fd, "wb") as out, open(private / name, "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+                os.fchmod(out.fileno(), 0o644)
+            os.replace(partial, shared / name)
         finally:
-            partial.unlink(missing_ok=True)
+            Path(partial).unlink(missing_ok=True)
         added.append(name)
     return added
 

@@ -33,9 +33,7 @@ def test_publish_adds_only_what_the_shared_folder_lacks(tmp_path: Path) -> None:
     assert publish(mine, shared) == ["b_2_all.deb"]
     assert (shared / "b_2_all.deb").read_bytes() == b"new"
     assert (shared / "a_1_all.deb").read_bytes() == b"theirs"
-    assert sorted(os.listdir(shared)) == ["a_1_all.deb", "b_2_all.deb"]
-    # what is written before it is renamed in stays out of the shared folder, and goes
-    assert os.listdir(tmp_path / ".apt-archives.incoming") == []
+    assert sorted(os.listdir(shared)) == ["a_1_all.deb", "b_2_all.deb"]  # no .part left
 
 
 def test_publish_through_a_link_writes_into_the_folder_it_names(tmp_path: Path) -> None:
@@ -48,7 +46,22 @@ def test_publish_through_a_link_writes_into_the_folder_it_names(tmp_path: Path) 
     (tmp_path / "mine/c_3_all.deb").write_bytes(b"c")
     publish(tmp_path / "mine", link)
     assert (real / "c_3_all.deb").read_bytes() == b"c"
-    assert (tmp_path / "home-cache/.apt-archives.incoming").is_dir()
+    assert os.listdir(tmp_path / "home-cache") == ["apt-archives"]
+
+
+def test_publish_follows_no_link_planted_where_it_writes(tmp_path: Path) -> None:
+    shared, mine = tmp_path / "apt-archives", tmp_path / "mine"
+    shared.mkdir()
+    mine.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    victim.chmod(0o600)
+    for pid in range(os.getpid() - 2, os.getpid() + 3):  # the old, guessable names
+        (shared / f"d_4_all.deb.{pid}").symlink_to(victim)
+    (mine / "d_4_all.deb").write_bytes(b"d")
+    assert publish(mine, shared) == ["d_4_all.deb"]
+    assert victim.read_bytes() == b"keep" and victim.stat().st_mode & 0o777 == 0o600
+    assert (shared / "d_4_all.deb").stat().st_mode & 0o777 == 0o644
 
 
 def test_a_copy_taken_while_another_build_publishes_holds_only_whole_packages(
