@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from builder.host.fsutil import atomic_copy
 
 
 def private_copy(shared: Path, private: Path) -> None:
@@ -31,22 +32,12 @@ def private_copy(shared: Path, private: Path) -> None:
 def publish(private: Path, shared: Path) -> list[str]:
     """Put into SHARED each .deb file of PRIVATE it lacks, whole: written to a new file of
     a random hidden name in SHARED (created exclusively: no link planted there is followed;
-    the same filesystem, even when SHARED is a mount point), then renamed to its name.
-    Returns the names added."""
+    the same filesystem, even when SHARED is a mount point; its name never ends in .deb),
+    then renamed to its name. Returns the names added."""
     known = set(_packages(shared))
-    added = []
-    for name in _packages(private):
-        if name in known:
-            continue
-        fd, partial = tempfile.mkstemp(dir=shared, prefix=".", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, open(private / name, "rb") as source:
-                shutil.copyfileobj(source, out, 1 << 20)
-                os.fchmod(out.fileno(), 0o644)
-            os.replace(partial, shared / name)
-        finally:
-            Path(partial).unlink(missing_ok=True)
-        added.append(name)
+    added = [name for name in _packages(private) if name not in known]
+    for name in added:
+        atomic_copy(private / name, shared / name)
     return added
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder.errors import InputError
 
@@ -36,13 +37,15 @@ def read_regular_file(path: Path, limit: int, label: str,
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+@contextlib.contextmanager
+def _atomic_replace(path: Path, mode: int) -> Iterator[BinaryIO]:
+    """A stream to a new file of a random hidden name beside ``path`` (created exclusively),
+    synced and renamed to ``path`` when the block ends; removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -51,6 +54,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary name beside ``path`` and rename it into place."""
+    with _atomic_replace(path, mode) as handle:
+        handle.write(data)
+
+
+def atomic_copy(source: Path, path: Path, mode: int = 0o644) -> None:
+    """Copy ``source`` to a temporary name beside ``path`` and rename it into place."""
+    with _atomic_replace(path, mode) as handle, source.open("rb") as stream:
+        shutil.copyfileobj(stream, handle, 1 << 20)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
