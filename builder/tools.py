@@ -13,7 +13,7 @@ from builder.host.run import package_for, run
 from builder.plan import Plan
 from builder.stages import native_tools
 
-STAGE_FORMAT = 3  # bump when a stage's output changes for the same inputs
+STAGE_FORMAT = 4  # bump when a stage's output changes for the same inputs
 
 
 @functools.cache
@@ -65,7 +65,7 @@ def required_programs(plan: Plan, filesystems: set[str]) -> dict[str, str]:
     if plan.partition("bios-boot"):
         needed.update(BIOS)
     if native_tools.wanted(plan.os):
-        needed["patchelf"] = "the host's dpkg-deb and dash standing in for the emulated ones"
+        needed["patchelf"] = "the host's dpkg helpers and shell standing in for the emulated ones"
     return needed
 
 

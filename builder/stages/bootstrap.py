@@ -37,7 +37,8 @@ SEED_FILES = (
 # kernel's hook and each package's "update-initramfs" trigger would make it twice or more
 # (about 50 s each when the tree's architecture is emulated). update-initramfs is diverted
 # to a no-op before the first non-essential package is unpacked (the diskimage-builder and
-# live-build idiom), and put back before the one real run.
+# live-build idiom), and put back before the one real run. dpkg's backup of its diversions
+# is then made the same as the diversions (else it would keep the bootstrap's, in the image).
 UPDATE_INITRAMFS = "/usr/sbin/update-initramfs"
 DIVERT = (f"dpkg-divert --quiet --local --rename --divert {UPDATE_INITRAMFS}.amiforge "
           f"--{{}} {UPDATE_INITRAMFS}")
@@ -45,7 +46,7 @@ DEFER_INITRAMFS = (f'chroot "$1" {DIVERT.format("add")} && '
                    f"printf '#!/bin/sh\\nexit 0\\n' > \"$1\"{UPDATE_INITRAMFS} && "
                    f'chmod 755 "$1"{UPDATE_INITRAMFS}')
 MAKE_INITRAMFS = (f'rm -f "$1"{UPDATE_INITRAMFS} && chroot "$1" {DIVERT.format("remove")} && '
-                  f'if [ -x "$1"{UPDATE_INITRAMFS} ]; then '
+                  f'{native_tools.SETTLE_DIVERSIONS} && if [ -x "$1"{UPDATE_INITRAMFS} ]; then '
                   f'chroot "$1" update-initramfs -c -k all; fi')
 # openssh-server's postinst makes the host keys unless they exist (RSA 3072 alone takes
 # seconds emulated); the image must not have any (configure removes them, the first boot
@@ -131,7 +132,8 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     if native_tools.wanted(os_plan):
         native = native_tools.collect(seed / "native")
     try:
-        run(mmdebstrap_argv(os_plan, target, downloads, seed, auth, native))
+        run(mmdebstrap_argv(os_plan, target, downloads, seed, auth, native),
+            env=None if native is None else native_tools.search_path())
         if native is not None:
             _no_stand_ins_left(target, native)
         if apt_cache is not None and downloads is not None:

@@ -37,6 +37,10 @@ def check_configured(vm: VirtualMachine, key: Path) -> None:
     # the bootstrap's shortcuts are gone: update-initramfs is dpkg's own again, and dpkg
     # syncs its writes on the instance
     assert "amiforge" not in vm.ssh("admin", key, "dpkg-divert --list")
+    assert "amiforge" not in vm.ssh("admin", key, "cat /var/lib/dpkg/diversions*")
+    # (arm64) perl, diverted aside while the tree was made, is back with its other name
+    assert vm.ssh("admin", key, "test /usr/bin/perl -ef /usr/bin/perl5.* && echo same") == \
+        "same\n"
     # (by dpkg and size, not --version: Debian 12's update-initramfs has no --version)
     assert vm.ssh("admin", key, "dpkg -S /usr/sbin/update-initramfs").startswith(
         "initramfs-tools")

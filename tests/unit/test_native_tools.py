@@ -1,4 +1,4 @@
-"""The host's dpkg-deb and dash standing in for an emulated tree's own."""
+"""The host's programs standing in for an emulated tree's own while it is made."""
 
 from __future__ import annotations
 
@@ -38,25 +38,26 @@ def test_only_a_bootstrap_with_stand_ins_depends_on_the_hosts_tools(
     # the tools and the libraries they load (a host's libc update changes them too)
     assert {str(Path(t).resolve()) for t in native_tools.TOOLS} < set(key)
     assert any("libc.so" in path for path in key)
+    assert f"{native_tools.HOST_PERL_BASE}/POSIX.pm" in key  # the host perl's modules
 
 
 NATIVE = "'/w/my seed/native'"
 
 
 def _puts_in(hook: str, tool: str) -> bool:
-    # kept aside unless what is in place is the stand-in itself; cmp's trouble stops
+    # kept aside (a hard link) unless what is in place is the stand-in; cmp's trouble stops
     return (f"cmp -s \"$1\"{tool} {NATIVE}{tool}; case $? in 0) ;; "
-            f'1) cp -p "$1"{tool} "$1"/amiforge-native/tree/ ;; *) false ;; esac;') in hook \
+            f'1) ln -f "$1"{tool} "$1"/amiforge-native/tree/ ;; *) false ;; esac;') in hook \
         and f'cp --remove-destination --preserve=mode {NATIVE}{tool} "$1"{tool}' in hook
 
 
 def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
-    extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
+    _, extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
     initramfs = native_tools.initramfs_hook(Path("/w/my seed/native"))
     assert extract.startswith('--extract-hook=[ ! -e "$1"/amiforge-native ] && ')
     assert essential.startswith("--essential-hook=mkdir -p ")
     assert initramfs.startswith("--customize-hook=mkdir -p ")
-    for tool in native_tools.TOOLS:
+    for tool in native_tools.REPLACED:
         apt = tool in native_tools.APT_TOOLS  # maintainer scripts run only these
         assert _puts_in(extract, tool) == apt and _puts_in(essential, tool) == apt
         assert _puts_in(initramfs, tool) == (not apt)
@@ -66,14 +67,77 @@ def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
                 f'replaced the stand-in for {tool}" >&2; false; }}; }} && '
                 f'mv "$1"/amiforge-native/tree/{name} "$1"{tool} && ') in customize
     for hook in (extract, essential, initramfs):
-        assert "cp -R" not in hook  # no folder of the tree takes the host folder's modes
-    assert customize.endswith(' && rm -rf "$1"/amiforge-native')
+        assert "cp -R" not in hook.replace(f"cp -R {NATIVE}/amiforge-native/perl ", "")
+    assert customize.endswith(' && rm -rf "$1"/amiforge-native && '
+                              "sed -i '/^DPkg::Path /d' \"$1\"/etc/apt/apt.conf.d/99mmdebstrap")
+
+
+def test_dpkgs_helpers_are_found_first_on_the_search_path_never_in_place() -> None:
+    """dpkg starts dpkg-split, dpkg-deb, tar and rm by name: through mmdebstrap's
+    environment (the essential packages) and apt's DPkg::Path (the rest)."""
+    search, extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
+    assert search == ('--aptopt=DPkg::Path '
+                      '"/amiforge-native/bin:/usr/sbin:/usr/bin:/sbin:/bin"')
+    assert (f'&& mkdir "$1"/amiforge-native/bin && cp --preserve=mode '
+            f'{NATIVE}/amiforge-native/bin/* "$1"/amiforge-native/bin/ && '
+            f'cp -R {NATIVE}/amiforge-native/perl "$1"/amiforge-native/ && ') in extract
+    for tool in native_tools.ON_PATH:
+        assert native_tools.in_tree(tool) == f"/amiforge-native/bin/{tool.rsplit('/', 1)[1]}"
+        assert not any(_puts_in(hook, tool) for hook in (extract, essential, customize))
+        assert f'"$1"{tool} ' not in customize
+    assert not set(native_tools.ON_PATH) & set(native_tools.REPLACED)
+
+
+def test_the_search_path_puts_the_stand_ins_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    assert native_tools.search_path() == {"PATH": "/amiforge-native/bin:/usr/local/bin:/usr/bin"}
+    monkeypatch.delenv("PATH")
+    assert native_tools.search_path()["PATH"].startswith("/amiforge-native/bin:/")
+
+
+def test_perl_is_diverted_aside_for_the_wrapper_and_back() -> None:
+    """Unpacking perl-base with the essential packages puts the tree's perl aside, so the
+    wrapper serves while they are configured; dpkg's backup of its diversions does not
+    keep the folder's name."""
+    _, extract, essential, customize = native_tools.hooks(Path("/w/my seed/native"))
+    divert = "dpkg-divert --quiet --local --rename --divert /amiforge-native/tree/perl"
+    assert extract.endswith(f'&& chroot "$1" {divert} --add /usr/bin/perl && '
+                            f'cp --preserve=mode {NATIVE}/usr/bin/perl "$1"/usr/bin/perl')
+    assert "perl" not in essential
+    assert (f'{{ cmp -s "$1"/usr/bin/perl {NATIVE}/usr/bin/perl || {{ echo "amiforge: a '
+            f'package replaced the stand-in for /usr/bin/perl" >&2; false; }}; }} && '
+            f'rm "$1"/usr/bin/perl && chroot "$1" {divert} --remove /usr/bin/perl && '
+            'cp -p "$1"/var/lib/dpkg/diversions "$1"/var/lib/dpkg/diversions-old && '
+            'rm -rf "$1"/amiforge-native && ') in customize
+
+
+@pytest.mark.parametrize(("argv", "runs"), [
+    (["-w", "/usr/share/debconf/frontend", "/var/lib/dpkg/info/x.postinst"], "host"),
+    (["/usr/bin/deb-systemd-helper", "enable", "ssh.service"], "host"),
+    (["/usr/sbin/update-rc.d", "ssh", "defaults"], "host"),
+    (["-e", "print 1"], "tree"),
+    (["-T", "/usr/sbin/other"], "tree"),
+    (["/usr/bin/deb-systemd-helper.evil"], "tree"),
+    (["/usr/bin/linux-version", "/usr/bin/deb-systemd-helper"], "tree")])
+def test_the_perl_wrapper_runs_the_hosts_perl_only_for_its_scripts(
+        tmp_path: Path, argv: list[str], runs: str) -> None:
+    folder = str(tmp_path / "amiforge-native")
+    for which, path in (("host", f"{folder}/perl/perl"), ("tree", f"{folder}/tree/perl")):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(f"#!/bin/sh\nprintf '%s\\n' {which} \"$@\"\n")
+        Path(path).chmod(0o755)
+    wrapper = tmp_path / "perl"
+    wrapper.write_text(native_tools.perl_wrapper().replace("/amiforge-native", folder))
+    said = subprocess.run(["sh", wrapper, *argv], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    extra = [f"-I{folder}/perl/lib"] if runs == "host" else []
+    assert said == [runs, *extra, *argv]
 
 
 def test_no_stand_in_runs_where_the_answer_depends_on_the_machine() -> None:
     names = {tool.rsplit("/", 1)[1] for tool in native_tools.TOOLS}
-    assert not names & {"uname", "arch", "nproc", "id", "chown", "install", "dpkg", "perl",
-                        "ls", "stat"}
+    assert not names & {"uname", "arch", "nproc", "id", "chown", "install", "dpkg", "ls",
+                        "stat"}  # (perl only for PERL_SCRIPTS, above)
     assert all(tool.startswith("/usr/bin/") for tool in native_tools.TOOLS)
 
 
@@ -83,13 +147,16 @@ def _initramfs(*members: bytes, early: bytes = b"") -> bytes:
 
 EARLY = b"070701" + b"0" * 104 + b"kernel/x86/microcode/x.bin\0TRAILER!!!\0" + bytes(300)
 HOST_LIB = b"\x7fELF host libc " * 1000
+PERL_MODULE = b"package strict;\n1;\n"
 
 
 @pytest.fixture
 def native(tmp_path: Path) -> Path:
     folder = tmp_path / "native"
-    (folder / "amiforge-native").mkdir(parents=True)
-    (folder / "amiforge-native/libc.so.6").write_bytes(HOST_LIB)
+    (folder / "amiforge-native/lib").mkdir(parents=True)
+    (folder / "amiforge-native/lib/libc.so.6").write_bytes(HOST_LIB)
+    (folder / "amiforge-native/perl/lib").mkdir(parents=True)
+    (folder / "amiforge-native/perl/lib/strict.pm").write_bytes(PERL_MODULE)
     (folder / "usr/bin").mkdir(parents=True)
     (folder / "usr/bin/sed").write_bytes(b"\x7fELF x86 sed, loader /amiforge-native/ld.so")
     return folder
@@ -108,6 +175,8 @@ def _tree(tmp_path: Path) -> Path:
 
 def test_a_tree_without_stand_ins_has_no_leftovers(tmp_path: Path, native: Path) -> None:
     tree = _tree(tmp_path)
+    (tree / "usr/lib/perl-base").mkdir(parents=True)  # the same bytes as the host's
+    (tree / "usr/lib/perl-base/strict.pm").write_bytes(PERL_MODULE)
     with open(tree / "sparse", "wb") as handle:  # holes are not read
         handle.truncate(1 << 40)
     assert native_tools.leftovers(tree, native) == []
@@ -180,26 +249,30 @@ ARM64 = dataclasses.replace(OS, architecture="arm64")
                     reason="needs patchelf on an x86_64 Debian host")
 def test_collected_tools_load_from_their_folder(tmp_path: Path) -> None:
     folder = native_tools.collect(tmp_path / "native")
-    libraries = folder / "amiforge-native"
-    assert {f"/usr/bin/{p.name}" for p in folder.rglob("*")
-            if p.parent.name == "bin"} == set(native_tools.TOOLS)
-    for tool in native_tools.TOOLS:
-        copy = folder / tool.lstrip("/")
+    libraries = folder / "amiforge-native/lib"
+    copies = {tool: folder / native_tools.in_tree(tool).lstrip("/") for tool in native_tools.TOOLS}
+    assert copies["/usr/bin/tar"] == folder / "amiforge-native/bin/tar"
+    assert copies["/usr/bin/perl"] == folder / "amiforge-native/perl/perl"
+    for copy in copies.values():
         interpreter = subprocess.run(["patchelf", "--print-interpreter", copy],
                                      capture_output=True, text=True, check=True).stdout
-        assert interpreter.strip() == "/amiforge-native/ld.so"
+        assert interpreter.strip() == "/amiforge-native/lib/ld.so"
         rpath = subprocess.run(["patchelf", "--print-rpath", copy], capture_output=True,
                                text=True, check=True).stdout
-        assert rpath.strip() == "/amiforge-native"
+        assert rpath.strip() == "/amiforge-native/lib"
         needed = subprocess.run(["patchelf", "--print-needed", copy], capture_output=True,
                                 text=True, check=True).stdout.split()
         assert needed and all((libraries / name).is_file() for name in needed)
-    # and they run with the folder's loader and libraries
-    done = subprocess.run([libraries / "ld.so", "--inhibit-cache", "--library-path",
-                           libraries, folder / "usr/bin/dpkg-deb", "--version"],
-                          capture_output=True, text=True, env={}, check=True)
-    assert "dpkg-deb" in done.stdout
-    said = subprocess.run([libraries / "ld.so", "--inhibit-cache", "--library-path",
-                           libraries, folder / "usr/bin/dash", "-c", "echo $((6*7))"],
-                          capture_output=True, text=True, env={}, check=True)
-    assert said.stdout == "42\n"
+    assert (folder / "usr/bin/perl").read_text() == native_tools.perl_wrapper()
+
+    def run(program: str, *args: str) -> str:  # with the folder's loader and libraries
+        return subprocess.run([libraries / "ld.so", "--inhibit-cache", "--library-path",
+                               libraries, folder / program, *args],
+                              capture_output=True, text=True, env={}, check=True).stdout
+
+    assert "dpkg-deb" in run("amiforge-native/bin/dpkg-deb", "--version")
+    assert run("usr/bin/dash", "-c", "echo $((6*7))") == "42\n"
+    # the host's perl with its perl-base modules only, XS ones too
+    modules = str(folder / "amiforge-native/perl/lib")
+    assert run("amiforge-native/perl/perl", f"-I{modules}", "-MPOSIX", "-MFile::Temp",
+               "-MGetopt::Long", "-e", "print POSIX::floor(6.5)") == "6"
