@@ -58,7 +58,9 @@ DROP_HOST_KEYS = (f'for key in {HOST_KEYS}; do if [ ! -s "$key" ]; then rm -f "$
 # dpkg skips its fsync()s while the tree is made (a failed bootstrap is thrown away
 # whole); the option is taken out of the image's dpkg configuration afterwards.
 UNSAFE_IO = "force-unsafe-io"
-SAFE_IO_AGAIN = f"sed -i '/^{UNSAFE_IO}$/d' \"$1\"/etc/dpkg/dpkg.cfg.d/99mmdebstrap"
+# (Files of the tree are changed from inside it, where a link in it cannot lead outside.)
+SAFE_IO_AGAIN = (f"chroot \"$1\" sed -i '/^{UNSAFE_IO}$/d' "
+                 "/etc/dpkg/dpkg.cfg.d/99mmdebstrap")
 
 
 def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
@@ -116,7 +118,14 @@ def mmdebstrap_argv(os_plan: OSPlan, target: Path, apt_cache: Path | None,
 
 def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     """mmdebstrap into TARGET. APT_CACHE (shared with other builds, maybe running now) is
-    read through a private copy and gets the new downloads once mmdebstrap is done."""
+    read through a private copy and gets the new downloads once mmdebstrap is done.
+
+    mmdebstrap runs in an empty folder of its own: it reads an --aptopt or --dpkgopt
+    value that names a readable file (relative to its working folder) as that file's
+    contents, so a checkout it ran in could plant apt configuration for root."""
+    target = target.absolute()
+    empty = target.parent / f"{target.name}-cwd"
+    empty.mkdir()
     downloads = None
     if apt_cache is not None:
         apt_cache.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,7 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
     if native_tools.wanted(os_plan):
         native = native_tools.collect(seed / "native")
     try:
-        run(mmdebstrap_argv(os_plan, target, downloads, seed, auth, native),
+        run(mmdebstrap_argv(os_plan, target, downloads, seed, auth, native), cwd=empty,
             env=None if native is None else native_tools.search_path())
         if native is not None:
             _no_stand_ins_left(target, native)
@@ -143,6 +152,7 @@ def bootstrap(os_plan: OSPlan, target: Path, apt_cache: Path | None) -> None:
             auth.unlink(missing_ok=True)
         if downloads is not None:
             shutil.rmtree(downloads, ignore_errors=True)
+        shutil.rmtree(empty, ignore_errors=True)
 
 
 def _no_stand_ins_left(tree: Path, native: Path) -> None:

@@ -86,7 +86,7 @@ LOADER = "ld.so"
 APT_SEARCH_PATH, DPKG_PATH = "DPkg::Path", "/usr/sbin:/usr/bin:/sbin:/bin"  # apt's default
 # the Debian architecture of the host machines whose tools can stand in
 HOST_ARCH = {"x86_64": "amd64"}
-FORMAT = 4  # bump when the hooks change what the tree goes through
+FORMAT = 4  # bump when what the tree goes through changes, beyond the hooks' text
 ASIDE = "tree"  # the tree's own programs, in FOLDER while the stand-ins run
 # The tree's perl is diverted (dpkg-divert) aside, so that unpacking perl-base with the
 # essential packages puts it there and leaves the wrapper in place while they are
@@ -96,17 +96,19 @@ ASIDE = "tree"  # the tree's own programs, in FOLDER while the stand-ins run
 DIVERT_PERL = (f"dpkg-divert --quiet --local --rename --divert {FOLDER}/{ASIDE}/perl "
                f"--{{}} {PERL}")
 DIVERSIONS = "/var/lib/dpkg/diversions"
-SETTLE_DIVERSIONS = f'cp -p "$1"{DIVERSIONS} "$1"{DIVERSIONS}-old'
+SETTLE_DIVERSIONS = f'chroot "$1" cp -p {DIVERSIONS} {DIVERSIONS}-old'
 
 
 def wanted(os_plan: OSPlan) -> bool:
     """Whether the tree's Debian architecture is emulated here and the host's tools can
     stand in for its own. Not with dracut: its kernel hook makes an initramfs while apt
-    installs, and could copy the stand-in /bin/sh into it."""
+    installs, and could copy the stand-in /bin/sh into it. Not on a host that has a FOLDER
+    of its own: the search path of mmdebstrap and its hooks on the host names it first."""
     host = HOST_ARCH.get(platform.machine())
     return (host is not None and host != os_plan.architecture
             and not any(p.startswith("dracut") for p in os_plan.packages)
-            and all(Path(tool).is_file() for tool in TOOLS) and Path(HOST_PERL_BASE).is_dir())
+            and all(Path(tool).is_file() for tool in TOOLS) and Path(HOST_PERL_BASE).is_dir()
+            and not os.path.lexists(FOLDER))
 
 
 def cache_key(os_plan: OSPlan) -> dict[str, Any]:
@@ -116,7 +118,9 @@ def cache_key(os_plan: OSPlan) -> dict[str, Any]:
     used = sorted({str(p.resolve()) for tool in TOOLS
                    for p in [Path(tool), *_libraries(Path(tool))]} |
                   {str(p) for p in Path(HOST_PERL_BASE).rglob("*") if p.is_file()})
-    return {"stand_ins": {"format": FORMAT, **{path: sha256_file(Path(path)) for path in used}}}
+    how = "\n".join([*hooks(Path("/native")), initramfs_hook(Path("/native")), perl_wrapper()])
+    return {"stand_ins": {"format": FORMAT, "hooks": hashlib.sha256(how.encode()).hexdigest(),
+                          **{path: sha256_file(Path(path)) for path in used}}}
 
 
 def collect(folder: Path) -> Path:
@@ -207,7 +211,7 @@ def hooks(folder: Path) -> list[str]:
             f'{on_path} && {perl_in}',
             f"--essential-hook={_put_in(native, APT_TOOLS)}",
             f'--customize-hook={put_back} && {perl_back} && rm -rf "$1"{FOLDER} && '
-            f"sed -i '/^{APT_SEARCH_PATH} /d' \"$1\"/etc/apt/apt.conf.d/99mmdebstrap"]
+            f"chroot \"$1\" sed -i '/^{APT_SEARCH_PATH} /d' /etc/apt/apt.conf.d/99mmdebstrap"]
 
 
 def _still_in_place(native: str, tool: str) -> str:

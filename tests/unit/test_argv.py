@@ -64,7 +64,7 @@ def test_mmdebstrap_seeds_the_initramfs_config_before_the_kernel_is_installed() 
     assert MAKE_INITRAMFS.index("--remove") < MAKE_INITRAMFS.index("update-initramfs -c")
     # dpkg's backup of its diversions does not keep the diversion in the image
     assert MAKE_INITRAMFS.index("--remove") < MAKE_INITRAMFS.index(
-        'cp -p "$1"/var/lib/dpkg/diversions "$1"/var/lib/dpkg/diversions-old')
+        'chroot "$1" cp -p /var/lib/dpkg/diversions /var/lib/dpkg/diversions-old')
 
 
 def test_dpkg_skips_fsync_while_bootstrapping_but_not_in_the_image() -> None:

@@ -25,6 +25,8 @@ def test_wanted_only_for_an_emulated_architecture(monkeypatch: pytest.MonkeyPatc
     assert not native_tools.wanted(amd64)
     # dracut's kernel hook makes an initramfs while the stand-ins are in place
     assert not native_tools.wanted(dataclasses.replace(arm64, packages=("dracut",)))
+    monkeypatch.setattr(native_tools.os.path, "lexists", lambda path: path == "/amiforge-native")
+    assert not native_tools.wanted(arm64)  # the host's own folder of that name comes first
     monkeypatch.setattr(native_tools.platform, "machine", lambda: "aarch64")
     assert not native_tools.wanted(amd64)  # no stand-ins known for this host
 
@@ -39,6 +41,10 @@ def test_only_a_bootstrap_with_stand_ins_depends_on_the_hosts_tools(
     assert {str(Path(t).resolve()) for t in native_tools.TOOLS} < set(key)
     assert any("libc.so" in path for path in key)
     assert f"{native_tools.HOST_PERL_BASE}/POSIX.pm" in key  # the host perl's modules
+    # and what the hooks do with them
+    monkeypatch.setattr(native_tools, "PERL_SCRIPTS", ("/usr/bin/deb-systemd-invoke",))
+    changed = native_tools.cache_key(dataclasses.replace(OS, architecture="arm64"))
+    assert changed["stand_ins"]["hooks"] != key["hooks"]
 
 
 NATIVE = "'/w/my seed/native'"
@@ -69,7 +75,8 @@ def test_hooks_keep_the_trees_own_programs_and_put_them_back() -> None:
     for hook in (extract, essential, initramfs):
         assert "cp -R" not in hook.replace(f"cp -R {NATIVE}/amiforge-native/perl ", "")
     assert customize.endswith(' && rm -rf "$1"/amiforge-native && '
-                              "sed -i '/^DPkg::Path /d' \"$1\"/etc/apt/apt.conf.d/99mmdebstrap")
+                              "chroot \"$1\" sed -i '/^DPkg::Path /d' "
+                              "/etc/apt/apt.conf.d/99mmdebstrap")
 
 
 def test_dpkgs_helpers_are_found_first_on_the_search_path_never_in_place() -> None:
@@ -107,7 +114,7 @@ def test_perl_is_diverted_aside_for_the_wrapper_and_back() -> None:
     assert (f'{{ cmp -s "$1"/usr/bin/perl {NATIVE}/usr/bin/perl || {{ echo "amiforge: a '
             f'package replaced the stand-in for /usr/bin/perl" >&2; false; }}; }} && '
             f'rm "$1"/usr/bin/perl && chroot "$1" {divert} --remove /usr/bin/perl && '
-            'cp -p "$1"/var/lib/dpkg/diversions "$1"/var/lib/dpkg/diversions-old && '
+            'chroot "$1" cp -p /var/lib/dpkg/diversions /var/lib/dpkg/diversions-old && '
             'rm -rf "$1"/amiforge-native && ') in customize
 
 
@@ -245,6 +252,53 @@ def test_an_initramfs_holding_a_stand_in_is_made_again_without_them(
 ARM64 = dataclasses.replace(OS, architecture="arm64")
 
 
+def test_mmdebstrap_runs_in_an_empty_folder_with_the_stand_ins_first_on_its_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmdebstrap reads an --aptopt value naming a readable file (relative to its working
+    folder) as that file's contents: a checkout it ran in could plant apt configuration."""
+    checkout = tmp_path / "checkout"
+    planted = checkout / 'APT::Install-Recommends "false"'
+    planted.parent.mkdir(parents=True)
+    planted.write_text('APT::Update::Pre-Invoke { "touch /pwned"; };')
+    monkeypatch.chdir(checkout)
+    (checkout / "out").mkdir()
+    calls = []
+    monkeypatch.setattr(native_tools, "wanted", lambda os_plan: True)
+    monkeypatch.setattr(native_tools, "collect", lambda folder: folder)
+    monkeypatch.setattr(bootstrap, "_no_stand_ins_left", lambda tree, native: None)
+    monkeypatch.setattr(bootstrap, "run", lambda argv, **kw: calls.append((argv, kw)))
+    bootstrap.bootstrap(ARM64, Path("out/tree"), None)
+    (argv, options), = calls
+    assert options["env"] == native_tools.search_path()
+    folder = Path(options["cwd"])
+    assert folder.is_absolute() and folder != checkout and folder.parent == checkout / "out"
+    assert '--aptopt=APT::Install-Recommends "false"' in argv
+    assert argv[argv.index("--") + 2] == str(checkout / "out/tree")  # absolute
+    assert not folder.exists()  # removed again
+
+
+def test_a_perl_script_reaches_the_hosts_perl_through_its_hash_bang_line(
+        tmp_path: Path) -> None:
+    """As the kernel runs it: the script's #! line names the wrapper (itself a #! script)
+    and one argument."""
+    folder = str(tmp_path / "amiforge-native")
+    host = Path(f"{folder}/perl/perl")
+    host.parent.mkdir(parents=True)
+    host.write_text("#!/bin/sh\nprintf '%s\\n' host \"$@\"\n")
+    host.chmod(0o755)
+    script = tmp_path / "usr/bin/deb-systemd-helper"
+    wrapper = tmp_path / "usr/bin/perl"
+    script.parent.mkdir(parents=True)
+    wrapper.write_text(native_tools.perl_wrapper().replace("/amiforge-native", folder)
+                       .replace("/usr/bin/deb-systemd-helper", str(script)))
+    wrapper.chmod(0o755)
+    script.write_text(f"#!{wrapper} -w\nthis is perl\n")
+    script.chmod(0o755)
+    said = subprocess.run([script, "enable", "a b.service"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert said == ["host", f"-I{folder}/perl/lib", "-w", str(script), "enable", "a b.service"]
+
+
 @pytest.mark.skipif(shutil.which("patchelf") is None or not native_tools.wanted(ARM64),
                     reason="needs patchelf on an x86_64 Debian host")
 def test_collected_tools_load_from_their_folder(tmp_path: Path) -> None:
@@ -272,7 +326,12 @@ def test_collected_tools_load_from_their_folder(tmp_path: Path) -> None:
 
     assert "dpkg-deb" in run("amiforge-native/bin/dpkg-deb", "--version")
     assert run("usr/bin/dash", "-c", "echo $((6*7))") == "42\n"
-    # the host's perl with its perl-base modules only, XS ones too
-    modules = str(folder / "amiforge-native/perl/lib")
-    assert run("amiforge-native/perl/perl", f"-I{modules}", "-MPOSIX", "-MFile::Temp",
-               "-MGetopt::Long", "-e", "print POSIX::floor(6.5)") == "6"
+    # the host's perl with the copies of its perl-base modules, XS ones too (the host's
+    # own are on its built-in path here, not in a tree)
+    modules = folder / "amiforge-native/perl/lib"
+    loaded = run("amiforge-native/perl/perl", f"-I{modules}", "-MPOSIX", "-MFile::Temp",
+                 "-MGetopt::Long", "-e", 'print join("\\n", POSIX::floor(6.5), '
+                 '@INC{"POSIX.pm", "File/Temp.pm", "Getopt/Long.pm"}, '
+                 "@DynaLoader::dl_shared_objects)").splitlines()
+    assert loaded[0] == "6"
+    assert len(loaded) > 4 and all(path.startswith(f"{modules}/") for path in loaded[1:])
