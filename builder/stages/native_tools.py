@@ -81,6 +81,7 @@ LIB, BIN = f"{FOLDER}/lib", f"{FOLDER}/bin"  # the host's libraries; ON_PATH's s
 PERL_SCRIPTS = ("/usr/share/debconf/frontend", "/usr/bin/deb-systemd-helper",
                 "/usr/sbin/update-rc.d")
 PERL_HOME = f"{FOLDER}/perl"  # the host's perl and its perl-base modules, in the tree
+PERL_LIB = f"{PERL_HOME}/lib"
 HOST_PERL_BASE = "/usr/lib/x86_64-linux-gnu/perl-base"
 LOADER = "ld.so"
 APT_SEARCH_PATH, DPKG_PATH = "DPkg::Path", "/usr/sbin:/usr/bin:/sbin:/bin"  # apt's default
@@ -88,13 +89,13 @@ APT_SEARCH_PATH, DPKG_PATH = "DPkg::Path", "/usr/sbin:/usr/bin:/sbin:/bin"  # ap
 HOST_ARCH = {"x86_64": "amd64"}
 FORMAT = 4  # bump when what the tree goes through changes, beyond the hooks' text
 ASIDE = "tree"  # the tree's own programs, in FOLDER while the stand-ins run
+PERL_ASIDE = f"{FOLDER}/{ASIDE}/perl"
 # The tree's perl is diverted (dpkg-divert) aside, so that unpacking perl-base with the
 # essential packages puts it there and leaves the wrapper in place while they are
 # configured. The diversion is removed, and perl renamed back, by the last hook, which
 # also makes dpkg's backup of its diversions (the state before the last change) the state
 # after it: it would name the folder, in the image.
-DIVERT_PERL = (f"dpkg-divert --quiet --local --rename --divert {FOLDER}/{ASIDE}/perl "
-               f"--{{}} {PERL}")
+DIVERT_PERL = f"dpkg-divert --quiet --local --rename --divert {PERL_ASIDE} --{{}} {PERL}"
 DIVERSIONS = "/var/lib/dpkg/diversions"
 SETTLE_DIVERSIONS = f'chroot "$1" cp -p {DIVERSIONS} {DIVERSIONS}-old'
 
@@ -136,7 +137,7 @@ def collect(folder: Path) -> Path:
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tool, copy)
         run(patchelf_argv(copy))
-    shutil.copytree(HOST_PERL_BASE, folder / PERL_HOME.lstrip("/") / "lib")
+    shutil.copytree(HOST_PERL_BASE, folder / PERL_LIB.lstrip("/"))
     wrapper = folder / PERL.lstrip("/")
     wrapper.write_text(perl_wrapper())
     wrapper.chmod(0o755)
@@ -158,8 +159,8 @@ def perl_wrapper() -> str:
     return (f"#!/bin/sh\n# amiforge: in the tree only while it is made\n"
             f'case $1 in -*) script=$2 ;; *) script=$1 ;; esac\n'
             f'case $script in {scripts}) '
-            f'exec {PERL_HOME}/perl -I{PERL_HOME}/lib "$@" ;; esac\n'
-            f'exec {FOLDER}/{ASIDE}/perl "$@"\n')
+            f'exec {in_tree(PERL)} -I{PERL_LIB} "$@" ;; esac\n'
+            f'exec {PERL_ASIDE} "$@"\n')
 
 
 def search_path() -> dict[str, str]:
